@@ -1,0 +1,238 @@
+-- Every statement Conduit runs, by name. conduit/store/store.py is the only code that runs them.
+-- Batched statements take parallel arrays and unnest them: one statement for many tasks.
+
+-- name: schema_version
+SELECT value FROM meta WHERE key = 'schema_version';
+
+-- name: meta_exists
+SELECT to_regclass('meta') IS NOT NULL;
+
+-- name: insert_tasks
+-- Plain enqueue (worker is NULL) or sync match (worker set: written once, already running).
+-- Rows whose idempotency key belongs to an earlier submit insert nothing and report that task's id;
+-- a NULL id means the key is another transaction's, and lookup_keys finds it.
+WITH input AS (
+    SELECT *
+    FROM unnest(%(queue)s::text[], %(payload)s::bytea[], %(priority)s::smallint[], %(delay)s::float8[],
+                %(max_attempts)s::int[], %(lease_timeout)s::float8[], %(backoff_base)s::float8[],
+                %(backoff_max)s::float8[], %(idempotency_key)s::text[], %(worker)s::text[])
+         WITH ORDINALITY AS i(queue, payload, priority, delay, max_attempts, lease_timeout, backoff_base,
+                              backoff_max, idempotency_key, worker, ord)
+), numbered AS MATERIALIZED (
+    SELECT i.*, nextval('task_ids') AS id FROM input i ORDER BY i.ord
+), claimed AS (
+    INSERT INTO idempotency_keys (queue, key, task_id)
+    SELECT queue, idempotency_key, id FROM numbered WHERE idempotency_key IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING queue, key, task_id
+), inserted AS (
+    INSERT INTO tasks (id, queue, payload, priority, run_at, max_attempts, lease_timeout, backoff_base,
+                       backoff_max, idempotency_key, state, attempt, broker, broker_epoch, worker,
+                       lease_expires_at)
+    SELECT n.id, n.queue, n.payload, n.priority, now() + n.delay * interval '1 second', n.max_attempts,
+           n.lease_timeout, n.backoff_base, n.backoff_max, n.idempotency_key,
+           CASE WHEN n.worker IS NULL THEN 'pending' ELSE 'running' END,
+           CASE WHEN n.worker IS NULL THEN 0 ELSE 1 END,
+           CASE WHEN n.worker IS NULL THEN NULL ELSE %(broker)s::text END,
+           CASE WHEN n.worker IS NULL THEN NULL ELSE %(epoch)s::bigint END,
+           n.worker,
+           CASE WHEN n.worker IS NULL THEN NULL ELSE now() + n.lease_timeout * interval '1 second' END
+    FROM numbered n
+    WHERE n.idempotency_key IS NULL OR n.id IN (SELECT task_id FROM claimed)
+    RETURNING id
+)
+SELECT coalesce(ins.id, c.task_id) AS id, ins.id IS NOT NULL AS created
+FROM numbered n
+LEFT JOIN inserted ins ON ins.id = n.id
+LEFT JOIN claimed c ON c.queue = n.queue AND c.key = n.idempotency_key
+ORDER BY n.ord;
+
+-- name: lookup_keys
+SELECT k.task_id
+FROM unnest(%(queue)s::text[], %(key)s::text[]) WITH ORDINALITY AS i(queue, key, ord)
+LEFT JOIN idempotency_keys k ON k.queue = i.queue AND k.key = i.key
+ORDER BY i.ord;
+
+-- name: lease
+-- Due tasks in (priority, run_at, id) order into a broker's buffer; SKIP LOCKED so brokers never
+-- wait on each other. Each lease bumps the attempt, the fencing token.
+WITH owner AS (
+    SELECT 1 FROM brokers
+    WHERE id = %(broker)s AND epoch = %(epoch)s AND expires_at > now()
+), picked AS (
+    SELECT t.id FROM tasks t
+    WHERE t.queue = %(queue)s AND t.state = 'pending' AND t.run_at <= now() AND EXISTS (SELECT 1 FROM owner)
+    ORDER BY t.priority, t.run_at, t.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t
+SET state = 'buffered', attempt = t.attempt + 1, broker = %(broker)s, broker_epoch = %(epoch)s
+FROM picked
+WHERE t.id = picked.id
+RETURNING t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, t.max_attempts, t.lease_timeout,
+          t.payload;
+
+-- name: start
+-- Buffered tasks handed to workers: from now on a task lease, renewed by heartbeats.
+UPDATE tasks t
+SET state = 'running', worker = r.worker, lease_expires_at = now() + t.lease_timeout * interval '1 second'
+FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(worker)s::text[]) AS r(id, attempt, worker)
+WHERE t.id = r.id AND t.attempt = r.attempt AND t.state = 'buffered'
+  AND t.broker = %(broker)s AND t.broker_epoch = %(epoch)s
+  AND EXISTS (SELECT 1 FROM brokers b
+              WHERE b.id = %(broker)s AND b.epoch = %(epoch)s AND b.expires_at > now())
+RETURNING t.id;
+
+-- name: renew
+-- A heartbeat through any broker keeps the lease of the delivery that holds the current attempt.
+UPDATE tasks t
+SET state = 'running', broker = %(broker)s, broker_epoch = %(epoch)s,
+    lease_expires_at = now() + t.lease_timeout * interval '1 second'
+FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS r(id, attempt)
+WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
+RETURNING t.id;
+
+-- name: complete
+-- The first of duplicate completions in one batch wins; the rest are refused as finished.
+WITH r AS (
+    SELECT DISTINCT ON (id, attempt) *
+    FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(result)s::bytea[]) WITH ORDINALITY
+        AS r(id, attempt, result, ord)
+    ORDER BY id, attempt, ord
+), done AS (
+    DELETE FROM tasks t USING r
+    WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
+    RETURNING t.*, r.result
+)
+INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts, lease_timeout,
+                     backoff_base, backoff_max, idempotency_key, result, last_error, created_at)
+SELECT id, queue, 'completed', priority, attempt, failures, max_attempts, lease_timeout,
+       backoff_base, backoff_max, idempotency_key, result, last_error, created_at
+FROM done
+RETURNING id;
+
+-- name: fail
+-- A failed run: back to pending after an exponential backoff with equal jitter, or dead once it
+-- has failed max_attempts times (or the caller says not to retry). The attempt is kept.
+WITH r AS (
+    SELECT DISTINCT ON (id, attempt) *
+    FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(error)s::text[], %(retry)s::bool[]) WITH ORDINALITY
+        AS r(id, attempt, error, retry, ord)
+    ORDER BY id, attempt, ord
+), failed AS (
+    SELECT t.id, r.error, r.retry AND t.failures + 1 < t.max_attempts AS again
+    FROM tasks t JOIN r ON t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
+    FOR UPDATE OF t
+), retried AS (
+    UPDATE tasks t
+    SET state = 'pending', failures = t.failures + 1, last_error = f.error, broker = NULL,
+        broker_epoch = NULL, worker = NULL, lease_expires_at = NULL,
+        run_at = now() + least(t.backoff_max, t.backoff_base * 2 ^ t.failures) * (0.5 + random() / 2)
+                         * interval '1 second'
+    FROM failed f
+    WHERE t.id = f.id AND f.again
+    RETURNING t.id
+), buried AS (
+    DELETE FROM tasks t USING failed f
+    WHERE t.id = f.id AND NOT f.again
+    RETURNING t.*, f.error
+), dead AS (
+    INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts, lease_timeout,
+                         backoff_base, backoff_max, idempotency_key, payload, last_error, created_at)
+    SELECT id, queue, 'dead', priority, attempt, failures + 1, max_attempts, lease_timeout,
+           backoff_base, backoff_max, idempotency_key, payload, error, created_at
+    FROM buried
+    RETURNING id
+)
+SELECT id FROM retried UNION ALL SELECT id FROM dead;
+
+-- name: release
+-- Unstarted tasks given back: pending again, attempt kept so the old delivery stays fenced off.
+UPDATE tasks t
+SET state = 'pending', broker = NULL, broker_epoch = NULL, worker = NULL, lease_expires_at = NULL
+FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS r(id, attempt)
+WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
+RETURNING t.id;
+
+-- name: expired_running
+SELECT id, attempt FROM tasks
+WHERE state = 'running' AND lease_expires_at < now()
+ORDER BY lease_expires_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: reap_buffered
+-- Buffers of brokers whose lease expired or was taken over by a newer epoch go back to pending.
+UPDATE tasks t
+SET state = 'pending', broker = NULL, broker_epoch = NULL, worker = NULL
+WHERE t.state = 'buffered'
+  AND NOT EXISTS (SELECT 1 FROM brokers b
+                  WHERE b.id = t.broker AND b.epoch = t.broker_epoch AND b.expires_at > now())
+RETURNING t.id;
+
+-- name: cancel
+WITH gone AS (
+    DELETE FROM tasks WHERE id = ANY(%(id)s::bigint[]) RETURNING *
+)
+INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts, lease_timeout,
+                     backoff_base, backoff_max, idempotency_key, payload, last_error, created_at)
+SELECT id, queue, 'cancelled', priority, attempt, failures, max_attempts, lease_timeout,
+       backoff_base, backoff_max, idempotency_key, payload, last_error, created_at
+FROM gone
+RETURNING id;
+
+-- name: redrive
+-- Dead tasks back to pending with their failures forgiven; the attempt keeps growing.
+WITH back AS (
+    DELETE FROM results
+    WHERE id IN (SELECT id FROM results
+                 WHERE state = 'dead' AND queue = %(queue)s
+                   AND (%(id)s::bigint[] IS NULL OR id = ANY(%(id)s::bigint[]))
+                 ORDER BY finished_at
+                 LIMIT %(limit)s
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING *
+)
+INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, max_attempts, lease_timeout,
+                   backoff_base, backoff_max, idempotency_key, payload, last_error, created_at)
+SELECT id, queue, priority, now(), attempt, 0, max_attempts, lease_timeout,
+       backoff_base, backoff_max, idempotency_key, payload, last_error, created_at
+FROM back
+RETURNING id;
+
+-- name: lookup
+SELECT i.id, coalesce(res.state, t.state), coalesce(res.attempt, t.attempt), res.result,
+       coalesce(res.last_error, t.last_error), res.finished_at
+FROM unnest(%(id)s::bigint[]) WITH ORDINALITY AS i(id, ord)
+LEFT JOIN tasks t ON t.id = i.id
+LEFT JOIN results res ON res.id = i.id
+ORDER BY i.ord;
+
+-- name: queue_stats
+SELECT queue, state, sum(n)::bigint FROM queue_counts GROUP BY 1, 2 HAVING sum(n) <> 0 ORDER BY 1, 2;
+
+-- name: compact_counts
+WITH d AS (DELETE FROM queue_counts RETURNING *)
+INSERT INTO queue_counts SELECT queue, state, sum(n) FROM d GROUP BY 1, 2 HAVING sum(n) <> 0;
+
+-- name: acquire_broker
+-- A (re)starting broker takes a new epoch, which fences off anything an older incarnation buffered.
+INSERT INTO brokers (id, endpoint, epoch, expires_at)
+VALUES (%(id)s, %(endpoint)s, 1, now() + %(term)s * interval '1 second')
+ON CONFLICT (id) DO UPDATE
+SET epoch = brokers.epoch + 1, endpoint = excluded.endpoint, expires_at = excluded.expires_at,
+    started_at = now()
+RETURNING epoch;
+
+-- name: renew_broker
+-- Only a live lease can be renewed: a broker that let its lease lapse must drop its buffer.
+UPDATE brokers SET expires_at = now() + %(term)s * interval '1 second'
+WHERE id = %(id)s AND epoch = %(epoch)s AND expires_at > now()
+RETURNING expires_at;
+
+-- name: check_broker
+SELECT 1 FROM brokers WHERE id = %(id)s AND epoch = %(epoch)s AND expires_at > now();
+
+-- name: drop_broker
+DELETE FROM brokers WHERE id = %(id)s AND epoch = %(epoch)s;

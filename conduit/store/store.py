@@ -1,0 +1,354 @@
+"""The Store: the only code that talks to PostgreSQL. One Store is one connection, for one thread."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from conduit.errors import BrokerLeaseLost, DatabaseError, SchemaError
+from conduit.store.queries import QUERIES, SCHEMA, SCHEMA_VERSION
+from conduit.task import (
+    Ack,
+    Completion,
+    Failure,
+    LeasedTask,
+    Outcome,
+    Submitted,
+    TaskInfo,
+    TaskSpec,
+    check_queue_name,
+)
+
+
+@dataclass(frozen=True)
+class BrokerLease:
+    """A broker's claim on what it buffers; `epoch` fences off its earlier incarnations."""
+
+    broker_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Reaped:
+    buffered: int  # returned from brokers whose lease expired
+    running: int  # whose task lease expired: retried, or dead when out of attempts
+
+
+def connect(dsn: str, schema: str) -> psycopg.Connection[Any]:
+    """Open an autocommit connection with `schema` on the search path, or raise DatabaseError."""
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseError(f"invalid DSN: {_first_line(exc)}") from None
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {_reason(exc)}") from None
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    return conn
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/dbname of a DSN, without its password, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable DSN)"
+    host = str(info.get("host") or "local socket")
+    port = info.get("port")
+    return f"{host}{f':{port}' if port else ''}/{info.get('dbname') or info.get('user') or ''}"
+
+
+def init_schema(dsn: str, schema: str) -> bool:
+    """Create Conduit's schema if absent; True if it was created. Safe to run concurrently."""
+    with connect(dsn, schema) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('conduit schema ' || %s))", (schema,))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        if _schema_version(conn) is None:
+            conn.execute(SCHEMA.encode())
+            return True
+        _check_version(conn, schema)
+        return False
+
+
+def _schema_version(conn: psycopg.Connection[Any]) -> int | None:
+    (exists,) = _one(conn.execute(QUERIES["meta_exists"]))
+    if not exists:
+        return None
+    (version,) = _one(conn.execute(QUERIES["schema_version"]))
+    return int(version)
+
+
+def _check_version(conn: psycopg.Connection[Any], schema: str) -> None:
+    version = _schema_version(conn)
+    if version is None:
+        raise SchemaError(f"no Conduit schema {schema!r} in this database: run `conduit db init`")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"schema {schema!r} is at version {version}, this Conduit needs {SCHEMA_VERSION}: "
+            + ("run `conduit db init` to migrate" if version < SCHEMA_VERSION else "upgrade Conduit")
+        )
+
+
+class Store:
+    """Batched operations on tasks and leases. Each call commits on its own, or within `transaction()`."""
+
+    def __init__(self, conn: psycopg.Connection[Any], *, max_payload_bytes: int) -> None:
+        self.conn = conn
+        self.max_payload_bytes = max_payload_bytes
+
+    @classmethod
+    def open(cls, dsn: str, *, schema: str = "conduit", max_payload_bytes: int = 1024 * 1024) -> Store:
+        conn = connect(dsn, schema)
+        try:
+            _check_version(conn, schema)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, max_payload_bytes=max_payload_bytes)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several operations into one commit (group commit); nothing is durable before it ends."""
+        with self.conn.transaction():
+            yield
+
+    def _tx(self) -> Any:
+        in_tx = self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        return nullcontext() if in_tx else self.conn.transaction()
+
+    def _rows(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.conn.execute(QUERIES[name], params).fetchall()
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def enqueue(self, specs: Sequence[TaskSpec]) -> list[Submitted]:
+        """Insert pending tasks; a known idempotency key returns its first task's id instead."""
+        return self._insert(specs, [None] * len(specs), None)
+
+    def insert_running(
+        self, specs: Sequence[TaskSpec], workers: Sequence[str], owner: BrokerLease
+    ) -> list[Submitted]:
+        """Sync match: insert tasks already delivered to waiting workers, attempt 1, lease running."""
+        return self._insert(specs, list(workers), owner)
+
+    def _insert(
+        self, specs: Sequence[TaskSpec], workers: list[str | None], owner: BrokerLease | None
+    ) -> list[Submitted]:
+        if not specs:
+            return []
+        for spec in specs:
+            spec.validate(self.max_payload_bytes)
+        params = {
+            "queue": [s.queue for s in specs],
+            "payload": [bytes(s.payload) for s in specs],
+            "priority": [s.priority for s in specs],
+            "delay": [float(s.delay) for s in specs],
+            "max_attempts": [s.max_attempts for s in specs],
+            "lease_timeout": [float(s.lease_timeout) for s in specs],
+            "backoff_base": [float(s.backoff_base) for s in specs],
+            "backoff_max": [float(s.backoff_max) for s in specs],
+            "idempotency_key": [s.idempotency_key for s in specs],
+            "worker": workers,
+            "broker": owner.broker_id if owner else None,
+            "epoch": owner.epoch if owner else None,
+        }
+        with self._tx():
+            rows = self._rows("insert_tasks", params)
+            missing = [i for i, (task_id, _) in enumerate(rows) if task_id is None]
+            if missing:  # keys committed by other transactions: now visible to a new statement
+                found = self._rows(
+                    "lookup_keys",
+                    {
+                        "queue": [specs[i].queue for i in missing],
+                        "key": [specs[i].idempotency_key for i in missing],
+                    },
+                )
+                for i, (task_id,) in zip(missing, found, strict=True):
+                    rows[i] = (task_id, False)
+        return [Submitted(task_id, created) for task_id, created in rows]
+
+    # -- broker leases ------------------------------------------------------------------------
+
+    def acquire_broker(self, broker_id: str, endpoint: str, term: float) -> BrokerLease:
+        (epoch,) = _one(
+            self.conn.execute(
+                QUERIES["acquire_broker"], {"id": broker_id, "endpoint": endpoint, "term": term}
+            )
+        )
+        return BrokerLease(broker_id, epoch)
+
+    def renew_broker(self, owner: BrokerLease, term: float) -> None:
+        """Extend the lease; raise BrokerLeaseLost if it lapsed or was taken, so the buffer is dropped."""
+        params = {"id": owner.broker_id, "epoch": owner.epoch, "term": term}
+        if not self._rows("renew_broker", params):
+            raise BrokerLeaseLost(f"broker {owner.broker_id} lost its lease (epoch {owner.epoch})")
+
+    def drop_broker(self, owner: BrokerLease) -> None:
+        self.conn.execute(QUERIES["drop_broker"], {"id": owner.broker_id, "epoch": owner.epoch})
+
+    # -- leasing and fenced writes ------------------------------------------------------------
+
+    def lease(self, owner: BrokerLease, queue: str, limit: int) -> list[LeasedTask]:
+        """Lease up to `limit` due tasks into `owner`'s buffer, in (priority, run_at, id) order."""
+        check_queue_name(queue)
+        params = {"broker": owner.broker_id, "epoch": owner.epoch, "queue": queue, "limit": limit}
+        with self._tx():
+            rows = self._rows("lease", params)
+            if not rows and not self._rows("check_broker", {"id": owner.broker_id, "epoch": owner.epoch}):
+                raise BrokerLeaseLost(f"broker {owner.broker_id} has no live lease (epoch {owner.epoch})")
+        tasks = [LeasedTask(*row) for row in rows]
+        tasks.sort(key=lambda t: (t.priority, t.run_at, t.id))
+        return tasks
+
+    def start(self, owner: BrokerLease, acks: Sequence[Ack], workers: Sequence[str]) -> list[Outcome]:
+        """Buffered tasks handed to workers: their task leases start now."""
+        params = {
+            "id": [a.id for a in acks],
+            "attempt": [a.attempt for a in acks],
+            "worker": list(workers),
+            "broker": owner.broker_id,
+            "epoch": owner.epoch,
+        }
+        return self._fenced("start", acks, params)
+
+    def renew(self, relay: BrokerLease, acks: Sequence[Ack]) -> list[Outcome]:
+        """Heartbeats: extend the task leases of current deliveries, through whichever broker relays."""
+        params = {
+            "id": [a.id for a in acks],
+            "attempt": [a.attempt for a in acks],
+            "broker": relay.broker_id,
+            "epoch": relay.epoch,
+        }
+        return self._fenced("renew", acks, params)
+
+    def complete(self, completions: Sequence[Completion]) -> list[Outcome]:
+        """Finish tasks with their results; only the delivery holding the current attempt may."""
+        params = {
+            "id": [c.id for c in completions],
+            "attempt": [c.attempt for c in completions],
+            "result": [c.result for c in completions],
+        }
+        return self._fenced("complete", completions, params)
+
+    def fail(self, failures: Sequence[Failure]) -> list[Outcome]:
+        """Record failed runs: retried after backoff, or dead after max_attempts or retry=False."""
+        return self._fenced("fail", failures, _failure_params(failures))
+
+    def release(self, acks: Sequence[Ack]) -> list[Outcome]:
+        """Give back unstarted tasks: pending again at once, attempt kept, no failure counted."""
+        params = {"id": [a.id for a in acks], "attempt": [a.attempt for a in acks]}
+        return self._fenced("release", acks, params)
+
+    def _fenced(
+        self, name: str, items: Sequence[Ack | Completion | Failure], params: dict[str, Any]
+    ) -> list[Outcome]:
+        if not items:
+            return []
+        with self._tx():
+            accepted = {row[0] for row in self._rows(name, params)}
+        outcomes: list[Outcome | None] = []
+        for item in items:
+            outcomes.append(Outcome.OK if item.id in accepted else None)
+            accepted.discard(item.id)  # a duplicate in the same batch did not change anything
+        refused = [i for i, o in enumerate(outcomes) if o is None]
+        if refused:
+            infos = self.lookup([items[i].id for i in refused])
+            for i, info in zip(refused, infos, strict=True):
+                outcomes[i] = _refusal(info)
+        return [o for o in outcomes if o is not None]
+
+    # -- recovery and administration ----------------------------------------------------------
+
+    def reap(self, limit: int = 1000) -> Reaped:
+        """Return expired leases: buffers of lapsed brokers to pending; expired runs count as failures."""
+        with self._tx():
+            buffered = len(self._rows("reap_buffered"))
+            expired = [
+                Failure(task_id, attempt, "lease expired: the worker stopped heartbeating")
+                for task_id, attempt in self._rows("expired_running", {"limit": limit})
+            ]
+            running = len(self._rows("fail", _failure_params(expired))) if expired else 0
+        return Reaped(buffered, running)
+
+    def cancel(self, ids: Iterable[int]) -> list[Outcome]:
+        """Cancel live tasks, whatever their state; a running one's later complete is refused."""
+        ids = list(ids)
+        with self._tx():
+            cancelled = {row[0] for row in self._rows("cancel", {"id": ids})}
+        outcomes = []
+        for info in self.lookup(ids):
+            outcomes.append(Outcome.OK if info.id in cancelled else _refusal(info))
+        return outcomes
+
+    def redrive(self, queue: str, ids: Sequence[int] | None = None, limit: int = 10_000) -> list[int]:
+        """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""
+        check_queue_name(queue)
+        params = {"queue": queue, "id": list(ids) if ids is not None else None, "limit": limit}
+        with self._tx():
+            return sorted(row[0] for row in self._rows("redrive", params))
+
+    def lookup(self, ids: Sequence[int]) -> list[TaskInfo]:
+        return [TaskInfo(*row) for row in self._rows("lookup", {"id": list(ids)})]
+
+    def queue_stats(self) -> dict[str, dict[str, int]]:
+        """Per queue, tasks by state, from the counters (never a COUNT over the backlog)."""
+        stats: dict[str, dict[str, int]] = {}
+        for queue, state, n in self._rows("queue_stats"):
+            stats.setdefault(queue, {})[state] = n
+        return stats
+
+    def compact_counts(self) -> None:
+        with self._tx():
+            self.conn.execute(QUERIES["compact_counts"])
+
+
+def _failure_params(failures: Sequence[Failure]) -> dict[str, Any]:
+    return {
+        "id": [f.id for f in failures],
+        "attempt": [f.attempt for f in failures],
+        "error": [f.error for f in failures],
+        "retry": [f.retry for f in failures],
+    }
+
+
+def _refusal(info: TaskInfo) -> Outcome:
+    if info.state is None:
+        return Outcome.UNKNOWN
+    if info.state == "cancelled":
+        return Outcome.CANCELLED
+    if info.state in ("completed", "dead"):
+        return Outcome.FINISHED
+    return Outcome.STALE
+
+
+def _one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    row = cursor.fetchone()
+    assert row is not None
+    return row
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _reason(exc: Exception) -> str:
+    """The cause psycopg gives after its 'connection to server ... failed:' preamble."""
+    text = " ".join(str(exc).split())
+    causes = re.findall(
+        r"failed: (.+?)(?= Multiple connection attempts failed| connection to server|$)", text
+    )
+    return causes[-1].strip() if causes else _first_line(exc)

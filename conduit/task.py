@@ -1,0 +1,125 @@
+"""What a task is, and the rules a submitted task must keep, shared by the client, broker and store."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from conduit.errors import InvalidTask
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+MAX_KEY_LENGTH = 200
+PRIORITY_RANGE = (-32768, 32767)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task to enqueue. Lower priority runs first; `delay` is seconds from the commit."""
+
+    queue: str
+    payload: bytes
+    priority: int = 0
+    delay: float = 0.0
+    max_attempts: int = 5
+    lease_timeout: float = 30.0
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    idempotency_key: str | None = None
+
+    def validate(self, max_payload_bytes: int) -> None:
+        """Raise InvalidTask naming the rule broken, before anything is written."""
+        check_queue_name(self.queue)
+        if not isinstance(self.payload, bytes | bytearray | memoryview):
+            raise InvalidTask(f"payload must be bytes, got {type(self.payload).__name__}")
+        if len(self.payload) > max_payload_bytes:
+            raise InvalidTask(
+                f"payload of {len(self.payload)} bytes exceeds the limit of {max_payload_bytes}; "
+                "store large data elsewhere and pass a reference (a URL or key) instead"
+            )
+        low, high = PRIORITY_RANGE
+        if not low <= self.priority <= high:
+            raise InvalidTask(f"priority {self.priority} is outside {low}..{high}")
+        if self.max_attempts < 1:
+            raise InvalidTask(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.delay < 0 or self.lease_timeout <= 0 or self.backoff_base < 0 or self.backoff_max < 0:
+            raise InvalidTask("delay and backoff must be >= 0 and lease_timeout > 0")
+        if self.idempotency_key is not None and not 0 < len(self.idempotency_key) <= MAX_KEY_LENGTH:
+            raise InvalidTask(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters")
+
+
+def check_queue_name(queue: str) -> None:
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+        raise InvalidTask(
+            f"queue name {queue!r} is not valid: 1-64 characters, letters, digits and _ . : -, "
+            "starting with a letter or digit"
+        )
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The id a submit got, and whether it created the task (False: an idempotency key matched)."""
+
+    id: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class LeasedTask:
+    """A task leased into a broker's buffer; `attempt` is the fencing token its delivery carries."""
+
+    id: int
+    queue: str
+    priority: int
+    run_at: datetime
+    attempt: int
+    failures: int
+    max_attempts: int
+    lease_timeout: float
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Ack:
+    """One delivery's claim on a task: its id and the attempt it was delivered with."""
+
+    id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: int
+    attempt: int
+    result: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: int
+    attempt: int
+    error: str
+    retry: bool = True
+
+
+class Outcome(enum.StrEnum):
+    """What became of a fenced write, per task; anything but OK changed nothing."""
+
+    OK = "ok"
+    STALE = "stale"  # another delivery holds the task now, or its lease was reaped
+    FINISHED = "finished"  # completed or dead already
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Where a task stands: a live state (pending, buffered, running) or a final one."""
+
+    id: int
+    state: str | None  # None: no such task
+    attempt: int | None
+    result: bytes | None
+    error: str | None
+    finished_at: datetime | None

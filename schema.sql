@@ -1,0 +1,1 @@
+conduit/store/schema.sql

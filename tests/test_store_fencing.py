@@ -1,0 +1,125 @@
+"""Fencing: only the delivery that holds the current attempt may complete, fail or renew a task."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conduit.errors import BrokerLeaseLost
+from conduit.store import Store
+from conduit.task import Ack, Completion, Failure, TaskSpec
+
+
+def _task_row(db, task_id: int) -> tuple[object, ...]:
+    return db.query("SELECT state, attempt, failures, broker FROM tasks WHERE id = %s", (task_id,))[0]
+
+
+def test_stale_attempts_are_refused_and_change_nothing(store: Store, db) -> None:
+    (sub,) = store.enqueue([TaskSpec("q", b"x")])
+    owner = store.acquire_broker("b1", "tcp://x", 30)
+    (task,) = store.lease(owner, "q", 1)
+    assert task.attempt == 1
+    before = _task_row(db, sub.id)
+    for attempt in (0, 2):
+        assert store.complete([Completion(sub.id, attempt, b"r")]) == ["stale"]
+        assert store.fail([Failure(sub.id, attempt, "boom")]) == ["stale"]
+        assert store.renew(owner, [Ack(sub.id, attempt)]) == ["stale"]
+        assert store.release([Ack(sub.id, attempt)]) == ["stale"]
+    assert _task_row(db, sub.id) == before
+    assert store.complete([Completion(999_999, 1)]) == ["unknown"]
+
+
+def test_complete_once_then_finished(store: Store, db) -> None:
+    (sub,) = store.enqueue([TaskSpec("q", b"x")])
+    owner = store.acquire_broker("b1", "tcp://x", 30)
+    (task,) = store.lease(owner, "q", 1)
+    twice = [Completion(task.id, task.attempt, b"first"), Completion(task.id, task.attempt, b"second")]
+    assert store.complete(twice) == ["ok", "finished"]
+    assert store.complete([Completion(task.id, task.attempt, b"late")]) == ["finished"]
+    assert store.fail([Failure(task.id, task.attempt, "late")]) == ["finished"]
+    info = store.lookup([sub.id])[0]
+    assert (info.state, info.result, info.attempt) == ("completed", b"first", 1)
+
+
+def test_reaped_task_cannot_be_completed_by_its_old_holder(store: Store, db) -> None:
+    (sub,) = store.enqueue([TaskSpec("q", b"x", lease_timeout=0.2, backoff_base=0)])
+    a = store.acquire_broker("a", "tcp://a", 30)
+    (task,) = store.lease(a, "q", 1)
+    assert store.start(a, [Ack(task.id, task.attempt)], ["worker-1"]) == ["ok"]
+    time.sleep(0.3)
+    assert store.reap().running == 1
+    assert _task_row(db, sub.id)[:3] == ("pending", 1, 1)  # attempt kept, one failure counted
+    assert store.complete([Completion(sub.id, 1, b"zombie")]) == ["stale"]
+    b = store.acquire_broker("b", "tcp://b", 30)
+    (again,) = store.lease(b, "q", 1)
+    assert again.attempt == 2
+    assert store.renew(a, [Ack(sub.id, 1)]) == ["stale"]
+    assert store.complete([Completion(sub.id, 1, b"zombie")]) == ["stale"]
+    assert store.complete([Completion(sub.id, 2, b"current")]) == ["ok"]
+    assert store.complete([Completion(sub.id, 1, b"zombie")]) == ["finished"]
+    assert store.lookup([sub.id])[0].result == b"current"
+
+
+def test_heartbeat_through_another_broker_keeps_the_lease(store: Store, db) -> None:
+    (sub,) = store.enqueue([TaskSpec("q", b"x", lease_timeout=0.5)])
+    a = store.acquire_broker("a", "tcp://a", 30)
+    b = store.acquire_broker("b", "tcp://b", 30)
+    (task,) = store.lease(a, "q", 1)
+    store.start(a, [Ack(task.id, task.attempt)], ["w"])
+    for _ in range(4):
+        time.sleep(0.25)
+        assert store.renew(b, [Ack(task.id, task.attempt)]) == ["ok"]
+        assert store.reap().running == 0
+    assert _task_row(db, sub.id) == ("running", 1, 0, "b")
+    assert store.complete([Completion(task.id, task.attempt)]) == ["ok"]
+
+
+def test_expired_broker_lease_returns_its_buffer_and_fences_it(store: Store, db) -> None:
+    (sub,) = store.enqueue([TaskSpec("q", b"x")])
+    a = store.acquire_broker("a", "tcp://a", 0.2)
+    (task,) = store.lease(a, "q", 1)
+    assert store.reap().buffered == 0  # live lease: its buffer is its own
+    time.sleep(0.3)
+    with pytest.raises(BrokerLeaseLost):
+        store.renew_broker(a, 30)
+    with pytest.raises(BrokerLeaseLost):
+        store.lease(a, "q", 1)
+    assert store.reap().buffered == 1
+    assert _task_row(db, sub.id) == ("pending", 1, 0, None)
+    b = store.acquire_broker("b", "tcp://b", 30)
+    assert store.lease(b, "q", 1)[0].attempt == 2
+    assert store.start(a, [Ack(task.id, 1)], ["w"]) == ["stale"]
+
+
+def test_a_new_epoch_fences_the_old_incarnation(store: Store, db) -> None:
+    store.enqueue([TaskSpec("q", b"x") for _ in range(2)])
+    old = store.acquire_broker("a", "tcp://a", 30)
+    (task,) = store.lease(old, "q", 1)
+    new = store.acquire_broker("a", "tcp://a", 30)
+    assert new.epoch == old.epoch + 1
+    with pytest.raises(BrokerLeaseLost):
+        store.lease(old, "q", 1)
+    assert store.start(old, [Ack(task.id, task.attempt)], ["w"]) == ["stale"]
+    assert store.reap().buffered == 1  # the old incarnation's buffer goes back
+    assert len(store.lease(new, "q", 10)) == 2
+
+
+def test_release_gives_back_without_counting_a_failure(store: Store, db) -> None:
+    (sub,) = store.enqueue([TaskSpec("q", b"x")])
+    owner = store.acquire_broker("a", "tcp://a", 30)
+    (task,) = store.lease(owner, "q", 1)
+    assert store.release([Ack(task.id, task.attempt)]) == ["ok"]
+    assert _task_row(db, sub.id) == ("pending", 1, 0, None)
+    assert store.complete([Completion(task.id, task.attempt)]) == ["stale"]
+    assert store.lease(owner, "q", 1)[0].attempt == 2
+
+
+def test_cancel_refuses_the_running_delivery(store: Store) -> None:
+    (sub,) = store.enqueue([TaskSpec("q", b"x")])
+    owner = store.acquire_broker("a", "tcp://a", 30)
+    (task,) = store.lease(owner, "q", 1)
+    assert store.cancel([sub.id, 424242]) == ["ok", "unknown"]
+    assert store.complete([Completion(task.id, task.attempt)]) == ["cancelled"]
+    assert store.cancel([sub.id]) == ["cancelled"]
+    assert store.lookup([sub.id])[0].state == "cancelled"
