@@ -7,15 +7,29 @@ SELECT value FROM meta WHERE key = 'schema_version';
 -- name: meta_exists
 SELECT to_regclass('meta') IS NOT NULL;
 
+-- name: enqueue_plain
+-- The common case, no idempotency keys: ids come from the sequence in input order, so the
+-- caller sorts the returned ids to match its rows.
+INSERT INTO tasks (queue, payload, priority, run_at, max_attempts, lease_timeout, backoff_base, backoff_max)
+SELECT queue, payload, priority, now() + delay * interval '1 second', max_attempts, lease_timeout,
+       backoff_base, backoff_max
+FROM unnest(%(queue)b::text[], %(payload)b::bytea[], %(priority)b::smallint[], %(delay)b::float8[],
+            %(max_attempts)b::int[], %(lease_timeout)b::float8[], %(backoff_base)b::float8[],
+            %(backoff_max)b::float8[])
+     WITH ORDINALITY AS i(queue, payload, priority, delay, max_attempts, lease_timeout, backoff_base,
+                          backoff_max, ord)
+ORDER BY ord
+RETURNING id;
+
 -- name: insert_tasks
 -- Plain enqueue (worker is NULL) or sync match (worker set: written once, already running).
 -- Rows whose idempotency key belongs to an earlier submit insert nothing and report that task's id;
 -- a NULL id means the key is another transaction's, and lookup_keys finds it.
 WITH input AS (
     SELECT *
-    FROM unnest(%(queue)s::text[], %(payload)s::bytea[], %(priority)s::smallint[], %(delay)s::float8[],
-                %(max_attempts)s::int[], %(lease_timeout)s::float8[], %(backoff_base)s::float8[],
-                %(backoff_max)s::float8[], %(idempotency_key)s::text[], %(worker)s::text[])
+    FROM unnest(%(queue)b::text[], %(payload)b::bytea[], %(priority)b::smallint[], %(delay)b::float8[],
+                %(max_attempts)b::int[], %(lease_timeout)b::float8[], %(backoff_base)b::float8[],
+                %(backoff_max)b::float8[], %(idempotency_key)b::text[], %(worker)b::text[])
          WITH ORDINALITY AS i(queue, payload, priority, delay, max_attempts, lease_timeout, backoff_base,
                               backoff_max, idempotency_key, worker, ord)
 ), numbered AS MATERIALIZED (
@@ -49,7 +63,7 @@ ORDER BY n.ord;
 
 -- name: lookup_keys
 SELECT k.task_id
-FROM unnest(%(queue)s::text[], %(key)s::text[]) WITH ORDINALITY AS i(queue, key, ord)
+FROM unnest(%(queue)b::text[], %(key)b::text[]) WITH ORDINALITY AS i(queue, key, ord)
 LEFT JOIN idempotency_keys k ON k.queue = i.queue AND k.key = i.key
 ORDER BY i.ord;
 
@@ -77,7 +91,7 @@ RETURNING t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, t.max_atte
 -- Buffered tasks handed to workers: from now on a task lease, renewed by heartbeats.
 UPDATE tasks t
 SET state = 'running', worker = r.worker, lease_expires_at = now() + t.lease_timeout * interval '1 second'
-FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(worker)s::text[]) AS r(id, attempt, worker)
+FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(worker)b::text[]) AS r(id, attempt, worker)
 WHERE t.id = r.id AND t.attempt = r.attempt AND t.state = 'buffered'
   AND t.broker = %(broker)s AND t.broker_epoch = %(epoch)s
   AND EXISTS (SELECT 1 FROM brokers b
@@ -89,7 +103,7 @@ RETURNING t.id;
 UPDATE tasks t
 SET state = 'running', broker = %(broker)s, broker_epoch = %(epoch)s,
     lease_expires_at = now() + t.lease_timeout * interval '1 second'
-FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS r(id, attempt)
+FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS r(id, attempt)
 WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
 RETURNING t.id;
 
@@ -97,7 +111,7 @@ RETURNING t.id;
 -- The first of duplicate completions in one batch wins; the rest are refused as finished.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
-    FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(result)s::bytea[]) WITH ORDINALITY
+    FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(result)b::bytea[]) WITH ORDINALITY
         AS r(id, attempt, result, ord)
     ORDER BY id, attempt, ord
 ), done AS (
@@ -117,7 +131,7 @@ RETURNING id;
 -- has failed max_attempts times (or the caller says not to retry). The attempt is kept.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
-    FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(error)s::text[], %(retry)s::bool[]) WITH ORDINALITY
+    FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(error)b::text[], %(retry)b::bool[]) WITH ORDINALITY
         AS r(id, attempt, error, retry, ord)
     ORDER BY id, attempt, ord
 ), failed AS (
@@ -151,7 +165,7 @@ SELECT id FROM retried UNION ALL SELECT id FROM dead;
 -- Unstarted tasks given back: pending again, attempt kept so the old delivery stays fenced off.
 UPDATE tasks t
 SET state = 'pending', broker = NULL, broker_epoch = NULL, worker = NULL, lease_expires_at = NULL
-FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS r(id, attempt)
+FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS r(id, attempt)
 WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
 RETURNING t.id;
 
@@ -173,7 +187,7 @@ RETURNING t.id;
 
 -- name: cancel
 WITH gone AS (
-    DELETE FROM tasks WHERE id = ANY(%(id)s::bigint[]) RETURNING *
+    DELETE FROM tasks WHERE id = ANY(%(id)b::bigint[]) RETURNING *
 )
 INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts, lease_timeout,
                      backoff_base, backoff_max, idempotency_key, payload, last_error, created_at)
@@ -188,7 +202,7 @@ WITH back AS (
     DELETE FROM results
     WHERE id IN (SELECT id FROM results
                  WHERE state = 'dead' AND queue = %(queue)s
-                   AND (%(id)s::bigint[] IS NULL OR id = ANY(%(id)s::bigint[]))
+                   AND (%(id)b::bigint[] IS NULL OR id = ANY(%(id)b::bigint[]))
                  ORDER BY finished_at
                  LIMIT %(limit)s
                  FOR UPDATE SKIP LOCKED)
@@ -204,7 +218,7 @@ RETURNING id;
 -- name: lookup
 SELECT i.id, coalesce(res.state, t.state), coalesce(res.attempt, t.attempt), res.result,
        coalesce(res.last_error, t.last_error), res.finished_at
-FROM unnest(%(id)s::bigint[]) WITH ORDINALITY AS i(id, ord)
+FROM unnest(%(id)b::bigint[]) WITH ORDINALITY AS i(id, ord)
 LEFT JOIN tasks t ON t.id = i.id
 LEFT JOIN results res ON res.id = i.id
 ORDER BY i.ord;
