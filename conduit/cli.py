@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -115,3 +116,112 @@ def status(dsn: str | None, data_dir: Path | None, schema: str | None, as_json: 
     click.echo(f"{'queue':<24}" + "".join(f"{s:>11}" for s in states))
     for queue, counts in sorted(stats.items()):
         click.echo(f"{queue:<24}" + "".join(f"{counts.get(s, 0):>11}" for s in states))
+
+
+@main.command()
+@_db_options
+@click.option(
+    "--bind", default="tcp://127.0.0.1:5555", show_default=True, help="ROUTER endpoint ('*' port: any)."
+)
+@click.option("--broker-id", help="Unique id of this broker (default: random).")
+@click.option("--buffer-size", default=1000, show_default=True, help="Tasks buffered per queue at most.")
+@click.option("--lease-batch", default=500, show_default=True, help="Tasks read from PostgreSQL at a time.")
+@click.option("--lease-term", default=10.0, show_default=True, help="Broker lease term, seconds.")
+@click.option("--log-level", default="info", show_default=True)
+def broker(
+    dsn: str | None,
+    data_dir: Path | None,
+    schema: str | None,
+    bind: str,
+    broker_id: str | None,
+    buffer_size: int,
+    lease_batch: int,
+    lease_term: float,
+    log_level: str,
+) -> None:
+    """Run a broker (task service). Prints its endpoint on stdout; logs go to stderr."""
+    import zmq
+
+    from conduit import logs
+    from conduit.broker.core import Config
+    from conduit.broker.service import Broker
+
+    logs.setup(log_level)
+    settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
+    config = Config(
+        broker_id=broker_id or f"broker-{uuid.uuid4().hex[:8]}",
+        buffer_size=buffer_size,
+        lease_batch=lease_batch,
+        lease_term=lease_term,
+        max_payload_bytes=settings.max_payload_bytes,
+    )
+    try:
+        service = Broker(config, dsn_for(settings), settings.schema, bind)
+    except zmq.ZMQError as exc:
+        raise ConduitError(f"cannot bind {bind}: {exc}") from None
+    click.echo(service.endpoint)
+    sys.stdout.flush()
+    service.run()
+
+
+@main.command()
+@click.argument("target")
+@click.option("--connect", "endpoints", multiple=True, help="Broker endpoint(s), overriding the Worker's.")
+@click.option("--concurrency", type=int, help="Handlers running at once, overriding the Worker's.")
+@click.option("--log-level", default="info", show_default=True)
+def worker(target: str, endpoints: tuple[str, ...], concurrency: int | None, log_level: str) -> None:
+    """Run the conduit.client.Worker named by TARGET, as module:attribute."""
+    import importlib
+
+    from conduit import logs
+    from conduit.client import Worker
+
+    logs.setup(log_level)
+    module_name, _, attr = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr or "worker")
+    except (ImportError, AttributeError) as exc:
+        raise ConduitError(f"cannot load {target}: {exc}") from None
+    if not isinstance(obj, Worker):
+        raise ConduitError(f"{target} is a {type(obj).__name__}, not a conduit.client.Worker")
+    if endpoints:
+        obj.endpoints = list(endpoints)
+    if concurrency:
+        obj.concurrency = concurrency
+    obj.run()
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("payload")
+@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="Broker endpoint.")
+@click.option("--key", help="Idempotency key: a repeat returns the first task's id.")
+@click.option("--priority", default=0, show_default=True, help="Lower runs first.")
+@click.option("--delay", default=0.0, show_default=True, help="Seconds before it may run.")
+@click.option("--wait", is_flag=True, help="Wait for the task to end and print its result.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def submit(
+    queue: str,
+    payload: str,
+    connect: str,
+    key: str | None,
+    priority: int,
+    delay: float,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Submit one task whose payload is PAYLOAD's UTF-8 bytes ('-' reads stdin); prints its id."""
+    from conduit.client import Client
+
+    data = sys.stdin.buffer.read() if payload == "-" else payload.encode()
+    with Client(connect) as client:
+        task_id = client.submit(queue, data, key=key, priority=priority, delay=delay)
+        out: dict[str, Any] = {"id": task_id}
+        if wait:
+            res = client.result(task_id)
+            out |= {"state": res.state, "attempt": res.attempt, "error": res.error}
+            out["result"] = None if res.result is None else res.result.decode("utf-8", "replace")
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(" ".join(f"{k}={v}" for k, v in out.items() if v is not None))

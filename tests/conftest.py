@@ -7,9 +7,13 @@ PostgreSQL that CONDUIT_TEST_DSN names, when it is set). CI sets it, so both run
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,3 +75,76 @@ def db(server_dsn: str) -> Iterator[Database]:
 def store(db: Database) -> Iterator[Store]:
     with db.store() as s:
         yield s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """A Conduit process started by a test; stopped by the test's teardown whatever happens."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        # A file, not a pipe: a chatty process never blocks. Closed by the processes fixture.
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conduit", *args],
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+
+class BrokerProcess(Process):
+    def __init__(self, db: Database, port: int, broker_id: str, *extra: str) -> None:
+        super().__init__(
+            [
+                *("broker", "--bind", f"tcp://127.0.0.1:{port}", "--dsn", db.dsn, "--schema", db.schema),
+                *("--broker-id", broker_id, "--lease-term", "3", *extra),
+            ]
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            self.kill()
+            raise AssertionError(f"broker did not start: {self.log()}")
+        self.endpoint = line
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for p in started:
+        p.kill()
+        if p.proc.stdout:
+            p.proc.stdout.close()
+        p.stderr.close()
+
+
+@pytest.fixture
+def start_broker(db: Database, processes: list[Process]) -> Callable[..., BrokerProcess]:
+    def start(*extra: str, port: int | None = None, broker_id: str = "b1") -> BrokerProcess:
+        broker = BrokerProcess(db, port or free_port(), broker_id, *extra)
+        processes.append(broker)
+        return broker
+
+    return start

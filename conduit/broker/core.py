@@ -1,0 +1,535 @@
+"""The broker's matching logic as a sans-IO state machine: events in, actions out.
+
+No sockets, no SQL, no clock: the shell feeds it messages, database results and the time, and
+carries out the actions it returns. So every rule here (sync match, buffering, group commit,
+lease lapses, back-pressure, shutdown) is tested directly and deterministically.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from conduit.broker.events import (
+    Acquired,
+    Event,
+    Leased,
+    LeaseRenewed,
+    LookedUp,
+    Received,
+    SendFailed,
+    Shutdown,
+    Tick,
+    Written,
+)
+from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
+from conduit.store import BrokerLease
+from conduit.task import Ack, Completion, Failure, LeasedTask, TaskSpec
+from conduit.wire import (
+    Command,
+    ErrorCode,
+    Message,
+    Poll,
+    ProtocolError,
+    decode,
+    encode,
+    error_frames,
+    parse_ids,
+    parse_poll,
+    parse_submit,
+    parse_tasks,
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    broker_id: str
+    endpoint: str = ""
+    buffer_size: int = 1000  # tasks buffered per queue at most; the backlog stays in PostgreSQL
+    lease_batch: int = 500
+    lease_term: float = 10.0  # broker lease; renewed every third of it
+    reap_every: float = 1.0
+    compact_every: float = 10.0
+    idle_recheck: float = 0.5  # how soon a drained queue with waiting pollers is read again
+    sync_match_window: float = 5.0  # sync match only this long after a read found no older due task
+    max_queued_requests: int = 250  # client writes waiting for the next commit; beyond: "busy"
+    max_payload_bytes: int = 1024 * 1024
+
+
+DEMAND_MEMORY = 1.0  # seconds a served poll counts as demand, so prefetch continues between polls
+
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    peer: bytes
+    frames: list[bytes]
+    delivered: tuple[Ack, ...] = ()  # tasks in this message, released if it cannot be sent
+
+
+@dataclass(frozen=True)
+class Write:
+    batch: WriteBatch
+
+
+@dataclass(frozen=True)
+class Lease:
+    queue: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class Lookup:
+    peer: bytes
+    rid: int
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class RenewLease:
+    started: float
+
+
+@dataclass(frozen=True)
+class Reacquire:
+    pass
+
+
+@dataclass(frozen=True)
+class Reap:
+    compact: bool
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str
+    event: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stop:
+    owner: BrokerLease | None  # lease to drop; None when it was already lost
+
+
+Action = Send | Write | Lease | Lookup | RenewLease | Reacquire | Reap | Log | Stop
+
+
+# -- state -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Waiter:
+    """A long-poll waiting for tasks."""
+
+    key: int
+    peer: bytes
+    rid: int
+    poll: Poll
+    deadline: float
+    reserved: list[tuple[int, TaskSpec]] = field(default_factory=list)  # sync-matched, not yet committed
+
+
+@dataclass
+class _Queue:
+    buffer: deque[LeasedTask] = field(default_factory=deque)
+    waiters: deque[int] = field(default_factory=deque)  # keys into Core._waiters, stale ones skipped
+    leasing: bool = False
+    recheck_at: float = 0.0  # do not read again before this
+    drained_at: float | None = None  # when a read last found no more due tasks
+    wanted_until: float = 0.0  # polls were served lately: keep the buffer topped up until then
+
+
+class Core:
+    """One broker's in-memory state. Call `handle` with each event; carry out what it returns."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.owner: BrokerLease | None = None
+        self.lease_valid_until = 0.0
+        self.queues: dict[str, _Queue] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._keys = itertools.count(1)
+        self._pending = WriteBatch()
+        self._writing: WriteBatch | None = None
+        self._next_renew = 0.0
+        self._renewing = False
+        self._next_reap = 0.0
+        self._next_compact = 0.0
+        self._stopping = False
+        self._stopped = False
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        out: list[Action] = []
+        match event:
+            case Received(peer, frames, now):
+                self._on_message(peer, frames, now, out)
+            case Tick(now):
+                self._on_tick(now, out)
+            case Written(batch, result, error, now):
+                self._on_written(batch, result, error, now, out)
+            case Leased(queue, tasks, error, now):
+                self._on_leased(queue, tasks, error, now, out)
+            case LeaseRenewed(ok, started, now):
+                self._on_renewed(ok, started, now, out)
+            case Acquired(owner, now):
+                self.owner = owner
+                self.lease_valid_until = now + self.config.lease_term
+                self._next_renew = now + self.config.lease_term / 3
+                for name in self.queues:
+                    self._maybe_lease(name, now, out)
+            case LookedUp(peer, rid, _, error) if error is not None:
+                out.append(Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"lookup failed: {error}", rid)))
+            case LookedUp(peer, rid, infos, _):
+                tasks = [
+                    {"id": i.id, "state": i.state, "attempt": i.attempt, "result": i.result, "error": i.error}
+                    for i in infos
+                ]
+                out.append(Send(peer, encode(Command.RESULTS, {"rid": rid, "tasks": tasks})))
+            case SendFailed(peer, delivered):
+                out.append(Log("warning", "undeliverable", {"peer": peer.hex(), "tasks": len(delivered)}))
+                self._pending.releases.extend(delivered)
+            case Shutdown(now):
+                self._begin_shutdown(now, out)
+        self._flush(out)
+        return out
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _on_message(self, peer: bytes, frames: list[bytes], now: float, out: list[Action]) -> None:
+        try:
+            msg = decode(frames)
+            self._on_request(peer, msg, now, out)
+        except ProtocolError as exc:
+            out.append(
+                Log("warning", "bad_request", {"peer": peer.hex(), "code": exc.code.value, "error": str(exc)})
+            )
+            out.append(Send(peer, error_frames(exc.code, str(exc), exc.rid)))
+
+    def _on_request(self, peer: bytes, msg: Message, now: float, out: list[Action]) -> None:
+        rid = msg.rid
+        if msg.command is Command.PING:
+            out.append(Send(peer, encode(Command.PONG, {"rid": rid, "broker": self.config.broker_id})))
+            return
+        if msg.command is Command.RESULT:
+            out.append(Lookup(peer, rid, parse_ids(msg)))
+            return
+        if self._stopping and msg.command in (Command.SUBMIT, Command.POLL):
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down; use another", rid)
+        if msg.command is Command.POLL:
+            self._on_poll(peer, rid, parse_poll(msg), now, out)
+            return
+        if len(self._pending.requests) >= self.config.max_queued_requests:
+            raise ProtocolError(ErrorCode.BUSY, "broker write queue is full; retry shortly", rid)
+        batch = self._pending
+        match msg.command:
+            case Command.SUBMIT:
+                self._on_submit(peer, rid, parse_submit(msg, self.config.max_payload_bytes), now)
+                return
+            case Command.HEARTBEAT:
+                rows = parse_tasks(msg, 2)
+                batch.add_request(peer, rid, "renew", [Ack(r[0], r[1]) for r in rows])
+            case Command.COMPLETE:
+                rows = parse_tasks(msg, 3)
+                batch.add_request(peer, rid, "complete", [Completion(r[0], r[1], r[2]) for r in rows])
+            case Command.FAIL:
+                rows = parse_tasks(msg, 4)
+                batch.add_request(peer, rid, "fail", [Failure(r[0], r[1], r[2][:8192], r[3]) for r in rows])
+            case Command.RELEASE:
+                rows = parse_tasks(msg, 2)
+                batch.add_request(peer, rid, "release", [Ack(r[0], r[1]) for r in rows])
+            case Command.CANCEL:
+                batch.add_request(peer, rid, "cancel", parse_ids(msg))
+
+    def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], now: float) -> None:
+        """Sync match: due tasks for a queue whose pollers wait, with no older task due, go straight
+        to a poller; they are written once, already running. The rest are enqueued."""
+        workers: list[str | None] = []
+        matched: list[_Waiter | None] = []
+        for spec in specs:
+            waiter = self._sync_match(spec, now) if spec.delay == 0 else None
+            if waiter is not None:
+                waiter.reserved.append((len(workers), spec))
+            workers.append(waiter.poll.worker if waiter else None)
+            matched.append(waiter)
+        self._pending.submits.append(
+            SubmitOp(peer, rid, specs, workers, [w.key if w else None for w in matched])
+        )
+        self._pending.requests.append((peer, rid))
+
+    def _sync_match(self, spec: TaskSpec, now: float) -> _Waiter | None:
+        q = self.queues.get(spec.queue)
+        if q is None or q.buffer or q.leasing or q.drained_at is None:
+            return None
+        if now - q.drained_at > self.config.sync_match_window:
+            return None
+        for key in q.waiters:
+            waiter = self._waiters.get(key)
+            if waiter and len(waiter.reserved) < waiter.poll.max_tasks and waiter.deadline > now:
+                return waiter
+        return None
+
+    def _on_poll(self, peer: bytes, rid: int, poll: Poll, now: float, out: list[Action]) -> None:
+        waiter = _Waiter(next(self._keys), peer, rid, poll, now + poll.timeout)
+        self._waiters[waiter.key] = waiter
+        for name in poll.queues:
+            self._queue(name).waiters.append(waiter.key)
+        self._serve(waiter, now, out)
+        if waiter.key in self._waiters:
+            for name in poll.queues:
+                self._maybe_lease(name, now, out)
+        if waiter.key in self._waiters and poll.timeout == 0:
+            self._finish(waiter, [], out)
+
+    # -- matching buffered tasks to waiting polls --------------------------------------------
+
+    def _serve(self, waiter: _Waiter, now: float, out: list[Action]) -> None:
+        if waiter.reserved or not self._lease_live(now, out):
+            return
+        tasks: list[LeasedTask] = []
+        for name in waiter.poll.queues:
+            buffer = self._queue(name).buffer
+            while buffer and len(tasks) < waiter.poll.max_tasks:
+                tasks.append(buffer.popleft())
+        if tasks:
+            for name in waiter.poll.queues:
+                self._queue(name).wanted_until = now + DEMAND_MEMORY
+            self._pending.starts.extend((Ack(t.id, t.attempt), waiter.poll.worker) for t in tasks)
+            self._finish(waiter, [_delivery(t, self.config.broker_id) for t in tasks], out)
+
+    def _serve_queue(self, name: str, now: float, out: list[Action]) -> None:
+        q = self._queue(name)
+        while q.buffer and q.waiters:
+            waiter = self._waiters.get(q.waiters[0])
+            if waiter is None or waiter.reserved:
+                q.waiters.popleft()
+                continue
+            self._serve(waiter, now, out)
+            if waiter.key in self._waiters:
+                break  # the lease lapsed: nothing can be served
+
+    def _finish(self, waiter: _Waiter, tasks: list[dict[str, Any]], out: list[Action]) -> None:
+        """Answer a poll and forget it; its keys in the queues' waiter lists are skipped later."""
+        del self._waiters[waiter.key]
+        delivered = tuple(Ack(t["id"], t["attempt"]) for t in tasks)
+        out.append(Send(waiter.peer, encode(Command.DELIVER, {"rid": waiter.rid, "tasks": tasks}), delivered))
+
+    def _maybe_lease(self, name: str, now: float, out: list[Action]) -> None:
+        """Read the next batch of due tasks when polls wait and the buffer runs low."""
+        q = self._queue(name)
+        if q.leasing or self._stopping or self.owner is None or now < q.recheck_at:
+            return
+        waiting = any(key in self._waiters and not self._waiters[key].reserved for key in q.waiters)
+        if not waiting and now >= q.wanted_until:
+            return
+        limit = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer))
+        if limit <= 0 or len(q.buffer) > self.config.lease_batch // 2:
+            return
+        q.leasing = True
+        out.append(Lease(name, limit))
+
+    def _on_leased(
+        self, name: str, tasks: list[LeasedTask], error: str | None, now: float, out: list[Action]
+    ) -> None:
+        q = self._queue(name)
+        q.leasing = False
+        if error is not None:
+            q.recheck_at = now + self.config.idle_recheck
+            out.append(Log("error", "lease_failed", {"queue": name, "error": error}))
+            return
+        if self._stopping or self.owner is None:
+            self._pending.releases.extend(Ack(t.id, t.attempt) for t in tasks)
+            return
+        requested = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer))
+        if len(tasks) < requested:
+            q.drained_at = now
+            q.recheck_at = now + self.config.idle_recheck
+        else:
+            q.recheck_at = 0.0
+        q.buffer.extend(tasks)
+        self._serve_queue(name, now, out)
+        self._maybe_lease(name, now, out)
+
+    # -- commits -----------------------------------------------------------------------------
+
+    def _flush(self, out: list[Action]) -> None:
+        """Group commit: one write in flight; whatever arrives meanwhile goes in the next one."""
+        if self._writing is None and not self._pending.empty():
+            self._writing, self._pending = self._pending, WriteBatch()
+            out.append(Write(self._writing))
+        elif self._stopping and not self._stopped and self._writing is None and not self._waiters:
+            self._stopped = True
+            out.append(Stop(self.owner))
+
+    def _on_written(
+        self, batch: WriteBatch, result: WriteResult | None, error: str | None, now: float, out: list[Action]
+    ) -> None:
+        self._writing = None
+        if result is None:
+            out.append(Log("error", "write_failed", {"error": error, "requests": len(batch.requests)}))
+            for peer, rid in batch.requests:
+                out.append(
+                    Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"database write failed: {error}", rid))
+                )
+            for op in batch.submits:
+                for key in set(op.waiters) - {None}:
+                    self._unreserve(key, now, out)
+            # Our own bookkeeping must reach the database, or tasks stay buffered under a live lease.
+            self._pending.starts.extend(batch.starts)
+            self._pending.releases.extend(batch.releases)
+            return
+        for op, outcomes in zip(batch.ops, result.outcomes, strict=True):
+            out.append(
+                Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))
+            )
+        for op, submitted in zip(batch.submits, result.submitted, strict=True):
+            ids = [s.id for s in submitted]
+            out.append(
+                Send(
+                    op.peer,
+                    encode(
+                        Command.SUBMITTED,
+                        {"rid": op.rid, "ids": ids, "created": [s.created for s in submitted]},
+                    ),
+                )
+            )
+            for spec, sub, worker in zip(op.specs, submitted, op.workers, strict=True):
+                if worker is None and sub.created:
+                    q = self._queue(spec.queue)
+                    q.recheck_at = 0.0  # new work here: the next read need not wait
+        self._deliver_sync_matched(batch, result, now, out)
+        for name in list(self.queues):
+            self._maybe_lease(name, now, out)
+
+    def _deliver_sync_matched(
+        self, batch: WriteBatch, result: WriteResult, now: float, out: list[Action]
+    ) -> None:
+        by_waiter: dict[int, list[dict[str, Any]]] = {}
+        for op, submitted in zip(batch.submits, result.submitted, strict=True):
+            for spec, sub, key in zip(op.specs, submitted, op.waiters, strict=True):
+                if key is not None:
+                    tasks = by_waiter.setdefault(key, [])
+                    if sub.created:  # an idempotency key matched an older task: nothing new to run
+                        tasks.append(_sync_delivery(sub.id, spec, self.config.broker_id))
+        for key, tasks in by_waiter.items():
+            waiter = self._waiters.get(key)
+            if waiter is None:
+                continue
+            if tasks:
+                self._finish(waiter, tasks, out)
+            else:
+                self._unreserve(key, now, out)
+
+    def _unreserve(self, key: int, now: float, out: list[Action]) -> None:
+        waiter = self._waiters.get(key)
+        if waiter is not None:
+            waiter.reserved.clear()
+            self._serve(waiter, now, out)
+
+    # -- time --------------------------------------------------------------------------------
+
+    def _on_tick(self, now: float, out: list[Action]) -> None:
+        for waiter in [w for w in self._waiters.values() if w.deadline <= now and not w.reserved]:
+            self._finish(waiter, [], out)
+        if self.owner is not None and not self._renewing and now >= self._next_renew:
+            self._renewing = True
+            out.append(RenewLease(now))
+        if now >= self._next_reap:
+            self._next_reap = now + self.config.reap_every
+            compact = now >= self._next_compact
+            if compact:
+                self._next_compact = now + self.config.compact_every
+            out.append(Reap(compact))
+        self._lease_live(now, out)
+        for name in list(self.queues):
+            self._maybe_lease(name, now, out)
+
+    def _on_renewed(self, ok: bool, started: float, now: float, out: list[Action]) -> None:
+        self._renewing = False
+        if ok and self.owner is not None:
+            self.lease_valid_until = started + self.config.lease_term
+            self._next_renew = started + self.config.lease_term / 3
+            return
+        out.append(Log("error", "broker_lease_lost", {"broker": self.config.broker_id}))
+        self._drop_buffers(out)
+        if not self._stopping:
+            self.owner = None
+            out.append(Reacquire())
+
+    def _lease_live(self, now: float, out: list[Action]) -> bool:
+        """A broker whose lease may have lapsed (it was paused, or cannot renew) delivers nothing more."""
+        if self.owner is not None and now < self.lease_valid_until:
+            return True
+        self._drop_buffers(out)
+        return False
+
+    def _drop_buffers(self, out: list[Action]) -> None:
+        dropped = sum(len(q.buffer) for q in self.queues.values())
+        for q in self.queues.values():
+            q.buffer.clear()
+        if dropped:
+            out.append(Log("warning", "buffer_dropped", {"tasks": dropped}))
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def _begin_shutdown(self, now: float, out: list[Action]) -> None:
+        """Answer waiting polls, give buffered tasks back, commit what is queued, then stop."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for waiter in [w for w in self._waiters.values() if not w.reserved]:
+            self._finish(waiter, [], out)
+        for q in self.queues.values():
+            self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
+            q.buffer.clear()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def _queue(self, name: str) -> _Queue:
+        q = self.queues.get(name)
+        if q is None:
+            q = self.queues[name] = _Queue()
+        return q
+
+    def depths(self) -> dict[str, tuple[int, int]]:
+        """Per queue: tasks buffered, polls waiting (for gossip and status)."""
+        return {
+            name: (len(q.buffer), sum(1 for key in q.waiters if key in self._waiters))
+            for name, q in self.queues.items()
+        }
+
+
+def _delivery(task: LeasedTask, broker: str) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "queue": task.queue,
+        "attempt": task.attempt,
+        "payload": task.payload,
+        "priority": task.priority,
+        "failures": task.failures,
+        "max_attempts": task.max_attempts,
+        "lease_timeout": task.lease_timeout,
+        "broker": broker,
+    }
+
+
+def _sync_delivery(task_id: int, spec: TaskSpec, broker: str) -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "queue": spec.queue,
+        "attempt": 1,
+        "payload": bytes(spec.payload),
+        "priority": spec.priority,
+        "failures": 0,
+        "max_attempts": spec.max_attempts,
+        "lease_timeout": spec.lease_timeout,
+        "broker": broker,
+    }

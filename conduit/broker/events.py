@@ -1,0 +1,74 @@
+"""Events the broker shell feeds the core: messages, the time, and what the database answered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conduit.broker.writes import WriteBatch, WriteResult
+from conduit.store import BrokerLease
+from conduit.task import Ack, LeasedTask, TaskInfo
+
+
+@dataclass(frozen=True)
+class Received:
+    peer: bytes
+    frames: list[bytes]
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True)
+class Written:
+    """A group commit ended: `result` when it committed, `error` when it did not."""
+
+    batch: WriteBatch
+    result: WriteResult | None
+    error: str | None
+    now: float
+
+
+@dataclass(frozen=True)
+class Leased:
+    queue: str
+    tasks: list[LeasedTask]
+    error: str | None
+    now: float
+
+
+@dataclass(frozen=True)
+class LeaseRenewed:
+    ok: bool
+    started: float  # when the renewal was sent: the lease is good for a term from then
+    now: float
+
+
+@dataclass(frozen=True)
+class Acquired:
+    owner: BrokerLease
+    now: float
+
+
+@dataclass(frozen=True)
+class LookedUp:
+    peer: bytes
+    rid: int
+    infos: list[TaskInfo]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SendFailed:
+    peer: bytes
+    delivered: tuple[Ack, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    now: float
+
+
+Event = Received | Tick | Written | Leased | LeaseRenewed | Acquired | LookedUp | SendFailed | Shutdown

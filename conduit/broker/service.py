@@ -1,0 +1,254 @@
+"""The broker process: a thin shell that moves frames and rows between the core and the world.
+
+The main thread owns the ROUTER socket and the core. Three threads own one database connection
+each: the writer (group commits), the reader (leases and lookups), and the keeper (broker lease,
+reaping, counters), so a slow read never holds up a commit or a lease renewal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import zmq
+
+from conduit.broker import core
+from conduit.broker.core import Config, Core
+from conduit.broker.events import (
+    Acquired,
+    Event,
+    Leased,
+    LeaseRenewed,
+    LookedUp,
+    Received,
+    SendFailed,
+    Shutdown,
+    Tick,
+    Written,
+)
+from conduit.broker.writes import execute
+from conduit.errors import BrokerLeaseLost, ConduitError
+from conduit.logs import log
+from conduit.store import BrokerLease, Store
+from conduit.wire import MAX_MESSAGE_BYTES
+
+logger = logging.getLogger("conduit.broker")
+TICK = 0.05
+
+Job = Callable[[Store], Event | None]
+
+
+class _DatabaseThread(threading.Thread):
+    """Runs jobs against its own connection, reconnecting after a failure; posts events back."""
+
+    def __init__(self, name: str, open_store: Callable[[], Store], post: Callable[[Event], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self._open_store = open_store
+        self._post = post
+        self._jobs: queue.Queue[tuple[Job, Callable[[str], Event | None]] | None] = queue.Queue()
+        self._store: Store | None = None
+
+    def submit(self, job: Job, on_error: Callable[[str], Event | None]) -> None:
+        self._jobs.put((job, on_error))
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, on_error = item
+            try:
+                if self._store is None:
+                    self._store = self._open_store()
+                event = job(self._store)
+            except (ConduitError, psycopg.Error) as exc:
+                if self._store is not None and self._store.conn.broken:
+                    self._store.close()
+                    self._store = None
+                event = on_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            if event is not None:
+                self._post(event)
+        if self._store is not None:
+            self._store.close()
+
+
+class Broker:
+    def __init__(self, config: Config, dsn: str, schema: str, bind: str) -> None:
+        self.config = config
+        self._open_store = lambda: Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
+        self._ctx = zmq.Context()
+        self.router = self._ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.router.setsockopt(zmq.RCVHWM, 100_000)
+        self.router.bind(bind)
+        self.endpoint: str = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.core = Core(config)
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._threads = {
+            name: _DatabaseThread(name, self._open_store, self._post)
+            for name in ("writer", "reader", "keeper")
+        }
+        self._stop_requested = False
+        with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
+            self.owner: BrokerLease = store.acquire_broker(config.broker_id, self.endpoint, config.lease_term)
+
+    def _post(self, event: Event) -> None:
+        self._events.put(event)
+        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
+            os.write(self._wake_w, b"!")
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop_requested = True
+        self._post(Shutdown(time.monotonic()))
+
+    def run(self) -> None:
+        for thread in self._threads.values():
+            thread.start()
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        log(
+            logger,
+            "info",
+            "started",
+            broker=self.config.broker_id,
+            endpoint=self.endpoint,
+            epoch=self.owner.epoch,
+        )
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._apply(self.core.handle(Acquired(self.owner, time.monotonic())))
+        next_tick = 0.0
+        try:
+            while not self.core.stopped:
+                ready = dict(poller.poll(max(0.0, next_tick - time.monotonic()) * 1000))
+                if self.router in ready:
+                    self._receive()
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 65536)
+                self._drain_events()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self._apply(self.core.handle(Tick(now)))
+        finally:
+            for thread in self._threads.values():
+                thread.stop()
+            for thread in self._threads.values():
+                thread.join(timeout=10)
+            self.router.close(linger=0)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            log(logger, "info", "stopped", broker=self.config.broker_id)
+
+    def _receive(self) -> None:
+        for _ in range(10_000):  # then let timers and database results in
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._apply(self.core.handle(Received(frames[0], frames[1:], time.monotonic())))
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(event, Acquired):
+                self.owner = event.owner
+                log(logger, "info", "lease_acquired", broker=self.config.broker_id, epoch=event.owner.epoch)
+            self._apply(self.core.handle(event))
+
+    def _apply(self, actions: list[core.Action]) -> None:
+        todo = deque(actions)
+        while todo:
+            action = todo.popleft()
+            match action:
+                case core.Send(peer, frames, delivered):
+                    try:
+                        self.router.send_multipart([peer, *frames], zmq.NOBLOCK)
+                    except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or not reading: never block on a peer
+                        todo.extend(self.core.handle(SendFailed(peer, delivered)))
+                case core.Write(batch):
+                    self._threads["writer"].submit(
+                        lambda store, b=batch: Written(
+                            b, execute(store, b, self.owner), None, time.monotonic()
+                        ),
+                        lambda err, b=batch: Written(b, None, err, time.monotonic()),
+                    )
+                case core.Lease(name, limit):
+                    self._threads["reader"].submit(
+                        lambda store, q=name, n=limit: Leased(
+                            q, store.lease(self.owner, q, n), None, time.monotonic()
+                        ),
+                        lambda err, q=name: Leased(q, [], err, time.monotonic()),
+                    )
+                case core.Lookup(peer, rid, ids):
+                    self._threads["reader"].submit(
+                        lambda store, p=peer, r=rid, i=ids: LookedUp(p, r, store.lookup(i), None),
+                        lambda err, p=peer, r=rid: LookedUp(p, r, [], err),
+                    )
+                case core.RenewLease(started):
+                    self._threads["keeper"].submit(
+                        lambda store, s=started: self._renew(store, s),
+                        lambda err, s=started: LeaseRenewed(False, s, time.monotonic()),
+                    )
+                case core.Reacquire():
+                    self._threads["keeper"].submit(self._reacquire, lambda err: self._retry_reacquire(err))
+                case core.Reap(compact):
+                    self._threads["keeper"].submit(
+                        lambda store, c=compact: self._reap(store, c), _log_error("reap")
+                    )
+                case core.Log(level, event, fields):
+                    log(logger, level, event, broker=self.config.broker_id, **fields)
+                case core.Stop(owner):
+                    if owner is not None:
+                        self._threads["keeper"].submit(
+                            lambda store, o=owner: store.drop_broker(o), _log_error("drop")
+                        )
+
+    def _renew(self, store: Store, started: float) -> Event:
+        try:
+            store.renew_broker(self.owner, self.config.lease_term)
+        except BrokerLeaseLost:
+            return LeaseRenewed(False, started, time.monotonic())
+        return LeaseRenewed(True, started, time.monotonic())
+
+    def _reacquire(self, store: Store) -> Event:
+        return Acquired(
+            store.acquire_broker(self.config.broker_id, self.endpoint, self.config.lease_term),
+            time.monotonic(),
+        )
+
+    def _retry_reacquire(self, error: str) -> None:
+        log(logger, "error", "reacquire_failed", error=error)
+        time.sleep(1)
+        self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
+
+    def _reap(self, store: Store, compact: bool) -> None:
+        reaped = store.reap()
+        if reaped.buffered or reaped.running:
+            log(logger, "info", "reaped", buffered=reaped.buffered, running=reaped.running)
+        if compact:
+            store.compact_counts()
+
+
+def _log_error(what: str) -> Callable[[str], None]:
+    return lambda error: log(logger, "error", f"{what}_failed", error=error)

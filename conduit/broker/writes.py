@@ -1,0 +1,89 @@
+"""Group commit: the writes a broker collects between commits, and how one batch is carried out.
+
+Many requests' writes go into one transaction, each kind merged into one batched store call, and
+every caller gets its own share of the outcome (Temporal's task writer, in spirit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from conduit.store import BrokerLease, Store
+from conduit.task import Ack, Outcome, Submitted, TaskSpec
+
+
+@dataclass(frozen=True)
+class SubmitOp:
+    peer: bytes
+    rid: int
+    specs: list[TaskSpec]
+    workers: list[str | None]  # sync match: the waiting worker each task goes to, or None
+    waiters: list[int | None]  # the core's key for that worker's poll
+
+
+@dataclass(frozen=True)
+class RequestOp:
+    peer: bytes
+    rid: int
+    kind: str  # a Store method: renew, complete, fail, release, cancel
+    items: list[Any]
+
+
+@dataclass
+class WriteBatch:
+    submits: list[SubmitOp] = field(default_factory=list)
+    ops: list[RequestOp] = field(default_factory=list)
+    starts: list[tuple[Ack, str]] = field(default_factory=list)  # delivered from the buffer, to a worker
+    releases: list[Ack] = field(default_factory=list)  # the broker's own give-backs
+    requests: list[tuple[bytes, int]] = field(default_factory=list)  # who waits on this commit
+
+    def add_request(self, peer: bytes, rid: int, kind: str, items: list[Any]) -> None:
+        self.ops.append(RequestOp(peer, rid, kind, items))
+        self.requests.append((peer, rid))
+
+    def empty(self) -> bool:
+        return not (self.submits or self.ops or self.starts or self.releases)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    submitted: list[list[Submitted]]  # per SubmitOp
+    outcomes: list[list[Outcome]]  # per RequestOp
+
+
+def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
+    """Carry out a batch in one transaction: nothing in it is acknowledged before the commit."""
+    with store.transaction():
+        plain = [(i, j) for i, op in enumerate(batch.submits) for j, w in enumerate(op.workers) if w is None]
+        matched = [
+            (i, j) for i, op in enumerate(batch.submits) for j, w in enumerate(op.workers) if w is not None
+        ]
+        submitted: list[list[Submitted | None]] = [[None] * len(op.specs) for op in batch.submits]
+        specs = [batch.submits[i].specs[j] for i, j in plain]
+        for (i, j), sub in zip(plain, store.enqueue(specs), strict=True):
+            submitted[i][j] = sub
+        specs = [batch.submits[i].specs[j] for i, j in matched]
+        workers = [batch.submits[i].workers[j] or "" for i, j in matched]
+        for (i, j), sub in zip(matched, store.insert_running(specs, workers, owner), strict=True):
+            submitted[i][j] = sub
+        outcomes = _merged(store, batch.ops, owner)
+        if batch.starts:
+            store.start(owner, [a for a, _ in batch.starts], [w for _, w in batch.starts])
+        if batch.releases:
+            store.release(batch.releases)
+    return WriteResult([[s for s in subs if s is not None] for subs in submitted], outcomes)
+
+
+def _merged(store: Store, ops: list[RequestOp], owner: BrokerLease) -> list[list[Outcome]]:
+    """One store call per kind for all requests of that kind; each request gets its slice back."""
+    outcomes: list[list[Outcome]] = [[] for _ in ops]
+    for kind in dict.fromkeys(op.kind for op in ops):
+        mine = [i for i, op in enumerate(ops) if op.kind == kind]
+        items = [item for i in mine for item in ops[i].items]
+        results = store.renew(owner, items) if kind == "renew" else getattr(store, kind)(items)
+        start = 0
+        for i in mine:
+            outcomes[i] = results[start : start + len(ops[i].items)]
+            start += len(ops[i].items)
+    return outcomes

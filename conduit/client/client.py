@@ -1,0 +1,129 @@
+"""conduit.client.Client: submit tasks, read results, cancel. Synchronous and thread-safe."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from conduit.client.channel import BrokerError, BrokerTimeout, Channel
+from conduit.task import TaskSpec
+from conduit.wire import MAX_BATCH, Command
+
+FINAL = frozenset({"completed", "dead", "cancelled"})
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    id: int
+    state: str  # completed, dead, cancelled; or pending, buffered, running while it is live
+    attempt: int | None
+    result: bytes | None
+    error: str | None
+
+
+class Client:
+    """Talks to brokers over ZeroMQ. A submit returns only after the broker committed the task."""
+
+    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 10.0) -> None:
+        self._ctx = zmq.Context()
+        names = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not names:
+            raise ValueError("give at least one broker endpoint")
+        self._channels = [Channel(self._ctx, e) for e in names]
+        self._timeout = timeout
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, command: Command, body: dict[str, Any], *, retry_safe: bool) -> dict[str, Any]:
+        """Ask the brokers in turn; move on after a timeout only when repeating cannot duplicate."""
+        with self._lock:
+            errors = []
+            for channel in self._channels:
+                try:
+                    return channel.request(command, body, self._timeout).body
+                except BrokerTimeout as exc:
+                    errors.append(str(exc))
+                    if not retry_safe:
+                        raise BrokerTimeout(
+                            f"{exc}; the request may or may not have been carried out "
+                            "(give tasks an idempotency key so that a retry is safe)"
+                        ) from None
+                except BrokerError as exc:
+                    if exc.code not in ("shutting_down", "unavailable", "busy"):
+                        raise
+                    errors.append(str(exc))
+            raise BrokerTimeout("no broker could serve the request: " + "; ".join(errors))
+
+    def submit(self, queue: str, payload: bytes, **options: Any) -> int:
+        """Enqueue one task; options are TaskSpec's (priority, delay, max_attempts, key, ...)."""
+        key = options.pop("key", None)
+        return self.submit_many([TaskSpec(queue, payload, idempotency_key=key, **options)])[0]
+
+    def submit_many(self, tasks: Iterable[TaskSpec]) -> list[int]:
+        """Enqueue many tasks, up to MAX_BATCH to a message, each batch in one commit."""
+        specs = list(tasks)
+        ids: list[int] = []
+        for start in range(0, len(specs), MAX_BATCH):
+            batch = specs[start : start + MAX_BATCH]
+            body = {"tasks": [_task_body(s) for s in batch]}
+            keyed = all(s.idempotency_key for s in batch)
+            ids.extend(self._request(Command.SUBMIT, body, retry_safe=keyed)["ids"])
+        return ids
+
+    def lookup(self, ids: Sequence[int]) -> list[TaskResult]:
+        reply = self._request(Command.RESULT, {"ids": list(ids)}, retry_safe=True)
+        return [
+            TaskResult(t["id"], t["state"], t["attempt"], t["result"], t["error"]) for t in reply["tasks"]
+        ]
+
+    def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
+        """Wait until the task ends (completed, dead or cancelled) and return how it ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            (info,) = self.lookup([task_id])
+            if info.state in FINAL:
+                return info
+            if info.state is None:
+                raise BrokerError("unknown", f"no task {task_id}")
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise TimeoutError(f"task {task_id} is still {info.state} after {timeout:g}s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    def cancel(self, task_id: int) -> bool:
+        """Cancel a live task; False if it had already ended."""
+        reply = self._request(Command.CANCEL, {"ids": [task_id]}, retry_safe=True)
+        return reply["outcomes"][0] == "ok"
+
+    def ping(self) -> str:
+        return str(self._request(Command.PING, {}, retry_safe=True)["broker"])
+
+
+def _task_body(spec: TaskSpec) -> dict[str, Any]:
+    body: dict[str, Any] = {"queue": spec.queue, "payload": bytes(spec.payload)}
+    defaults = TaskSpec("q", b"")
+    for name in ("priority", "delay", "max_attempts", "lease_timeout", "backoff_base", "backoff_max"):
+        if getattr(spec, name) != getattr(defaults, name):
+            body[name] = getattr(spec, name)
+    if spec.idempotency_key is not None:
+        body["key"] = spec.idempotency_key
+    return body
+
+
+__all__ = ["BrokerError", "BrokerTimeout", "Client", "TaskResult"]

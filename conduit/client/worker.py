@@ -1,0 +1,258 @@
+"""conduit.client.Worker: long-polls a broker, runs handlers concurrently, heartbeats, reports back.
+
+One thread owns the socket and all bookkeeping; handlers run in a thread or process pool and
+hand their outcomes back through a queue and a wake-up pipe. Completions are resent until the
+broker acknowledges their commit, so a finished task is not run again for nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from conduit.client.channel import REPLIES, dealer
+from conduit.client.context import Handler, Outcome, TaskContext, invoke
+from conduit.logs import log
+from conduit.task import check_queue_name
+from conduit.wire import Command, Message, ProtocolError, decode, encode
+
+logger = logging.getLogger("conduit.worker")
+RESEND_AFTER = 5.0  # seconds without an ACK before a complete or fail is sent again
+
+
+class Worker:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        concurrency: int = 4,
+        prefetch: int | None = None,
+        pool: str = "thread",
+        poll_timeout: float = 5.0,
+        heartbeat_interval: float = 2.5,
+        worker_id: str | None = None,
+    ) -> None:
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.concurrency = concurrency
+        self.prefetch = concurrency if prefetch is None else prefetch
+        self.pool = pool
+        self.poll_timeout = poll_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.handlers: dict[str, Handler] = {}
+        self._stop = threading.Event()
+        self._done: queue.Queue[Outcome] = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def handler(self, queue_name: str) -> Callable[[Handler], Handler]:
+        """Decorator: run this function for tasks of `queue_name`; it returns bytes or None."""
+        check_queue_name(queue_name)
+
+        def register(fn: Handler) -> Handler:
+            self.handlers[queue_name] = fn
+            return fn
+
+        return register
+
+    def stop(self) -> None:
+        """Finish the tasks in hand, give back the prefetched ones, then return from run()."""
+        self._stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"!")
+
+    def run(self) -> None:
+        if not self.handlers:
+            raise ValueError("register at least one handler before run()")
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        executor: concurrent.futures.Executor = (
+            concurrent.futures.ProcessPoolExecutor(self.concurrency)
+            if self.pool == "process"
+            else concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="conduit-handler")
+        )
+        ctx = zmq.Context()
+        try:
+            _Loop(self, ctx, executor).run()
+        finally:
+            executor.shutdown(wait=True)
+            ctx.term()
+
+
+class _Loop:
+    """The worker's bookkeeping, owned by one thread."""
+
+    def __init__(self, worker: Worker, ctx: zmq.Context[Any], executor: concurrent.futures.Executor) -> None:
+        self.w = worker
+        self.ctx = ctx
+        self.executor = executor
+        self.endpoint_index = 0
+        self.sock = dealer(ctx, worker.endpoints[0])
+        self.rids = iter(range(1, 2**63))
+        self.poll_rid: int | None = None
+        self.poll_deadline = 0.0
+        self.prefetched: deque[TaskContext] = deque()
+        self.running: dict[int, TaskContext] = {}
+        self.unacked: dict[int, tuple[Command, list[list[Any]], float]] = {}  # rid -> what, rows, sent
+        self.next_heartbeat = 0.0
+
+    def send(self, command: Command, body: dict[str, Any]) -> int | None:
+        """Send, waiting a moment for a connection; None if there is none (the caller tries again)."""
+        rid = next(self.rids)
+        if not self.sock.poll(1000, zmq.POLLOUT):
+            return None
+        self.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
+        return rid
+
+    def expect_ack(self, command: Command, rows: list[list[Any]]) -> None:
+        """Send rows that must be acknowledged after their commit; resent until they are."""
+        rid = self.send(command, {"tasks": rows})
+        self.unacked[rid if rid is not None else -next(self.rids)] = (command, rows, time.monotonic())
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.w._wake_r, zmq.POLLIN)
+        while not (self.w._stop.is_set() and not self.running and not self.unacked and self.poll_rid is None):
+            self.step_out()
+            ready = dict(poller.poll(100))
+            if self.w._wake_r in ready:
+                os.read(self.w._wake_r, 65536)
+            if self.sock in ready:
+                self.receive()
+            self.collect()
+            if self.poll_rid is not None and time.monotonic() > self.poll_deadline:
+                self.failover(poller)
+        self.sock.close(linger=0)
+
+    def step_out(self) -> None:
+        """Start what can run, give back what will not, ask for more, heartbeat."""
+        now = time.monotonic()
+        while self.prefetched and len(self.running) < self.w.concurrency and not self.w._stop.is_set():
+            task = self.prefetched.popleft()
+            self.running[task.id] = task
+            future = self.executor.submit(invoke, self.w.handlers[task.queue], task)
+            future.add_done_callback(lambda f, t=task: self._finished(f, t))
+        if self.w._stop.is_set() and self.prefetched:
+            rows = [[t.id, t.attempt] for t in self.prefetched]
+            self.prefetched.clear()
+            self.expect_ack(Command.RELEASE, rows)
+        room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
+        if self.poll_rid is None and room > 0 and not self.w._stop.is_set():
+            body = {"worker": self.w.worker_id, "queues": list(self.w.handlers), "max": room}
+            self.poll_rid = self.send(Command.POLL, {**body, "timeout": self.w.poll_timeout})
+            self.poll_deadline = now + self.w.poll_timeout + 5
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.w.heartbeat_interval
+            held = [*self.running.values(), *self.prefetched]
+            if held:
+                self.send(
+                    Command.HEARTBEAT,
+                    {"worker": self.w.worker_id, "tasks": [[t.id, t.attempt] for t in held]},
+                )
+            for rid, (command, rows, sent) in list(self.unacked.items()):
+                if now - sent > RESEND_AFTER:
+                    del self.unacked[rid]
+                    self.expect_ack(command, rows)
+
+    def _finished(self, future: concurrent.futures.Future[Outcome], task: TaskContext) -> None:
+        exc = future.exception()
+        if exc is None:
+            self.w._done.put(future.result())
+        else:  # the pool itself failed (a handler process died): a failure of that task
+            self.w._done.put(Outcome(task, ok=False, error=f"handler pool failed: {exc!r}"))
+        self.w._wake()
+
+    def collect(self) -> None:
+        """Report finished handlers in one COMPLETE and one FAIL message."""
+        completes: list[list[Any]] = []
+        fails: list[list[Any]] = []
+        while True:
+            try:
+                outcome = self.w._done.get_nowait()
+            except queue.Empty:
+                break
+            task = outcome.task
+            self.running.pop(task.id, None)
+            if outcome.ok:
+                completes.append([task.id, task.attempt, outcome.result])
+            else:
+                fails.append([task.id, task.attempt, outcome.error, outcome.retry])
+        for command, rows in ((Command.COMPLETE, completes), (Command.FAIL, fails)):
+            if rows:
+                self.expect_ack(command, rows)
+
+    def receive(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.on_reply(decode(frames, allowed=REPLIES))
+            except ProtocolError as exc:
+                log(logger, "warning", "bad_reply", error=str(exc))
+
+    def on_reply(self, msg: Message) -> None:
+        if msg.rid == self.poll_rid:
+            self.poll_rid = None
+            if msg.command is Command.DELIVER:
+                tasks = [TaskContext.from_wire(t) for t in msg.body["tasks"]]
+                if self.w._stop.is_set():
+                    self.prefetched.extend(tasks)  # given back by the next step_out
+                else:
+                    self.prefetched.extend(t for t in tasks if t.queue in self.w.handlers)
+            else:
+                log(logger, "warning", "poll_refused", error=str(msg.body.get("message")))
+                time.sleep(0.5)
+            return
+        sent = self.unacked.pop(msg.rid, None)
+        if msg.command is Command.ERROR:
+            if sent is not None:  # refused for now (busy, database down): send it again later
+                self.unacked[msg.rid] = (sent[0], sent[1], time.monotonic())
+            log(logger, "warning", "request_refused", error=str(msg.body.get("message")))
+        elif msg.command is Command.ACK and sent is None:  # a heartbeat's answer
+            pass
+        elif msg.command is Command.ACK:
+            for row, outcome in zip(sent[1], msg.body.get("outcomes", []), strict=False):
+                if outcome != "ok":
+                    log(
+                        logger,
+                        "warning",
+                        "refused",
+                        command=sent[0].value,
+                        task=row[0],
+                        attempt=row[1],
+                        outcome=outcome,
+                    )
+
+    def failover(self, poller: zmq.Poller) -> None:
+        """No answer to a poll within its timeout: the broker is gone or cut off. Reconnect, or use
+        the next endpoint, and send everything unacknowledged again."""
+        log(logger, "warning", "broker_silent", endpoint=self.w.endpoints[self.endpoint_index])
+        poller.unregister(self.sock)
+        self.sock.close(linger=0)
+        self.endpoint_index = (self.endpoint_index + 1) % len(self.w.endpoints)
+        self.sock = dealer(self.ctx, self.w.endpoints[self.endpoint_index])
+        poller.register(self.sock, zmq.POLLIN)
+        self.poll_rid = None
+        for rid in list(self.unacked):
+            command, rows, _ = self.unacked.pop(rid)
+            self.expect_ack(command, rows)

@@ -1,0 +1,312 @@
+"""The broker's sans-IO core, driven directly: no sockets, no database, no clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from conduit.broker import core
+from conduit.broker.core import Config, Core
+from conduit.broker.events import (
+    Acquired,
+    Leased,
+    LeaseRenewed,
+    Received,
+    SendFailed,
+    Shutdown,
+    Tick,
+    Written,
+)
+from conduit.broker.writes import WriteResult
+from conduit.store import BrokerLease
+from conduit.task import Ack, LeasedTask, Outcome, Submitted
+from conduit.wire import PROTOCOL, Command, decode, encode
+
+WORKER = b"peer-worker"
+CLIENT = b"peer-client"
+OWNER = BrokerLease("b1", 1)
+
+
+def make_core(**overrides: Any) -> Core:
+    c = Core(Config(broker_id="b1", **overrides))
+    c.handle(Acquired(OWNER, 0.0))
+    return c
+
+
+def request(c: Core, peer: bytes, command: str, now: float = 0.0, **body: Any) -> list[core.Action]:
+    return c.handle(Received(peer, encode(Command(command), body), now))
+
+
+def sent(actions: list[core.Action], peer: bytes | None = None) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for a in actions:
+        if isinstance(a, core.Send) and (peer is None or a.peer == peer):
+            msg = decode(a.frames, allowed=frozenset(Command))
+            out.append((msg.command.value, msg.body))
+    return out
+
+
+def of(actions: list[core.Action], kind: type) -> list[Any]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def task(task_id: int, queue: str = "q", attempt: int = 1) -> LeasedTask:
+    return LeasedTask(task_id, queue, 0, datetime.now(UTC), attempt, 0, 5, 30.0, b"p%d" % task_id)
+
+
+def poll(
+    c: Core, now: float = 0.0, rid: int = 1, queues: list[str] | None = None, **kw: Any
+) -> list[core.Action]:
+    return request(c, WORKER, "POLL", now, rid=rid, worker="w1", queues=queues or ["q"], **kw)
+
+
+def drain(c: Core, queue: str = "q", now: float = 0.0) -> list[core.Action]:
+    """A poll makes the core read; the read finds nothing, so the queue is known drained."""
+    actions = poll(c, now)
+    assert of(actions, core.Lease) == [core.Lease(queue, 500)]
+    return c.handle(Leased(queue, [], None, now))
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_frames_get_error_replies_and_change_nothing() -> None:
+    c = make_core()
+    cases = [
+        ([b"garbage"], "bad_frames", None),
+        ([b"conduit/2", b"PING", msgpack.packb({"rid": 5})], "bad_version", None),
+        ([PROTOCOL, b"PING", b"\xc1\xc1"], "bad_frames", None),
+        ([PROTOCOL, b"EXPLODE", msgpack.packb({"rid": 7})], "unknown_command", 7),
+        (
+            [PROTOCOL, b"POLL", msgpack.packb({"rid": 8, "worker": "w", "queues": ["bad queue!"]})],
+            "invalid_task",
+            8,
+        ),
+        (
+            [
+                PROTOCOL,
+                b"SUBMIT",
+                msgpack.packb({"rid": 9, "tasks": [{"queue": "q", "payload": "not bytes"}]}),
+            ],
+            "bad_request",
+            9,
+        ),
+        ([PROTOCOL, b"COMPLETE", msgpack.packb({"rid": 10, "tasks": [[1]]})], "bad_request", 10),
+    ]
+    for frames, code, rid in cases:
+        actions = c.handle(Received(CLIENT, frames, 0.0))
+        assert sent(actions) == [
+            ("ERROR", {"rid": rid, "code": code, "message": sent(actions)[0][1]["message"]})
+        ]
+        assert of(actions, core.Log) and not of(actions, core.Write) and not of(actions, core.Lease)
+    assert c.queues == {} or all(not q.buffer and not q.waiters for q in c.queues.values())
+    assert sent(request(c, CLIENT, "PING", rid=11)) == [("PONG", {"rid": 11, "broker": "b1"})]
+
+
+def test_oversized_payload_is_refused_with_advice() -> None:
+    c = make_core(max_payload_bytes=10)
+    actions = request(c, CLIENT, "SUBMIT", rid=1, tasks=[{"queue": "q", "payload": b"x" * 11}])
+    ((command, body),) = sent(actions)
+    assert command == "ERROR" and body["code"] == "invalid_task" and "reference" in body["message"]
+    assert not of(actions, core.Write)
+
+
+# -- buffered path ---------------------------------------------------------------------------
+
+
+def test_poll_reads_a_batch_and_delivers_from_the_buffer() -> None:
+    c = make_core(lease_batch=100, buffer_size=150)
+    actions = poll(c, max=2)
+    assert of(actions, core.Lease) == [core.Lease("q", 100)]
+    assert sent(actions) == []
+    actions = c.handle(Leased("q", [task(i) for i in range(1, 101)], None, 0.1))
+    ((command, body),) = sent(actions, WORKER)
+    assert command == "DELIVER" and [t["id"] for t in body["tasks"]] == [1, 2]
+    assert body["tasks"][0]["attempt"] == 1 and body["tasks"][0]["broker"] == "b1"
+    (write,) = of(actions, core.Write)
+    assert write.batch.starts == [(Ack(1, 1), "w1"), (Ack(2, 1), "w1")]
+    # The next poll is served from memory; below half a batch, the buffer is topped up, to its bound.
+    actions = poll(c, now=0.2, rid=2, max=60)
+    assert len(sent(actions, WORKER)[0][1]["tasks"]) == 60
+    assert of(c.handle(Tick(0.3)), core.Lease) == [core.Lease("q", 100)]
+    actions = poll(c, now=0.4, rid=3, max=100)
+    assert len(sent(actions, WORKER)[0][1]["tasks"]) == 38
+    assert of(actions, core.Lease) == []  # one read at a time
+    c.handle(Leased("q", [task(i) for i in range(101, 201)], None, 0.5))
+    assert c.depths()["q"] == (100, 0)
+    assert of(c.handle(Tick(5.0)), core.Lease) == []  # no poll for a while: no more reads
+
+
+def test_poll_times_out_with_an_empty_delivery() -> None:
+    c = make_core()
+    drain(c)
+    assert sent(c.handle(Tick(5.0))) == []
+    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", {"rid": 1, "tasks": []})]
+    assert sent(poll(c, now=11.0, rid=2, timeout=0), WORKER) == [("DELIVER", {"rid": 2, "tasks": []})]
+
+
+def test_drained_queue_is_read_again_after_the_recheck_interval() -> None:
+    c = make_core(idle_recheck=0.5)
+    drain(c)
+    assert of(c.handle(Tick(0.2)), core.Lease) == []
+    assert of(c.handle(Tick(0.6)), core.Lease) == [core.Lease("q", 500)]
+
+
+# -- sync match ------------------------------------------------------------------------------
+
+
+def test_submit_goes_straight_to_a_waiting_worker_after_commit() -> None:
+    c = make_core()
+    drain(c)
+    actions = request(c, CLIENT, "SUBMIT", 0.1, rid=7, tasks=[{"queue": "q", "payload": b"hi"}])
+    assert sent(actions) == []  # nothing is acknowledged before the commit
+    (write,) = of(actions, core.Write)
+    (op,) = write.batch.submits
+    assert op.workers == ["w1"]
+    actions = c.handle(Written(write.batch, WriteResult([[Submitted(42, True)]], []), None, 0.2))
+    assert sent(actions, CLIENT) == [("SUBMITTED", {"rid": 7, "ids": [42], "created": [True]})]
+    ((command, body),) = sent(actions, WORKER)
+    assert command == "DELIVER" and body["rid"] == 1
+    assert [(t["id"], t["attempt"], t["payload"]) for t in body["tasks"]] == [(42, 1, b"hi")]
+
+
+def test_no_sync_match_past_an_older_backlog_or_for_delayed_tasks() -> None:
+    c = make_core(sync_match_window=5.0)
+    poll(c)  # a read is in flight: older tasks may be on their way
+    actions = request(c, CLIENT, "SUBMIT", rid=2, tasks=[{"queue": "q", "payload": b"x"}])
+    assert of(actions, core.Write)[0].batch.submits[0].workers == [None]
+    c = make_core(sync_match_window=5.0)
+    drain(c)
+    actions = request(c, CLIENT, "SUBMIT", rid=3, tasks=[{"queue": "q", "payload": b"x", "delay": 1.0}])
+    assert of(actions, core.Write)[0].batch.submits[0].workers == [None]
+    c = make_core(sync_match_window=5.0, idle_recheck=100)
+    drain(c)
+    actions = request(c, CLIENT, "SUBMIT", 6.0, rid=4, tasks=[{"queue": "q", "payload": b"x"}])
+    assert of(actions, core.Write)[0].batch.submits[0].workers == [None]  # the drain is too old
+
+
+def test_sync_match_fills_each_poll_up_to_its_max() -> None:
+    c = make_core()
+    drain(c)
+    tasks = [{"queue": "q", "payload": b"%d" % i} for i in range(3)]
+    actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=tasks)
+    assert of(actions, core.Write)[0].batch.submits[0].workers == ["w1", None, None]
+
+
+def test_sync_match_with_a_known_idempotency_key_keeps_the_poll_waiting() -> None:
+    c = make_core()
+    drain(c)
+    actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=[{"queue": "q", "payload": b"x", "key": "k"}])
+    (write,) = of(actions, core.Write)
+    actions = c.handle(Written(write.batch, WriteResult([[Submitted(9, False)]], []), None, 0.1))
+    assert sent(actions, CLIENT) == [("SUBMITTED", {"rid": 5, "ids": [9], "created": [False]})]
+    assert sent(actions, WORKER) == []
+    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", {"rid": 1, "tasks": []})]
+
+
+def test_failed_commit_acknowledges_nothing_and_frees_the_poll() -> None:
+    c = make_core()
+    drain(c)
+    actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=[{"queue": "q", "payload": b"x"}])
+    (write,) = of(actions, core.Write)
+    actions = c.handle(Written(write.batch, None, "OperationalError: server closed", 0.1))
+    ((command, body),) = sent(actions, CLIENT)
+    assert command == "ERROR" and body["code"] == "unavailable" and body["rid"] == 5
+    assert sent(actions, WORKER) == []
+    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", {"rid": 1, "tasks": []})]
+
+
+# -- group commit and fencing ----------------------------------------------------------------
+
+
+def test_writes_arriving_during_a_commit_go_into_the_next_one() -> None:
+    c = make_core()
+    first = of(request(c, WORKER, "COMPLETE", rid=1, tasks=[[1, 1, b"r"]]), core.Write)
+    assert len(first) == 1
+    assert of(request(c, WORKER, "COMPLETE", rid=2, tasks=[[2, 3, None]]), core.Write) == []
+    assert of(request(c, WORKER, "FAIL", rid=3, tasks=[[3, 1, "boom", True]]), core.Write) == []
+    result = WriteResult([], [[Outcome.OK]])
+    actions = c.handle(Written(first[0].batch, result, None, 0.1))
+    assert sent(actions, WORKER) == [("ACK", {"rid": 1, "outcomes": ["ok"]})]
+    (second,) = of(actions, core.Write)
+    assert [(op.kind, op.rid) for op in second.batch.ops] == [("complete", 2), ("fail", 3)]
+    actions = c.handle(Written(second.batch, WriteResult([], [[Outcome.STALE], [Outcome.OK]]), None, 0.2))
+    assert sent(actions, WORKER) == [
+        ("ACK", {"rid": 2, "outcomes": ["stale"]}),
+        ("ACK", {"rid": 3, "outcomes": ["ok"]}),
+    ]
+
+
+def test_a_full_write_queue_answers_busy() -> None:
+    c = make_core(max_queued_requests=2)
+    request(c, WORKER, "COMPLETE", rid=1, tasks=[[1, 1, None]])  # in flight
+    request(c, WORKER, "COMPLETE", rid=2, tasks=[[2, 1, None]])
+    request(c, WORKER, "COMPLETE", rid=3, tasks=[[3, 1, None]])
+    ((command, body),) = sent(request(c, WORKER, "COMPLETE", rid=4, tasks=[[4, 1, None]]))
+    assert (command, body["code"], body["rid"]) == ("ERROR", "busy", 4)
+
+
+def test_undeliverable_tasks_are_released() -> None:
+    c = make_core()
+    poll(c)
+    actions = c.handle(Leased("q", [task(1)], None, 0.1))
+    (send,) = of(actions, core.Send)
+    assert send.delivered == (Ack(1, 1),)
+    (write,) = of(actions, core.Write)
+    c.handle(SendFailed(WORKER, send.delivered))
+    (write2,) = of(c.handle(Written(write.batch, WriteResult([], []), None, 0.2)), core.Write)
+    assert write2.batch.releases == [Ack(1, 1)]
+
+
+# -- the broker lease ------------------------------------------------------------------------
+
+
+def test_unrenewed_lease_drops_the_buffer_before_delivering() -> None:
+    c = make_core(lease_term=9.0)
+    renew = of(c.handle(Tick(3.0)), core.RenewLease)
+    assert renew == [core.RenewLease(3.0)]
+    poll(c, now=3.0, max=1)
+    c.handle(Leased("q", [task(1), task(2)], None, 3.1))
+    # The renewal never comes back (the database or the broker stalled): past the term, buffered
+    # tasks are no longer ours to hand out.
+    c.handle(Tick(9.5))
+    actions = poll(c, now=9.5, rid=2)
+    assert sent(actions, WORKER) == [] and c.depths()["q"][0] == 0
+    assert of(actions, core.Lease) == [core.Lease("q", 500)]
+
+
+def test_lost_lease_drops_the_buffer_and_reacquires() -> None:
+    c = make_core()
+    poll(c, max=1)
+    c.handle(Leased("q", [task(1), task(2)], None, 0.1))
+    actions = c.handle(LeaseRenewed(False, 3.0, 3.1))
+    assert of(actions, core.Reacquire) == [core.Reacquire()]
+    assert c.depths()["q"][0] == 0
+    assert of(poll(c, now=3.2, rid=2), core.Lease) == []  # no reads without a lease
+    actions = c.handle(Acquired(BrokerLease("b1", 2), 3.3))
+    assert of(actions, core.Lease) == [core.Lease("q", 500)]
+
+
+# -- shutdown --------------------------------------------------------------------------------
+
+
+def test_shutdown_answers_polls_releases_the_buffer_and_stops_after_the_last_commit() -> None:
+    c = make_core()
+    poll(c, max=1)
+    actions = c.handle(Leased("q", [task(1), task(2), task(3)], None, 0.1))
+    (first,) = of(actions, core.Write)  # start of task 1
+    poll(c, now=0.2, rid=2, queues=["other"])
+    actions = c.handle(Shutdown(0.3))
+    assert sent(actions, WORKER) == [("DELIVER", {"rid": 2, "tasks": []})]
+    ((command, body),) = sent(
+        request(c, CLIENT, "SUBMIT", 0.4, rid=9, tasks=[{"queue": "q", "payload": b""}])
+    )
+    assert (command, body["code"]) == ("ERROR", "shutting_down")
+    actions = c.handle(Written(first.batch, WriteResult([], []), None, 0.5))
+    (last,) = of(actions, core.Write)
+    assert last.batch.releases == [Ack(2, 1), Ack(3, 1)]
+    assert not c.stopped
+    actions = c.handle(Written(last.batch, WriteResult([], []), None, 0.6))
+    assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped

@@ -1,0 +1,235 @@
+"""End to end over real sockets and real PostgreSQL: broker processes, clients, workers, kills."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import zmq
+
+from conduit.client import Client, PermanentError, TaskContext, Worker
+from conduit.client.channel import BrokerError, Channel
+from conduit.task import TaskSpec
+from conduit.wire import PROTOCOL, Command
+
+SUPPORT = Path(__file__).parent / "e2e_support"
+
+
+@contextmanager
+def running(worker: Worker) -> Iterator[Worker]:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "worker did not stop"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ledger_runs(path: Path) -> list[tuple[int, int, int]]:
+    if not path.exists():
+        return []
+    return [tuple(int(x) for x in line.split()) for line in path.read_text().splitlines() if line]
+
+
+def spawn_worker(processes, endpoint: str, ledger: Path, concurrency: int = 2):
+    from conftest import Process
+
+    env = {
+        "CONDUIT_TEST_ENDPOINT": endpoint,
+        "CONDUIT_TEST_LEDGER": str(ledger),
+        "CONDUIT_TEST_CONCURRENCY": str(concurrency),
+        "PYTHONPATH": str(SUPPORT),
+    }
+    worker = Process(["worker", "handlers:worker"], env=env)
+    processes.append(worker)
+    return worker
+
+
+def test_submit_execute_result(start_broker, db) -> None:
+    broker = start_broker()
+    worker = Worker(broker.endpoint, concurrency=2, poll_timeout=1.0)
+
+    @worker.handler("echo")
+    def echo(task: TaskContext) -> bytes:
+        return b"%s/%d" % (task.payload, task.attempt)
+
+    @worker.handler("flaky")
+    def flaky(task: TaskContext) -> bytes:
+        if task.failures < 2:
+            raise RuntimeError(f"try {task.attempt}")
+        return b"third time"
+
+    @worker.handler("bad")
+    def bad(task: TaskContext) -> None:
+        raise PermanentError("cannot be done")
+
+    with Client(broker.endpoint) as client, running(worker):
+        ids = client.submit_many([TaskSpec("echo", b"t%d" % i) for i in range(50)])
+        assert [client.result(i, timeout=30).result for i in ids] == [b"t%d/1" % i for i in range(50)]
+        flaky_id = client.submit("flaky", b"", backoff_base=0.05)
+        bad_id = client.submit("bad", b"")
+        done = client.result(flaky_id, timeout=30)
+        assert (done.state, done.result, done.attempt) == ("completed", b"third time", 3)
+        dead = client.result(bad_id, timeout=30)
+        assert dead.state == "dead" and "cannot be done" in (dead.error or "")
+        assert client.submit("echo", b"k", key="once") == client.submit("echo", b"k", key="once")
+        later = client.submit("echo", b"later", delay=30)
+        assert client.cancel(later) and not client.cancel(later)
+        assert client.result(later, timeout=5).state == "cancelled"
+    assert db.query("SELECT count(*) FROM tasks") == [(0,)]
+
+
+def test_killed_worker_task_is_redelivered_after_its_lease_and_completed_once(
+    start_broker, processes, db, tmp_path: Path
+) -> None:
+    broker = start_broker()
+    ledger = tmp_path / "ledger"
+    first = spawn_worker(processes, broker.endpoint, ledger)
+    with Client(broker.endpoint) as client:
+        task_id = client.submit("sleepy", b"1.0", lease_timeout=2.0)
+        wait_for(lambda: ledger_runs(ledger), what="the first run")
+        first.kill()  # SIGKILL mid-task: no complete, no more heartbeats
+        killed_at = time.monotonic()
+        spawn_worker(processes, broker.endpoint, ledger)
+        result = client.result(task_id, timeout=60)
+    runs = ledger_runs(ledger)
+    assert [(t, a) for t, a, _ in runs] == [(task_id, 1), (task_id, 2)]
+    assert runs[0][2] != runs[1][2]  # another process ran it
+    assert (result.state, result.result, result.attempt) == ("completed", b"slept 2", 2)
+    assert time.monotonic() - killed_at >= 1.0  # not before the lease could expire
+    assert db.query("SELECT failures FROM results WHERE id = %s", (task_id,)) == [(1,)]
+
+
+def test_stale_complete_after_redelivery_is_refused(start_broker, db) -> None:
+    broker = start_broker()
+    ctx = zmq.Context()
+    a, b = Channel(ctx, broker.endpoint), Channel(ctx, broker.endpoint)
+    try:
+        with Client(broker.endpoint) as client:
+            task_id = client.submit("fenced", b"x", lease_timeout=0.5, backoff_base=0)
+            poll = {"worker": "a", "queues": ["fenced"], "max": 1, "timeout": 5}
+            (first,) = a.request(Command.POLL, poll, 10).body["tasks"]
+            assert (first["id"], first["attempt"]) == (task_id, 1)
+            # "a" stops heartbeating; the broker's reaper returns the task after its lease.
+            second = []
+            while not second:
+                second = b.request(Command.POLL, {**poll, "worker": "b"}, 10).body["tasks"]
+            assert (second[0]["id"], second[0]["attempt"]) == (task_id, 2)
+            complete = {"tasks": [[task_id, 1, b"from a"]]}
+            assert a.request(Command.COMPLETE, complete, 10).body["outcomes"] == ["stale"]
+            assert a.request(Command.HEARTBEAT, {"worker": "a", "tasks": [[task_id, 1]]}, 10).body[
+                "outcomes"
+            ] == ["stale"]
+            assert b.request(Command.COMPLETE, {"tasks": [[task_id, 2, b"from b"]]}, 10).body["outcomes"] == [
+                "ok"
+            ]
+            assert a.request(Command.COMPLETE, complete, 10).body["outcomes"] == ["finished"]
+            assert client.result(task_id).result == b"from b"
+    finally:
+        a.close()
+        b.close()
+        ctx.term()
+
+
+def test_broker_killed_and_restarted_loses_no_acknowledged_task(
+    start_broker, processes, db, tmp_path
+) -> None:
+    port = int(start_broker().endpoint.rsplit(":", 1)[1])  # a port of our own, to restart on
+    processes[-1].kill()
+    broker = start_broker(port=port, broker_id="restarted")
+    ledger = tmp_path / "ledger"
+    spawn_worker(processes, broker.endpoint, ledger, concurrency=4)
+    acknowledged: list[int] = []
+    with Client(broker.endpoint, timeout=2.0) as client:
+        for _ in range(20):
+            acknowledged += client.submit_many(
+                [TaskSpec("sleepy", b"0.05", lease_timeout=3.0) for _ in range(10)]
+            )
+        wait_for(lambda: len(ledger_runs(ledger)) >= 20, what="work under way")
+        broker.kill()  # SIGKILL: buffered and running tasks are left behind
+        start_broker(port=port, broker_id="restarted")  # a new epoch fences the old buffer
+        for _ in range(5):
+            acknowledged += client.submit_many(
+                [TaskSpec("sleepy", b"0.01", lease_timeout=3.0) for _ in range(10)]
+            )
+        for task_id in acknowledged:
+            assert client.result(task_id, timeout=90).state == "completed"
+    results = db.query("SELECT id, state FROM results")
+    assert sorted(i for i, _ in results) == sorted(acknowledged)
+    assert {s for _, s in results} == {"completed"}
+    runs = Counter(t for t, _, _ in ledger_runs(ledger))
+    assert set(runs) == set(acknowledged)
+
+
+def test_garbage_gets_errors_and_the_broker_keeps_serving(start_broker) -> None:
+    broker = start_broker()
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(broker.endpoint)
+    try:
+        with Client(broker.endpoint) as client:
+            garbage = [
+                [b"\x00\xff" * 10],
+                [b"conduit/0", b"PING", b"\x81\xa3rid\x01"],
+                [PROTOCOL, b"PING", b"\xc1"],
+                [PROTOCOL, b"NOPE", b"\x81\xa3rid\x02"],
+                [PROTOCOL, b"SUBMIT", b"\x81\xa3rid\x03"],
+                [PROTOCOL, b"POLL", b"\x91" * 5000 + b"\xc0"],
+                [os.urandom(64), os.urandom(300), os.urandom(7)],
+            ]
+            for frames in garbage:
+                rogue.send_multipart(frames)
+                assert rogue.poll(5000), f"no reply to {frames!r:.60}"
+                reply = rogue.recv_multipart()
+                assert reply[0] == PROTOCOL and reply[1] == b"ERROR"
+                assert client.ping() == "b1"
+            with pytest.raises(BrokerError, match="invalid_task"):
+                client.submit("no spaces allowed", b"x")
+            # Over the size limit, ZeroMQ drops the sender's connection: no reply, no harm.
+            rogue.send_multipart([PROTOCOL, b"SUBMIT", b"\x00" * (17 * 1024 * 1024)])
+            task_id = client.submit("fine", b"still here")
+            assert client.lookup([task_id])[0].state == "pending"
+    finally:
+        rogue.close()
+        ctx.term()
+    assert broker.proc.poll() is None
+
+
+def test_sigterm_gives_the_buffer_back_and_exits_cleanly(start_broker, db) -> None:
+    broker = start_broker()
+    ctx = zmq.Context()
+    worker = Channel(ctx, broker.endpoint)
+    try:
+        with Client(broker.endpoint) as client:
+            client.submit_many([TaskSpec("buffered", b"x") for _ in range(20)])
+            poll = {"worker": "w", "queues": ["buffered"], "max": 1, "timeout": 5}
+            assert len(worker.request(Command.POLL, poll, 10).body["tasks"]) == 1
+            wait_for(lambda: db.query("SELECT count(*) FROM tasks WHERE state = 'buffered'") == [(19,)])
+        assert broker.stop() == 0
+    finally:
+        worker.close()
+        ctx.term()
+    assert db.query("SELECT state, count(*) FROM tasks GROUP BY 1 ORDER BY 1") == [
+        ("pending", 19),
+        ("running", 1),
+    ]
+    assert db.query("SELECT count(*) FROM brokers") == [(0,)]
+    assert "event=stopped" in broker.log()
