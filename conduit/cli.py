@@ -225,3 +225,50 @@ def submit(
         click.echo(json.dumps(out))
     else:
         click.echo(" ".join(f"{k}={v}" for k, v in out.items() if v is not None))
+
+
+@main.command()
+@_db_options
+@click.option("--tasks", default=20_000, show_default=True, help="Tasks in the burst.")
+@click.option("--batch", default=500, show_default=True, help="Tasks per submit.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes.")
+@click.option("--single", default=200, show_default=True, help="One-at-a-time tasks for sync-match latency.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def demo(
+    dsn: str | None,
+    data_dir: Path | None,
+    schema: str | None,
+    tasks: int,
+    batch: int,
+    workers: int,
+    single: int,
+    as_json: bool,
+) -> None:
+    """Start a broker and workers, push tasks through, print throughput and latency, stop."""
+    from conduit import demo as run
+    from conduit.client import Client
+
+    settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
+    url = dsn_for(settings)
+    init_schema(url, settings.schema)
+    click.echo(f"database: {describe_dsn(url)}, schema {settings.schema}", err=True)
+    mesh = run.Mesh(url, settings.schema, workers)
+    try:
+        click.echo(f"broker at {mesh.endpoint}, {workers} worker processes", err=True)
+        with Client(mesh.endpoint) as client, Store.open(url, schema=settings.schema) as store:
+            figures = {
+                "burst": run.burst(client, store, tasks, batch),
+                "sync_match": run.sync_match(client, store, single),
+            }
+    finally:
+        mesh.close()
+    rows = run.report(figures)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'':<30}{'submit->start ms':^24}{'submit->done ms':^24}")
+    click.echo(f"{'scenario':<12}{'tasks':>8}{'tasks/s':>10}" + f"{'p50':>12}{'p99':>12}" * 2)
+    for name, row in rows.items():
+        s, c = row["start_latency_ms"], row["complete_latency_ms"]
+        latencies = "".join(f"{d[k]:>12.2f}" for d in (s, c) for k in ("p50", "p99"))
+        click.echo(f"{name:<12}{row['tasks']:>8}{row['tasks_per_s']:>10,.0f}{latencies}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,6 +13,8 @@ from conduit.errors import InvalidTask
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 MAX_KEY_LENGTH = 200
 PRIORITY_RANGE = (-32768, 32767)
+MAX_ATTEMPTS = 2**31 - 1  # the attempt is a PostgreSQL integer
+MAX_SECONDS = 100 * 365 * 86400.0  # delays, leases and backoffs beyond a century are mistakes
 
 
 @dataclass(frozen=True)
@@ -41,16 +44,22 @@ class TaskSpec:
         low, high = PRIORITY_RANGE
         if not low <= self.priority <= high:
             raise InvalidTask(f"priority {self.priority} is outside {low}..{high}")
-        if self.max_attempts < 1:
-            raise InvalidTask(f"max_attempts must be at least 1, got {self.max_attempts}")
-        if self.delay < 0 or self.lease_timeout <= 0 or self.backoff_base < 0 or self.backoff_max < 0:
-            raise InvalidTask("delay and backoff must be >= 0 and lease_timeout > 0")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
+            raise InvalidTask(f"max_attempts must be 1..{MAX_ATTEMPTS}, got {self.max_attempts}")
+        for name in ("delay", "lease_timeout", "backoff_base", "backoff_max"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+                raise InvalidTask(
+                    f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, got {value}"
+                )
+        if self.lease_timeout == 0:
+            raise InvalidTask("lease_timeout must be more than 0 seconds")
         if self.idempotency_key is not None and not 0 < len(self.idempotency_key) <= MAX_KEY_LENGTH:
             raise InvalidTask(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters")
 
 
 def check_queue_name(queue: str) -> None:
-    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
         raise InvalidTask(
             f"queue name {queue!r} is not valid: 1-64 characters, letters, digits and _ . : -, "
             "starting with a letter or digit"

@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from conduit.errors import ConduitError, InvalidTask
-from conduit.task import TaskSpec, check_queue_name
+from conduit.task import MAX_ATTEMPTS, TaskSpec, check_queue_name
 
 PROTOCOL = b"conduit/1"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # whole message; set as the sockets' MAXMSGSIZE too
@@ -232,8 +232,10 @@ def parse_tasks(msg: Message, arity: int) -> list[list[Any]]:
     for row in rows:
         if not isinstance(row, list) or len(row) < arity:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"each task must be an array of {arity}", rid)
-        if not all(_is_uint(v) for v in row[:2]):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "task id and attempt must be unsigned integers", rid)
+        if not (_is_uint(row[0]) and _is_uint(row[1]) and row[1] <= MAX_ATTEMPTS):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"task id must be 0..2^63-1 and attempt 0..{MAX_ATTEMPTS}", rid
+            )
     if arity == 3 and not all(row[2] is None or isinstance(row[2], bytes) for row in rows):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a result must be bin or nil", rid)
     if arity == 4 and not all(isinstance(r[2], str) and isinstance(r[3], bool) for r in rows):

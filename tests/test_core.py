@@ -125,8 +125,7 @@ def test_poll_reads_a_batch_and_delivers_from_the_buffer() -> None:
     ((command, body),) = sent(actions, WORKER)
     assert command == "DELIVER" and [t["id"] for t in body["tasks"]] == [1, 2]
     assert body["tasks"][0]["attempt"] == 1 and body["tasks"][0]["broker"] == "b1"
-    (write,) = of(actions, core.Write)
-    assert write.batch.starts == [(Ack(1, 1), "w1"), (Ack(2, 1), "w1")]
+    assert of(actions, core.Write) == []  # a delivery from the buffer costs no write
     # The next poll is served from memory; below half a batch, the buffer is topped up, to its bound.
     actions = poll(c, now=0.2, rid=2, max=60)
     assert len(sent(actions, WORKER)[0][1]["tasks"]) == 60
@@ -251,13 +250,27 @@ def test_a_full_write_queue_answers_busy() -> None:
 def test_undeliverable_tasks_are_released() -> None:
     c = make_core()
     poll(c)
-    actions = c.handle(Leased("q", [task(1)], None, 0.1))
-    (send,) = of(actions, core.Send)
+    (send,) = of(c.handle(Leased("q", [task(1)], None, 0.1)), core.Send)
     assert send.delivered == (Ack(1, 1),)
-    (write,) = of(actions, core.Write)
-    c.handle(SendFailed(WORKER, send.delivered))
-    (write2,) = of(c.handle(Written(write.batch, WriteResult([], []), None, 0.2)), core.Write)
-    assert write2.batch.releases == [Ack(1, 1)]
+    (write,) = of(c.handle(SendFailed(WORKER, send.delivered)), core.Write)
+    assert write.batch.releases == [Ack(1, 1)]
+    c.handle(Written(write.batch, WriteResult([], []), None, 0.2))
+    assert of(c.handle(Tick(100.0)), core.Write) == []  # released: nothing left to expire
+
+
+def test_deliveries_never_heard_of_again_expire_after_their_lease() -> None:
+    c = make_core()
+    poll(c, max=3)
+    c.handle(Leased("q", [task(1), task(2), task(3)], None, 0.1))  # lease_timeout 30 s each
+    (heartbeat,) = of(request(c, WORKER, "HEARTBEAT", 10.0, rid=2, worker="w1", tasks=[[1, 1]]), core.Write)
+    assert [op.kind for op in heartbeat.batch.ops] == ["renew"]  # now a task lease
+    assert of(request(c, WORKER, "COMPLETE", 10.0, rid=3, tasks=[[2, 1, None]]), core.Write) == []
+    (write,) = of(c.handle(Written(heartbeat.batch, WriteResult([], [[Outcome.OK]]), None, 10.1)), core.Write)
+    assert [op.kind for op in write.batch.ops] == ["complete"]
+    c.handle(Written(write.batch, WriteResult([], [[Outcome.OK]]), None, 10.2))
+    assert of(c.handle(Tick(29.0)), core.Write) == []
+    (expire,) = of(c.handle(Tick(30.2)), core.Write)
+    assert expire.batch.expiries == [Ack(3, 1)]
 
 
 # -- the broker lease ------------------------------------------------------------------------
@@ -295,8 +308,8 @@ def test_lost_lease_drops_the_buffer_and_reacquires() -> None:
 def test_shutdown_answers_polls_releases_the_buffer_and_stops_after_the_last_commit() -> None:
     c = make_core()
     poll(c, max=1)
-    actions = c.handle(Leased("q", [task(1), task(2), task(3)], None, 0.1))
-    (first,) = of(actions, core.Write)  # start of task 1
+    c.handle(Leased("q", [task(1), task(2), task(3)], None, 0.1))  # task 1 delivered
+    (first,) = of(request(c, WORKER, "COMPLETE", 0.2, rid=5, tasks=[[7, 1, None]]), core.Write)
     poll(c, now=0.2, rid=2, queues=["other"])
     actions = c.handle(Shutdown(0.3))
     assert sent(actions, WORKER) == [("DELIVER", {"rid": 2, "tasks": []})]
@@ -304,9 +317,10 @@ def test_shutdown_answers_polls_releases_the_buffer_and_stops_after_the_last_com
         request(c, CLIENT, "SUBMIT", 0.4, rid=9, tasks=[{"queue": "q", "payload": b""}])
     )
     assert (command, body["code"]) == ("ERROR", "shutting_down")
-    actions = c.handle(Written(first.batch, WriteResult([], []), None, 0.5))
+    actions = c.handle(Written(first.batch, WriteResult([], [[Outcome.OK]]), None, 0.5))
     (last,) = of(actions, core.Write)
     assert last.batch.releases == [Ack(2, 1), Ack(3, 1)]
+    assert last.batch.starts == [(Ack(1, 1), "w1")]  # its worker keeps it, heartbeating elsewhere
     assert not c.stopped
     actions = c.handle(Written(last.batch, WriteResult([], []), None, 0.6))
     assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,15 @@ class Config:
 
 
 DEMAND_MEMORY = 1.0  # seconds a served poll counts as demand, so prefetch continues between polls
+
+
+# Requests that settle deliveries: the store call, the row arity, and the row's type.
+_SETTLING: dict[Command, tuple[str, int, Callable[[list[Any]], Any]]] = {
+    Command.HEARTBEAT: ("renew", 2, lambda r: Ack(r[0], r[1])),
+    Command.COMPLETE: ("complete", 3, lambda r: Completion(r[0], r[1], r[2])),
+    Command.FAIL: ("fail", 4, lambda r: Failure(r[0], r[1], r[2][:8192], r[3])),
+    Command.RELEASE: ("release", 2, lambda r: Ack(r[0], r[1])),
+}
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -155,6 +165,10 @@ class Core:
         self._waiters: dict[int, _Waiter] = {}
         self._keys = itertools.count(1)
         self._pending = WriteBatch()
+        # Tasks handed out from the buffer stay 'buffered' under the broker lease (no write per
+        # delivery): a heartbeat, complete or fail settles them; if none comes within the task's
+        # lease timeout, they are expired as failed runs.
+        self._delivered: dict[int, tuple[int, str, float]] = {}  # id -> attempt, worker, deadline
         self._writing: WriteBatch | None = None
         self._next_renew = 0.0
         self._renewing = False
@@ -194,6 +208,8 @@ class Core:
                 out.append(Send(peer, encode(Command.RESULTS, {"rid": rid, "tasks": tasks})))
             case SendFailed(peer, delivered):
                 out.append(Log("warning", "undeliverable", {"peer": peer.hex(), "tasks": len(delivered)}))
+                for ack in delivered:
+                    self._delivered.pop(ack.id, None)
                 self._pending.releases.extend(delivered)
             case Shutdown(now):
                 self._begin_shutdown(now, out)
@@ -227,25 +243,18 @@ class Core:
             return
         if len(self._pending.requests) >= self.config.max_queued_requests:
             raise ProtocolError(ErrorCode.BUSY, "broker write queue is full; retry shortly", rid)
-        batch = self._pending
-        match msg.command:
-            case Command.SUBMIT:
-                self._on_submit(peer, rid, parse_submit(msg, self.config.max_payload_bytes), now)
-                return
-            case Command.HEARTBEAT:
-                rows = parse_tasks(msg, 2)
-                batch.add_request(peer, rid, "renew", [Ack(r[0], r[1]) for r in rows])
-            case Command.COMPLETE:
-                rows = parse_tasks(msg, 3)
-                batch.add_request(peer, rid, "complete", [Completion(r[0], r[1], r[2]) for r in rows])
-            case Command.FAIL:
-                rows = parse_tasks(msg, 4)
-                batch.add_request(peer, rid, "fail", [Failure(r[0], r[1], r[2][:8192], r[3]) for r in rows])
-            case Command.RELEASE:
-                rows = parse_tasks(msg, 2)
-                batch.add_request(peer, rid, "release", [Ack(r[0], r[1]) for r in rows])
-            case Command.CANCEL:
-                batch.add_request(peer, rid, "cancel", parse_ids(msg))
+        if msg.command is Command.SUBMIT:
+            self._on_submit(peer, rid, parse_submit(msg, self.config.max_payload_bytes), now)
+            return
+        if msg.command is Command.CANCEL:
+            self._pending.add_request(peer, rid, "cancel", parse_ids(msg))
+            return
+        kind, arity, build = _SETTLING[msg.command]
+        rows = parse_tasks(msg, arity)
+        for row in rows:  # a delivery heard of again: a task lease now, or finished
+            if self._delivered.get(row[0], (None,))[0] == row[1]:
+                del self._delivered[row[0]]
+        self._pending.add_request(peer, rid, kind, [build(row) for row in rows])
 
     def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], now: float) -> None:
         """Sync match: due tasks for a queue whose pollers wait, with no older task due, go straight
@@ -300,7 +309,8 @@ class Core:
         if tasks:
             for name in waiter.poll.queues:
                 self._queue(name).wanted_until = now + DEMAND_MEMORY
-            self._pending.starts.extend((Ack(t.id, t.attempt), waiter.poll.worker) for t in tasks)
+            for t in tasks:
+                self._delivered[t.id] = (t.attempt, waiter.poll.worker, now + t.lease_timeout)
             self._finish(waiter, [_delivery(t, self.config.broker_id) for t in tasks], out)
 
     def _serve_queue(self, name: str, now: float, out: list[Action]) -> None:
@@ -382,6 +392,7 @@ class Core:
                     self._unreserve(key, now, out)
             # Our own bookkeeping must reach the database, or tasks stay buffered under a live lease.
             self._pending.starts.extend(batch.starts)
+            self._pending.expiries.extend(batch.expiries)
             self._pending.releases.extend(batch.releases)
             return
         for op, outcomes in zip(batch.ops, result.outcomes, strict=True):
@@ -437,6 +448,10 @@ class Core:
     def _on_tick(self, now: float, out: list[Action]) -> None:
         for waiter in [w for w in self._waiters.values() if w.deadline <= now and not w.reserved]:
             self._finish(waiter, [], out)
+        expired = [task_id for task_id, (_, _, deadline) in self._delivered.items() if deadline <= now]
+        for task_id in expired:
+            attempt, _, _ = self._delivered.pop(task_id)
+            self._pending.expiries.append(Ack(task_id, attempt))
         if self.owner is not None and not self._renewing and now >= self._next_renew:
             self._renewing = True
             out.append(RenewLease(now))
@@ -488,6 +503,9 @@ class Core:
         for q in self.queues.values():
             self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
             q.buffer.clear()
+        # Deliveries outlive this broker as task leases, kept by heartbeats through other brokers.
+        self._pending.starts.extend((Ack(i, a), worker) for i, (a, worker, _) in self._delivered.items())
+        self._delivered.clear()
 
     @property
     def stopped(self) -> bool:

@@ -34,7 +34,8 @@ class RequestOp:
 class WriteBatch:
     submits: list[SubmitOp] = field(default_factory=list)
     ops: list[RequestOp] = field(default_factory=list)
-    starts: list[tuple[Ack, str]] = field(default_factory=list)  # delivered from the buffer, to a worker
+    starts: list[tuple[Ack, str]] = field(default_factory=list)  # deliveries made task leases (at shutdown)
+    expiries: list[Ack] = field(default_factory=list)  # deliveries never heard of again
     releases: list[Ack] = field(default_factory=list)  # the broker's own give-backs
     requests: list[tuple[bytes, int]] = field(default_factory=list)  # who waits on this commit
 
@@ -43,7 +44,7 @@ class WriteBatch:
         self.requests.append((peer, rid))
 
     def empty(self) -> bool:
-        return not (self.submits or self.ops or self.starts or self.releases)
+        return not (self.submits or self.ops or self.starts or self.expiries or self.releases)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
         outcomes = _merged(store, batch.ops, owner)
         if batch.starts:
             store.start(owner, [a for a, _ in batch.starts], [w for _, w in batch.starts])
+        if batch.expiries:
+            store.expire(owner, batch.expiries)
         if batch.releases:
             store.release(batch.releases)
     return WriteResult([[s for s in subs if s is not None] for subs in submitted], outcomes)

@@ -27,10 +27,12 @@ from conduit.client.channel import REPLIES, dealer
 from conduit.client.context import Handler, Outcome, TaskContext, invoke
 from conduit.logs import log
 from conduit.task import check_queue_name
-from conduit.wire import Command, Message, ProtocolError, decode, encode
+from conduit.wire import MAX_BATCH, Command, Message, ProtocolError, decode, encode
 
 logger = logging.getLogger("conduit.worker")
 RESEND_AFTER = 5.0  # seconds without an ACK before a complete or fail is sent again
+MAX_UNACKED = 2  # report messages awaiting their commit; later outcomes wait and go together
+REFUSED_PAUSE = 0.1  # after a refusal (busy, database down), wait this long before sending again
 
 
 class Worker:
@@ -111,6 +113,12 @@ class _Loop:
         self.prefetched: deque[TaskContext] = deque()
         self.running: dict[int, TaskContext] = {}
         self.unacked: dict[int, tuple[Command, list[list[Any]], float]] = {}  # rid -> what, rows, sent
+        self.outbox: dict[Command, list[list[Any]]] = {
+            Command.COMPLETE: [],
+            Command.FAIL: [],
+            Command.RELEASE: [],
+        }
+        self.hold_until = 0.0
         self.next_heartbeat = 0.0
 
     def send(self, command: Command, body: dict[str, Any]) -> int | None:
@@ -121,17 +129,33 @@ class _Loop:
         self.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
         return rid
 
-    def expect_ack(self, command: Command, rows: list[list[Any]]) -> None:
-        """Send rows that must be acknowledged after their commit; resent until they are."""
-        rid = self.send(command, {"tasks": rows})
-        self.unacked[rid if rid is not None else -next(self.rids)] = (command, rows, time.monotonic())
+    def flush(self) -> None:
+        """Send outcomes that must be acknowledged after their commit; resent until they are. With a
+        few reports unacknowledged, new outcomes wait and then go together (batching under load)."""
+        now = time.monotonic()
+        for command, rows in self.outbox.items():
+            while rows and len(self.unacked) < MAX_UNACKED and now >= self.hold_until:
+                batch, self.outbox[command] = rows[:MAX_BATCH], rows[MAX_BATCH:]
+                rows = self.outbox[command]
+                rid = self.send(command, {"tasks": batch})
+                self.unacked[rid if rid is not None else -next(self.rids)] = (command, batch, now)
+
+    def requeue(self, rid: int) -> None:
+        command, rows, _ = self.unacked.pop(rid)
+        self.outbox[command][:0] = rows
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.w._wake_r, zmq.POLLIN)
-        while not (self.w._stop.is_set() and not self.running and not self.unacked and self.poll_rid is None):
+        while not (
+            self.w._stop.is_set()
+            and not self.running
+            and not self.pending_reports()
+            and self.poll_rid is None
+        ):
             self.step_out()
+            self.flush()
             ready = dict(poller.poll(100))
             if self.w._wake_r in ready:
                 os.read(self.w._wake_r, 65536)
@@ -151,9 +175,8 @@ class _Loop:
             future = self.executor.submit(invoke, self.w.handlers[task.queue], task)
             future.add_done_callback(lambda f, t=task: self._finished(f, t))
         if self.w._stop.is_set() and self.prefetched:
-            rows = [[t.id, t.attempt] for t in self.prefetched]
+            self.outbox[Command.RELEASE].extend([t.id, t.attempt] for t in self.prefetched)
             self.prefetched.clear()
-            self.expect_ack(Command.RELEASE, rows)
         room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
         if self.poll_rid is None and room > 0 and not self.w._stop.is_set():
             body = {"worker": self.w.worker_id, "queues": list(self.w.handlers), "max": room}
@@ -167,10 +190,9 @@ class _Loop:
                     Command.HEARTBEAT,
                     {"worker": self.w.worker_id, "tasks": [[t.id, t.attempt] for t in held]},
                 )
-            for rid, (command, rows, sent) in list(self.unacked.items()):
+            for rid, (_, _, sent) in list(self.unacked.items()):
                 if now - sent > RESEND_AFTER:
-                    del self.unacked[rid]
-                    self.expect_ack(command, rows)
+                    self.requeue(rid)
 
     def _finished(self, future: concurrent.futures.Future[Outcome], task: TaskContext) -> None:
         exc = future.exception()
@@ -180,10 +202,11 @@ class _Loop:
             self.w._done.put(Outcome(task, ok=False, error=f"handler pool failed: {exc!r}"))
         self.w._wake()
 
+    def pending_reports(self) -> bool:
+        return bool(self.unacked) or any(self.outbox.values())
+
     def collect(self) -> None:
-        """Report finished handlers in one COMPLETE and one FAIL message."""
-        completes: list[list[Any]] = []
-        fails: list[list[Any]] = []
+        """Move finished handlers' outcomes to the outbox."""
         while True:
             try:
                 outcome = self.w._done.get_nowait()
@@ -192,12 +215,9 @@ class _Loop:
             task = outcome.task
             self.running.pop(task.id, None)
             if outcome.ok:
-                completes.append([task.id, task.attempt, outcome.result])
+                self.outbox[Command.COMPLETE].append([task.id, task.attempt, outcome.result])
             else:
-                fails.append([task.id, task.attempt, outcome.error, outcome.retry])
-        for command, rows in ((Command.COMPLETE, completes), (Command.FAIL, fails)):
-            if rows:
-                self.expect_ack(command, rows)
+                self.outbox[Command.FAIL].append([task.id, task.attempt, outcome.error, outcome.retry])
 
     def receive(self) -> None:
         while True:
@@ -223,10 +243,13 @@ class _Loop:
                 log(logger, "warning", "poll_refused", error=str(msg.body.get("message")))
                 time.sleep(0.5)
             return
+        if msg.command is Command.ERROR and msg.rid in self.unacked:
+            self.requeue(msg.rid)  # refused for now (busy, database down): send it again shortly
+            self.hold_until = time.monotonic() + REFUSED_PAUSE
+            log(logger, "info", "report_deferred", error=str(msg.body.get("message")))
+            return
         sent = self.unacked.pop(msg.rid, None)
         if msg.command is Command.ERROR:
-            if sent is not None:  # refused for now (busy, database down): send it again later
-                self.unacked[msg.rid] = (sent[0], sent[1], time.monotonic())
             log(logger, "warning", "request_refused", error=str(msg.body.get("message")))
         elif msg.command is Command.ACK and sent is None:  # a heartbeat's answer
             pass
@@ -254,5 +277,4 @@ class _Loop:
         poller.register(self.sock, zmq.POLLIN)
         self.poll_rid = None
         for rid in list(self.unacked):
-            command, rows, _ = self.unacked.pop(rid)
-            self.expect_ack(command, rows)
+            self.requeue(rid)

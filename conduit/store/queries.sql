@@ -129,6 +129,8 @@ RETURNING id;
 -- name: fail
 -- A failed run: back to pending after an exponential backoff with equal jitter, or dead once it
 -- has failed max_attempts times (or the caller says not to retry). The attempt is kept.
+-- With %(broker)s set, only tasks still buffered by that broker incarnation are touched: a broker
+-- expires its deliveries that no heartbeat ever turned into a task lease.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
     FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(error)b::text[], %(retry)b::bool[]) WITH ORDINALITY
@@ -137,6 +139,8 @@ WITH r AS (
 ), failed AS (
     SELECT t.id, r.error, r.retry AND t.failures + 1 < t.max_attempts AS again
     FROM tasks t JOIN r ON t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
+    WHERE %(broker)s::text IS NULL
+       OR (t.state = 'buffered' AND t.broker = %(broker)s::text AND t.broker_epoch = %(epoch)s::bigint)
     FOR UPDATE OF t
 ), retried AS (
     UPDATE tasks t

@@ -251,6 +251,11 @@ class Store:
         """Record failed runs: retried after backoff, or dead after max_attempts or retry=False."""
         return self._fenced("fail", failures, _failure_params(failures))
 
+    def expire(self, owner: BrokerLease, acks: Sequence[Ack]) -> list[Outcome]:
+        """Deliveries that never heartbeated within their lease: failed runs, if still only buffered."""
+        failures = [Failure(a.id, a.attempt, "lease expired: no heartbeat after delivery") for a in acks]
+        return self._fenced("fail", failures, _failure_params(failures, owner))
+
     def release(self, acks: Sequence[Ack]) -> list[Outcome]:
         """Give back unstarted tasks: pending again at once, attempt kept, no failure counted."""
         params = {"id": [a.id for a in acks], "attempt": [a.attempt for a in acks]}
@@ -319,12 +324,16 @@ class Store:
             self.conn.execute(QUERIES["compact_counts"])
 
 
-def _failure_params(failures: Sequence[Failure]) -> dict[str, Any]:
+def _failure_params(
+    failures: Sequence[Failure], only_buffered_by: BrokerLease | None = None
+) -> dict[str, Any]:
     return {
         "id": [f.id for f in failures],
         "attempt": [f.attempt for f in failures],
         "error": [f.error for f in failures],
         "retry": [f.retry for f in failures],
+        "broker": only_buffered_by.broker_id if only_buffered_by else None,
+        "epoch": only_buffered_by.epoch if only_buffered_by else None,
     }
 
 

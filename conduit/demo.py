@@ -1,0 +1,167 @@
+"""`conduit demo`: a broker and workers on the embedded PostgreSQL, a burst of tasks, the figures.
+
+The handler returns the moment it started, so submit-to-start latency is measured from the time
+each batch was sent (the intended send time) to the time a worker began the task.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from conduit.client import Client, TaskContext, Worker
+from conduit.store import Store
+from conduit.task import TaskSpec
+
+QUEUE = "conduit.demo"
+worker = Worker(os.environ.get("CONDUIT_DEMO_ENDPOINT", "tcp://127.0.0.1:5555"), concurrency=8, prefetch=500)
+
+
+@worker.handler(QUEUE)
+def started_at(task: TaskContext) -> bytes:
+    return struct.pack("!d", time.time())
+
+
+@dataclass(frozen=True)
+class Figures:
+    tasks: int
+    seconds: float
+    start_ms: dict[str, float]
+    complete_ms: dict[str, float]
+
+    @property
+    def per_second(self) -> float:
+        return self.tasks / self.seconds
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": ordered[-1]}
+
+
+class Mesh:
+    """A broker and worker processes for the demo; stopped gracefully on exit, killed if need be."""
+
+    def __init__(self, dsn: str, schema: str, workers: int) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        args = [sys.executable, "-m", "conduit"]
+        broker = self._start(
+            [
+                *args,
+                "broker",
+                "--bind",
+                "tcp://127.0.0.1:*",
+                "--dsn",
+                dsn,
+                "--schema",
+                schema,
+                "--log-level",
+                "warning",
+            ]
+        )
+        assert broker.stdout is not None
+        self.endpoint = broker.stdout.readline().strip()
+        if not self.endpoint:
+            self.close()
+            raise click.ClickException("the demo broker did not start")
+        for _ in range(workers):
+            self._start(
+                [*args, "worker", "conduit.demo:worker", "--connect", self.endpoint, "--log-level", "warning"]
+            )
+
+    def _start(self, cmd: list[str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):  # workers first, so they give their prefetch back
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+
+
+def burst(client: Client, store: Store, tasks: int, batch: int) -> Figures:
+    """Submit `tasks` in batches as fast as commits allow; workers drain them as they arrive."""
+    sent_at: dict[int, float] = {}
+    done_before = _completed(store)
+    began = time.time()
+    with click.progressbar(length=tasks, label="submitting", file=sys.stderr) as bar:
+        for start in range(0, tasks, batch):
+            n = min(batch, tasks - start)
+            t = time.time()
+            for task_id in client.submit_many([TaskSpec(QUEUE, b"")] * n):
+                sent_at[task_id] = t
+            bar.update(n)
+    with click.progressbar(length=tasks, label="running", file=sys.stderr) as bar:
+        seen = 0
+        while seen < tasks:  # the counters, not a scan: cheap enough to ask often
+            time.sleep(0.05)
+            now_done = _completed(store) - done_before
+            bar.update(now_done - seen)
+            seen = now_done
+    times = _times(store, list(sent_at))
+    done = max(f for _, f in times.values())
+    return _figures(sent_at, times, done - began)
+
+
+def sync_match(client: Client, store: Store, tasks: int) -> Figures:
+    """One task at a time to idle workers: the submit-to-start latency a waiting worker sees."""
+    sent_at: dict[int, float] = {}
+    began = time.time()
+    with click.progressbar(length=tasks, label="one at a time", file=sys.stderr) as bar:
+        for _ in range(tasks):
+            t = time.time()
+            task_id = client.submit(QUEUE, b"")
+            sent_at[task_id] = t
+            client.result(task_id, timeout=30)
+            bar.update(1)
+    return _figures(sent_at, _times(store, list(sent_at)), time.time() - began)
+
+
+def _completed(store: Store) -> int:
+    store.compact_counts()
+    return store.queue_stats().get(QUEUE, {}).get("completed", 0)
+
+
+def _times(store: Store, ids: list[int]) -> dict[int, tuple[float, float]]:
+    """(started, finished) wall times of completed tasks."""
+    times: dict[int, tuple[float, float]] = {}
+    for start in range(0, len(ids), 5000):
+        for info in store.lookup(ids[start : start + 5000]):
+            if info.state != "completed" or not info.result or not info.finished_at:
+                raise click.ClickException(f"demo task {info.id} is {info.state}: {info.error}")
+            times[info.id] = (struct.unpack("!d", info.result)[0], info.finished_at.timestamp())
+    return times
+
+
+def _figures(sent_at: dict[int, float], times: dict[int, tuple[float, float]], seconds: float) -> Figures:
+    starts = [(s - sent_at[i]) * 1000 for i, (s, _) in times.items()]
+    completes = [(f - sent_at[i]) * 1000 for i, (_, f) in times.items()]
+    return Figures(len(times), seconds, percentiles(starts), percentiles(completes))
+
+
+def report(figures: dict[str, Figures]) -> dict[str, Any]:
+    return {
+        name: {
+            "tasks": f.tasks,
+            "tasks_per_s": round(f.per_second, 1),
+            "start_latency_ms": {k: round(v, 3) for k, v in f.start_ms.items()},
+            "complete_latency_ms": {k: round(v, 3) for k, v in f.complete_ms.items()},
+        }
+        for name, f in figures.items()
+    }
