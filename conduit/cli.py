@@ -232,6 +232,7 @@ def submit(
 @click.option("--tasks", default=20_000, show_default=True, help="Tasks in the burst.")
 @click.option("--batch", default=500, show_default=True, help="Tasks per submit.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
+@click.option("--producers", default=4, show_default=True, help="Threads submitting the burst.")
 @click.option("--single", default=200, show_default=True, help="One-at-a-time tasks for sync-match latency.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def demo(
@@ -241,6 +242,7 @@ def demo(
     tasks: int,
     batch: int,
     workers: int,
+    producers: int,
     single: int,
     as_json: bool,
 ) -> None:
@@ -257,7 +259,7 @@ def demo(
         click.echo(f"broker at {mesh.endpoint}, {workers} worker processes", err=True)
         with Client(mesh.endpoint) as client, Store.open(url, schema=settings.schema) as store:
             figures = {
-                "burst": run.burst(client, store, tasks, batch),
+                "burst": run.burst(client, store, tasks, batch, producers),
                 "sync_match": run.sync_match(client, store, single),
             }
     finally:

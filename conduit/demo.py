@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,17 +96,25 @@ class Mesh:
                 proc.stdout.close()
 
 
-def burst(client: Client, store: Store, tasks: int, batch: int) -> Figures:
-    """Submit `tasks` in batches as fast as commits allow; workers drain them as they arrive."""
+def burst(client: Client, store: Store, tasks: int, batch: int, producers: int) -> Figures:
+    """Submit `tasks` in batches from several threads, as fast as commits allow; workers drain
+    them as they arrive."""
     sent_at: dict[int, float] = {}
     done_before = _completed(store)
+    sizes = [min(batch, tasks - start) for start in range(0, tasks, batch)]
+
+    def produce(n: int) -> int:
+        t = time.time()
+        ids = client.submit_many([TaskSpec(QUEUE, b"")] * n)
+        sent_at.update(dict.fromkeys(ids, t))
+        return n
+
     began = time.time()
-    with click.progressbar(length=tasks, label="submitting", file=sys.stderr) as bar:
-        for start in range(0, tasks, batch):
-            n = min(batch, tasks - start)
-            t = time.time()
-            for task_id in client.submit_many([TaskSpec(QUEUE, b"")] * n):
-                sent_at[task_id] = t
+    with (
+        click.progressbar(length=tasks, label="submitting", file=sys.stderr) as bar,
+        ThreadPoolExecutor(producers) as pool,
+    ):
+        for n in pool.map(produce, sizes):
             bar.update(n)
     with click.progressbar(length=tasks, label="running", file=sys.stderr) as bar:
         seen = 0

@@ -54,8 +54,9 @@ class TaskSpec:
                 )
         if self.lease_timeout == 0:
             raise InvalidTask("lease_timeout must be more than 0 seconds")
-        if self.idempotency_key is not None and not 0 < len(self.idempotency_key) <= MAX_KEY_LENGTH:
-            raise InvalidTask(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters")
+        key = self.idempotency_key
+        if key is not None and (not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key):
+            raise InvalidTask(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters, none of them NUL")
 
 
 def check_queue_name(queue: str) -> None:

@@ -197,7 +197,7 @@ def parse_submit(msg: Message, max_payload_bytes: int) -> list[TaskSpec]:
             lease_timeout=float(_field(item, "lease_timeout", number, rid, 30.0)),
             backoff_base=float(_field(item, "backoff_base", number, rid, 1.0)),
             backoff_max=float(_field(item, "backoff_max", number, rid, 300.0)),
-            idempotency_key=_field(item, "key", str, rid, None),
+            idempotency_key=_field(item, "key", str, rid, None),  # NUL is refused by validate()
         )
         try:
             spec.validate(max_payload_bytes)
@@ -256,8 +256,10 @@ def _is_uint(value: Any) -> bool:
 
 def _name(body: dict[str, Any], field: str, rid: int) -> str:
     value = _field(body, field, str, rid)
-    if not 0 < len(value) <= MAX_NAME_CHARS:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} must be 1 to {MAX_NAME_CHARS} characters", rid)
+    if not 0 < len(value) <= MAX_NAME_CHARS or "\x00" in value:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"{field} must be 1 to {MAX_NAME_CHARS} characters, none of them NUL", rid
+        )
     return value
 
 

@@ -324,3 +324,38 @@ def test_shutdown_answers_polls_releases_the_buffer_and_stops_after_the_last_com
     assert not c.stopped
     actions = c.handle(Written(last.batch, WriteResult([], []), None, 0.6))
     assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped
+
+
+def test_a_delivery_stays_tracked_until_its_report_commits() -> None:
+    """Regression: a heartbeat whose commit failed must not stop the delivery from expiring."""
+    c = make_core()
+    poll(c, max=1)
+    c.handle(Leased("q", [task(1)], None, 0.1))
+    (write,) = of(request(c, WORKER, "HEARTBEAT", 1.0, rid=2, worker="w1", tasks=[[1, 1]]), core.Write)
+    c.handle(Written(write.batch, None, "OperationalError: connection lost", 1.1))
+    (expire,) = of(c.handle(Tick(30.2)), core.Write)
+    assert expire.batch.expiries == [Ack(1, 1)]
+
+
+def test_a_failing_database_is_retried_with_a_pause_and_does_not_block_shutdown() -> None:
+    c = make_core()
+    (write,) = of(c.handle(SendFailed(WORKER, (Ack(1, 1),))), core.Write)
+    assert of(c.handle(Written(write.batch, None, "down", 1.0)), core.Write) == []
+    assert of(c.handle(Tick(1.2)), core.Write) == []  # no hot loop against a dead database
+    (retry,) = of(c.handle(Tick(1.6)), core.Write)
+    assert retry.batch.releases == [Ack(1, 1)]
+    c.handle(Shutdown(1.7))
+    actions = c.handle(Written(retry.batch, None, "still down", 2.0))
+    assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped  # gave up: leases expire instead
+
+
+def test_deliveries_are_capped_in_bytes() -> None:
+    c = make_core()
+    poll(c, max=10)
+    big = [
+        LeasedTask(i, "q", 0, datetime.now(UTC), 1, 0, 5, 30.0, b"x" * (3 * 1024 * 1024)) for i in range(4)
+    ]
+    (send,) = of(c.handle(Leased("q", big, None, 0.1)), core.Send)
+    assert [a.id for a in send.delivered] == [0, 1]  # 6 MiB; a third would pass 8 MiB
+    (send,) = of(poll(c, now=0.2, rid=2, max=10), core.Send)
+    assert [a.id for a in send.delivered] == [2, 3]

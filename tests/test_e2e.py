@@ -234,3 +234,19 @@ def test_sigterm_gives_the_buffer_back_and_exits_cleanly(start_broker, db) -> No
     ]
     assert db.query("SELECT count(*) FROM brokers") == [(0,)]
     assert "event=stopped" in broker.log()
+
+
+def test_worker_and_client_move_past_an_unreachable_broker(start_broker, db) -> None:
+    from conftest import free_port
+
+    broker = start_broker()
+    dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens here
+    worker = Worker([dead, broker.endpoint], concurrency=1, poll_timeout=1.0)
+
+    @worker.handler("q")
+    def handle(task: TaskContext) -> bytes:
+        return b"done"
+
+    with Client([dead, broker.endpoint], timeout=1.0) as client, running(worker):
+        task_id = client.submit("q", b"")  # never sent to the dead one: safe to move on, no key needed
+        assert client.result(task_id, timeout=30).result == b"done"

@@ -123,3 +123,26 @@ def test_cancel_refuses_the_running_delivery(store: Store) -> None:
     assert store.complete([Completion(task.id, task.attempt)]) == ["cancelled"]
     assert store.cancel([sub.id]) == ["cancelled"]
     assert store.lookup([sub.id])[0].state == "cancelled"
+
+
+def test_outcomes_follow_id_and_attempt_within_one_batch(store: Store) -> None:
+    """Group commit merges workers' rows: a zombie's row beside the holder's is still refused."""
+    (sub,) = store.enqueue([TaskSpec("q", b"x")])
+    owner = store.acquire_broker("a", "tcp://a", 30)
+    store.release([Ack(t.id, t.attempt) for t in store.lease(owner, "q", 1)])
+    (task,) = store.lease(owner, "q", 1)
+    assert task.attempt == 2
+    assert store.renew(owner, [Ack(sub.id, 1), Ack(sub.id, 2)]) == ["stale", "ok"]
+    both = [Completion(sub.id, 1, b"zombie"), Completion(sub.id, 2, b"holder")]
+    assert store.complete(both) == ["finished", "ok"]
+    assert store.lookup([sub.id])[0].result == b"holder"
+
+
+def test_backoff_does_not_overflow_after_many_failures(store: Store, db) -> None:
+    owner = store.acquire_broker("a", "tcp://a", 30)
+    (sub,) = store.enqueue([TaskSpec("q", b"x", max_attempts=5000, backoff_base=1, backoff_max=2)])
+    db.query("UPDATE tasks SET failures = 1500 WHERE id = %s RETURNING id", (sub.id,))
+    (task,) = store.lease(owner, "q", 1)
+    assert store.fail([Failure(task.id, task.attempt, "again")]) == ["ok"]
+    (delay,) = db.query("SELECT extract(epoch FROM run_at - now()) FROM tasks WHERE id = %s", (sub.id,))[0]
+    assert 0.9 <= delay <= 2

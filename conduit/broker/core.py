@@ -60,13 +60,15 @@ class Config:
 
 
 DEMAND_MEMORY = 1.0  # seconds a served poll counts as demand, so prefetch continues between polls
+WRITE_RETRY_PAUSE = 0.5  # seconds between write attempts while the database fails
+MAX_DELIVERY_BYTES = 8 * 1024 * 1024  # payload bytes in one DELIVER (under the peer's MAXMSGSIZE)
 
 
 # Requests that settle deliveries: the store call, the row arity, and the row's type.
 _SETTLING: dict[Command, tuple[str, int, Callable[[list[Any]], Any]]] = {
     Command.HEARTBEAT: ("renew", 2, lambda r: Ack(r[0], r[1])),
     Command.COMPLETE: ("complete", 3, lambda r: Completion(r[0], r[1], r[2])),
-    Command.FAIL: ("fail", 4, lambda r: Failure(r[0], r[1], r[2][:8192], r[3])),
+    Command.FAIL: ("fail", 4, lambda r: Failure(r[0], r[1], r[2][:8192].replace("\x00", "\\0"), r[3])),
     Command.RELEASE: ("release", 2, lambda r: Ack(r[0], r[1])),
 }
 
@@ -165,6 +167,8 @@ class Core:
         self._waiters: dict[int, _Waiter] = {}
         self._keys = itertools.count(1)
         self._pending = WriteBatch()
+        self._write_after = 0.0  # after a failed write, the next waits a moment
+        self._clock = 0.0  # the latest time an event carried
         # Tasks handed out from the buffer stay 'buffered' under the broker lease (no write per
         # delivery): a heartbeat, complete or fail settles them; if none comes within the task's
         # lease timeout, they are expired as failed runs.
@@ -213,7 +217,7 @@ class Core:
                 self._pending.releases.extend(delivered)
             case Shutdown(now):
                 self._begin_shutdown(now, out)
-        self._flush(out)
+        self._flush(getattr(event, "now", None), out)
         return out
 
     # -- requests ----------------------------------------------------------------------------
@@ -250,11 +254,7 @@ class Core:
             self._pending.add_request(peer, rid, "cancel", parse_ids(msg))
             return
         kind, arity, build = _SETTLING[msg.command]
-        rows = parse_tasks(msg, arity)
-        for row in rows:  # a delivery heard of again: a task lease now, or finished
-            if self._delivered.get(row[0], (None,))[0] == row[1]:
-                del self._delivered[row[0]]
-        self._pending.add_request(peer, rid, kind, [build(row) for row in rows])
+        self._pending.add_request(peer, rid, kind, [build(row) for row in parse_tasks(msg, arity)])
 
     def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], now: float) -> None:
         """Sync match: due tasks for a queue whose pollers wait, with no older task due, go straight
@@ -281,7 +281,9 @@ class Core:
         for key in q.waiters:
             waiter = self._waiters.get(key)
             if waiter and len(waiter.reserved) < waiter.poll.max_tasks and waiter.deadline > now:
-                return waiter
+                size = sum(len(s.payload) for _, s in waiter.reserved) + len(spec.payload)
+                if not waiter.reserved or size <= MAX_DELIVERY_BYTES:
+                    return waiter
         return None
 
     def _on_poll(self, peer: bytes, rid: int, poll: Poll, now: float, out: list[Action]) -> None:
@@ -302,9 +304,13 @@ class Core:
         if waiter.reserved or not self._lease_live(now, out):
             return
         tasks: list[LeasedTask] = []
+        size = 0
         for name in waiter.poll.queues:
             buffer = self._queue(name).buffer
             while buffer and len(tasks) < waiter.poll.max_tasks:
+                if tasks and size + len(buffer[0].payload) > MAX_DELIVERY_BYTES:
+                    break
+                size += len(buffer[0].payload)
                 tasks.append(buffer.popleft())
         if tasks:
             for name in waiter.poll.queues:
@@ -368,9 +374,11 @@ class Core:
 
     # -- commits -----------------------------------------------------------------------------
 
-    def _flush(self, out: list[Action]) -> None:
+    def _flush(self, now: float | None, out: list[Action]) -> None:
         """Group commit: one write in flight; whatever arrives meanwhile goes in the next one."""
-        if self._writing is None and not self._pending.empty():
+        if now is not None:
+            self._clock = now
+        if self._writing is None and not self._pending.empty() and self._clock >= self._write_after:
             self._writing, self._pending = self._pending, WriteBatch()
             out.append(Write(self._writing))
         elif self._stopping and not self._stopped and self._writing is None and not self._waiters:
@@ -390,11 +398,23 @@ class Core:
             for op in batch.submits:
                 for key in set(op.waiters) - {None}:
                     self._unreserve(key, now, out)
+            self._write_after = now + WRITE_RETRY_PAUSE  # do not hammer a database that is down
+            if self._stopping:  # leave the rest to lease expiry rather than never stop
+                out.append(
+                    Log(
+                        "warning", "bookkeeping_abandoned", {"tasks": len(batch.starts) + len(batch.releases)}
+                    )
+                )
+                return
             # Our own bookkeeping must reach the database, or tasks stay buffered under a live lease.
             self._pending.starts.extend(batch.starts)
             self._pending.expiries.extend(batch.expiries)
             self._pending.releases.extend(batch.releases)
             return
+        for op in batch.ops:  # deliveries heard of again, now committed: task leases, or finished
+            for item in op.items if op.kind != "cancel" else ():
+                if self._delivered.get(item.id, (None,))[0] == item.attempt:
+                    del self._delivered[item.id]
         for op, outcomes in zip(batch.ops, result.outcomes, strict=True):
             out.append(
                 Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))

@@ -6,6 +6,7 @@ every caller gets its own share of the outcome (Temporal's task writer, in spiri
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,19 @@ class WriteBatch:
         self.ops.append(RequestOp(peer, rid, kind, items))
         self.requests.append((peer, rid))
 
+    def statements(self) -> int:
+        """How many store calls `execute` makes for this batch."""
+        workers = [w for op in self.submits for w in op.workers]
+        kinds = {op.kind for op in self.ops}
+        return (
+            (None in workers)
+            + any(w is not None for w in workers)
+            + len(kinds)
+            + bool(self.starts)
+            + bool(self.expiries)
+            + bool(self.releases)
+        )
+
     def empty(self) -> bool:
         return not (self.submits or self.ops or self.starts or self.expiries or self.releases)
 
@@ -54,8 +68,9 @@ class WriteResult:
 
 
 def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
-    """Carry out a batch in one transaction: nothing in it is acknowledged before the commit."""
-    with store.transaction():
+    """Carry out a batch in one transaction: nothing in it is acknowledged before the commit.
+    A batch of one statement (a lone submit, say) needs no BEGIN and COMMIT: it is atomic alone."""
+    with nullcontext() if batch.statements() == 1 else store.transaction():
         plain = [(i, j) for i, op in enumerate(batch.submits) for j, w in enumerate(op.workers) if w is None]
         matched = [
             (i, j) for i, op in enumerate(batch.submits) for j, w in enumerate(op.workers) if w is not None

@@ -32,6 +32,10 @@ class BrokerTimeout(ConduitError):
     """No broker answered in time."""
 
 
+class NotConnected(BrokerTimeout):
+    """No connection to the broker could be made: the request was never sent."""
+
+
 def dealer(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -56,7 +60,7 @@ class Channel:
         deadline = time.monotonic() + timeout
         if not self.sock.poll(timeout * 1000, zmq.POLLOUT):  # IMMEDIATE: writable once connected
             self.reset()
-            raise BrokerTimeout(f"no connection to the broker at {self.endpoint} within {timeout:g}s")
+            raise NotConnected(f"no connection to the broker at {self.endpoint} within {timeout:g}s")
         self.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(left * 1000):
@@ -65,8 +69,8 @@ class Channel:
                 reply = decode(self.sock.recv_multipart(), allowed=REPLIES)
             except ProtocolError:
                 continue  # a garbled reply is no answer
-            if reply.rid != rid:
-                continue  # a late reply to an earlier request
+            if reply.rid != rid and not (reply.command is Command.ERROR and reply.rid == -1):
+                continue  # a late reply to an earlier request (an ERROR without rid is about ours)
             if reply.command is Command.ERROR:
                 raise BrokerError(str(reply.body.get("code")), str(reply.body.get("message")))
             return reply

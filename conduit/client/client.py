@@ -10,7 +10,7 @@ from typing import Any
 
 import zmq
 
-from conduit.client.channel import BrokerError, BrokerTimeout, Channel
+from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
 from conduit.task import TaskSpec
 from conduit.wire import MAX_BATCH, Command
 
@@ -27,20 +27,35 @@ class TaskResult:
 
 
 class Client:
-    """Talks to brokers over ZeroMQ. A submit returns only after the broker committed the task."""
+    """Talks to brokers over ZeroMQ. A submit returns only after the broker committed the task.
+
+    Thread-safe: each thread gets sockets of its own, so threads' requests run concurrently (and
+    land in the same group commits)."""
 
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 10.0) -> None:
         self._ctx = zmq.Context()
-        names = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-        if not names:
+        self._endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not self._endpoints:
             raise ValueError("give at least one broker endpoint")
-        self._channels = [Channel(self._ctx, e) for e in names]
         self._timeout = timeout
+        self._local = threading.local()
+        self._all: list[Channel] = []
         self._lock = threading.Lock()
 
+    def _channels(self) -> list[Channel]:
+        channels: list[Channel] | None = getattr(self._local, "channels", None)
+        if channels is None:
+            channels = self._local.channels = [Channel(self._ctx, e) for e in self._endpoints]
+            with self._lock:
+                self._all.extend(channels)
+        return channels
+
     def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
+        """Close every thread's sockets; call it once no thread uses the client any more."""
+        with self._lock:
+            for channel in self._all:
+                channel.close()
+            self._all.clear()
         self._ctx.term()
 
     def __enter__(self) -> Client:
@@ -51,23 +66,25 @@ class Client:
 
     def _request(self, command: Command, body: dict[str, Any], *, retry_safe: bool) -> dict[str, Any]:
         """Ask the brokers in turn; move on after a timeout only when repeating cannot duplicate."""
-        with self._lock:
-            errors = []
-            for channel in self._channels:
-                try:
-                    return channel.request(command, body, self._timeout).body
-                except BrokerTimeout as exc:
-                    errors.append(str(exc))
-                    if not retry_safe:
-                        raise BrokerTimeout(
-                            f"{exc}; the request may or may not have been carried out "
-                            "(give tasks an idempotency key so that a retry is safe)"
-                        ) from None
-                except BrokerError as exc:
-                    if exc.code not in ("shutting_down", "unavailable", "busy"):
-                        raise
-                    errors.append(str(exc))
-            raise BrokerTimeout("no broker could serve the request: " + "; ".join(errors))
+        errors = []
+        for channel in self._channels():
+            try:
+                return channel.request(command, body, self._timeout).body
+            except BrokerTimeout as exc:
+                errors.append(str(exc))
+                if not retry_safe and not isinstance(exc, NotConnected):  # unsent: safe to move on
+                    raise BrokerTimeout(
+                        f"{exc}; the request may or may not have been carried out "
+                        "(give tasks an idempotency key so that a retry is safe)"
+                    ) from None
+            except BrokerError as exc:
+                # Refused before any write: safe anywhere. A failed write may have committed.
+                if exc.code not in ("shutting_down", "busy") and not (
+                    exc.code == "unavailable" and retry_safe
+                ):
+                    raise
+                errors.append(str(exc))
+        raise BrokerTimeout("no broker could serve the request: " + "; ".join(errors))
 
     def submit(self, queue: str, payload: bytes, **options: Any) -> int:
         """Enqueue one task; options are TaskSpec's (priority, delay, max_attempts, key, ...)."""
@@ -94,7 +111,7 @@ class Client:
     def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
         """Wait until the task ends (completed, dead or cancelled) and return how it ended."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.005
+        pause = 0.001
         while True:
             (info,) = self.lookup([task_id])
             if info.state in FINAL:
@@ -104,7 +121,7 @@ class Client:
             if deadline is not None and time.monotonic() + pause > deadline:
                 raise TimeoutError(f"task {task_id} is still {info.state} after {timeout:g}s")
             time.sleep(pause)
-            pause = min(pause * 2, 0.25)
+            pause = min(pause * 1.5, 0.1)
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a live task; False if it had already ended."""

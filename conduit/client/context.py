@@ -30,8 +30,11 @@ class TaskContext:
     broker: str
 
     @classmethod
-    def from_wire(cls, task: dict[str, Any]) -> TaskContext:
-        return cls(**{name: task[name] for name in cls.__dataclass_fields__})
+    def from_wire(cls, t: dict[str, Any]) -> TaskContext:
+        return cls(
+            t["id"], t["queue"], t["attempt"], t["payload"], t["priority"], t["failures"],
+            t["max_attempts"], t["lease_timeout"], t["broker"],
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

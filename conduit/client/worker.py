@@ -7,13 +7,12 @@ broker acknowledges their commit, so a finished task is not run again for nothin
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import logging
 import os
-import queue
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +23,8 @@ from typing import Any
 import zmq
 
 from conduit.client.channel import REPLIES, dealer
-from conduit.client.context import Handler, Outcome, TaskContext, invoke
+from conduit.client.context import Handler, Outcome, TaskContext
+from conduit.client.runners import ProcessRunner, ThreadRunner
 from conduit.logs import log
 from conduit.task import check_queue_name
 from conduit.wire import MAX_BATCH, Command, Message, ProtocolError, decode, encode
@@ -56,7 +56,8 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.handlers: dict[str, Handler] = {}
         self._stop = threading.Event()
-        self._done: queue.Queue[Outcome] = queue.Queue()
+        self._done: deque[Outcome] = deque()  # appended by handler threads, drained by the loop
+        self._woken = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -76,8 +77,15 @@ class Worker:
         self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"!")
+        """Wake the loop, once until it next looks (a write per finished task would cost more)."""
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"!")
+
+    def _finished(self, outcome: Outcome) -> None:
+        self._done.append(outcome)
+        self._wake()
 
     def run(self) -> None:
         if not self.handlers:
@@ -85,28 +93,29 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
-        executor: concurrent.futures.Executor = (
-            concurrent.futures.ProcessPoolExecutor(self.concurrency)
-            if self.pool == "process"
-            else concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="conduit-handler")
-        )
+        sys.setswitchinterval(0.0005)  # hand outcomes and deliveries between threads promptly
+        runner_type = ProcessRunner if self.pool == "process" else ThreadRunner
+        runner = runner_type(self.concurrency, self._finished)
         ctx = zmq.Context()
         try:
-            _Loop(self, ctx, executor).run()
+            _Loop(self, ctx, runner).run()
         finally:
-            executor.shutdown(wait=True)
+            runner.shutdown()
             ctx.term()
 
 
 class _Loop:
     """The worker's bookkeeping, owned by one thread."""
 
-    def __init__(self, worker: Worker, ctx: zmq.Context[Any], executor: concurrent.futures.Executor) -> None:
+    def __init__(self, worker: Worker, ctx: zmq.Context[Any], runner: ThreadRunner | ProcessRunner) -> None:
         self.w = worker
         self.ctx = ctx
-        self.executor = executor
+        self.runner = runner
         self.endpoint_index = 0
         self.sock = dealer(ctx, worker.endpoints[0])
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(worker._wake_r, zmq.POLLIN)
         self.rids = iter(range(1, 2**63))
         self.poll_rid: int | None = None
         self.poll_deadline = 0.0
@@ -120,13 +129,18 @@ class _Loop:
         }
         self.hold_until = 0.0
         self.next_heartbeat = 0.0
+        self.heartbeats: dict[int, list[list[int]]] = {}  # the last heartbeat's rid and rows
 
     def send(self, command: Command, body: dict[str, Any]) -> int | None:
         """Send, waiting a moment for a connection; None if there is none (the caller tries again)."""
         rid = next(self.rids)
-        if not self.sock.poll(1000, zmq.POLLOUT):
-            return None
-        self.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
+        frames = encode(command, {**body, "rid": rid})
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            if not self.sock.poll(1000, zmq.POLLOUT):
+                return None
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
         return rid
 
     def flush(self) -> None:
@@ -145,9 +159,7 @@ class _Loop:
         self.outbox[command][:0] = rows
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.w._wake_r, zmq.POLLIN)
+        poller = self.poller
         while not (
             self.w._stop.is_set()
             and not self.running
@@ -158,12 +170,13 @@ class _Loop:
             self.flush()
             ready = dict(poller.poll(100))
             if self.w._wake_r in ready:
+                self.w._woken = False  # before collecting: a later outcome wakes the loop again
                 os.read(self.w._wake_r, 65536)
             if self.sock in ready:
                 self.receive()
             self.collect()
             if self.poll_rid is not None and time.monotonic() > self.poll_deadline:
-                self.failover(poller)
+                self.failover()
         self.sock.close(linger=0)
 
     def step_out(self) -> None:
@@ -172,8 +185,7 @@ class _Loop:
         while self.prefetched and len(self.running) < self.w.concurrency and not self.w._stop.is_set():
             task = self.prefetched.popleft()
             self.running[task.id] = task
-            future = self.executor.submit(invoke, self.w.handlers[task.queue], task)
-            future.add_done_callback(lambda f, t=task: self._finished(f, t))
+            self.runner.submit(self.w.handlers[task.queue], task)
         if self.w._stop.is_set() and self.prefetched:
             self.outbox[Command.RELEASE].extend([t.id, t.attempt] for t in self.prefetched)
             self.prefetched.clear()
@@ -182,36 +194,25 @@ class _Loop:
             body = {"worker": self.w.worker_id, "queues": list(self.w.handlers), "max": room}
             self.poll_rid = self.send(Command.POLL, {**body, "timeout": self.w.poll_timeout})
             self.poll_deadline = now + self.w.poll_timeout + 5
+            if self.poll_rid is None:  # no connection: try the next broker
+                self.failover()
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.w.heartbeat_interval
-            held = [*self.running.values(), *self.prefetched]
+            held = [[t.id, t.attempt] for t in (*self.running.values(), *self.prefetched)]
             if held:
-                self.send(
-                    Command.HEARTBEAT,
-                    {"worker": self.w.worker_id, "tasks": [[t.id, t.attempt] for t in held]},
-                )
+                rid = self.send(Command.HEARTBEAT, {"worker": self.w.worker_id, "tasks": held})
+                self.heartbeats = {rid: held} if rid is not None else {}
             for rid, (_, _, sent) in list(self.unacked.items()):
                 if now - sent > RESEND_AFTER:
                     self.requeue(rid)
-
-    def _finished(self, future: concurrent.futures.Future[Outcome], task: TaskContext) -> None:
-        exc = future.exception()
-        if exc is None:
-            self.w._done.put(future.result())
-        else:  # the pool itself failed (a handler process died): a failure of that task
-            self.w._done.put(Outcome(task, ok=False, error=f"handler pool failed: {exc!r}"))
-        self.w._wake()
 
     def pending_reports(self) -> bool:
         return bool(self.unacked) or any(self.outbox.values())
 
     def collect(self) -> None:
         """Move finished handlers' outcomes to the outbox."""
-        while True:
-            try:
-                outcome = self.w._done.get_nowait()
-            except queue.Empty:
-                break
+        while self.w._done:
+            outcome = self.w._done.popleft()
             task = outcome.task
             self.running.pop(task.id, None)
             if outcome.ok:
@@ -239,9 +240,9 @@ class _Loop:
                     self.prefetched.extend(tasks)  # given back by the next step_out
                 else:
                     self.prefetched.extend(t for t in tasks if t.queue in self.w.handlers)
-            else:
+            else:  # shutting down, or refusing: another broker, or this one anew, after a pause
                 log(logger, "warning", "poll_refused", error=str(msg.body.get("message")))
-                time.sleep(0.5)
+                self.failover()
             return
         if msg.command is Command.ERROR and msg.rid in self.unacked:
             self.requeue(msg.rid)  # refused for now (busy, database down): send it again shortly
@@ -252,7 +253,10 @@ class _Loop:
         if msg.command is Command.ERROR:
             log(logger, "warning", "request_refused", error=str(msg.body.get("message")))
         elif msg.command is Command.ACK and sent is None:  # a heartbeat's answer
-            pass
+            rows = self.heartbeats.pop(msg.rid, [])
+            for (task_id, attempt), outcome in zip(rows, msg.body.get("outcomes", []), strict=False):
+                if outcome != "ok":  # another delivery holds it now: its result will be refused
+                    log(logger, "warning", "lease_lost", task=task_id, attempt=attempt, outcome=outcome)
         elif msg.command is Command.ACK:
             for row, outcome in zip(sent[1], msg.body.get("outcomes", []), strict=False):
                 if outcome != "ok":
@@ -266,15 +270,16 @@ class _Loop:
                         outcome=outcome,
                     )
 
-    def failover(self, poller: zmq.Poller) -> None:
-        """No answer to a poll within its timeout: the broker is gone or cut off. Reconnect, or use
-        the next endpoint, and send everything unacknowledged again."""
-        log(logger, "warning", "broker_silent", endpoint=self.w.endpoints[self.endpoint_index])
-        poller.unregister(self.sock)
+    def failover(self) -> None:
+        """The broker is gone, cut off or refusing: reconnect, or use the next endpoint, and send
+        everything unacknowledged again (reports are fenced, so a repeat is harmless)."""
+        log(logger, "warning", "failover", endpoint=self.w.endpoints[self.endpoint_index])
+        self.poller.unregister(self.sock)
         self.sock.close(linger=0)
         self.endpoint_index = (self.endpoint_index + 1) % len(self.w.endpoints)
         self.sock = dealer(self.ctx, self.w.endpoints[self.endpoint_index])
-        poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.sock, zmq.POLLIN)
         self.poll_rid = None
+        time.sleep(0.1 if len(self.w.endpoints) > 1 else 0.5)
         for rid in list(self.unacked):
             self.requeue(rid)

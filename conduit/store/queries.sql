@@ -96,7 +96,7 @@ WHERE t.id = r.id AND t.attempt = r.attempt AND t.state = 'buffered'
   AND t.broker = %(broker)s AND t.broker_epoch = %(epoch)s
   AND EXISTS (SELECT 1 FROM brokers b
               WHERE b.id = %(broker)s AND b.epoch = %(epoch)s AND b.expires_at > now())
-RETURNING t.id;
+RETURNING t.id, t.attempt;
 
 -- name: renew
 -- A heartbeat through any broker keeps the lease of the delivery that holds the current attempt.
@@ -105,7 +105,7 @@ SET state = 'running', broker = %(broker)s, broker_epoch = %(epoch)s,
     lease_expires_at = now() + t.lease_timeout * interval '1 second'
 FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS r(id, attempt)
 WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
-RETURNING t.id;
+RETURNING t.id, t.attempt;
 
 -- name: complete
 -- The first of duplicate completions in one batch wins; the rest are refused as finished.
@@ -124,7 +124,7 @@ INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts
 SELECT id, queue, 'completed', priority, attempt, failures, max_attempts, lease_timeout,
        backoff_base, backoff_max, idempotency_key, result, last_error, created_at
 FROM done
-RETURNING id;
+RETURNING id, attempt;
 
 -- name: fail
 -- A failed run: back to pending after an exponential backoff with equal jitter, or dead once it
@@ -146,11 +146,11 @@ WITH r AS (
     UPDATE tasks t
     SET state = 'pending', failures = t.failures + 1, last_error = f.error, broker = NULL,
         broker_epoch = NULL, worker = NULL, lease_expires_at = NULL,
-        run_at = now() + least(t.backoff_max, t.backoff_base * 2 ^ t.failures) * (0.5 + random() / 2)
-                         * interval '1 second'
+        run_at = now() + least(t.backoff_max, t.backoff_base * 2 ^ least(t.failures, 60))
+                         * (0.5 + random() / 2) * interval '1 second'
     FROM failed f
     WHERE t.id = f.id AND f.again
-    RETURNING t.id
+    RETURNING t.id, t.attempt
 ), buried AS (
     DELETE FROM tasks t USING failed f
     WHERE t.id = f.id AND NOT f.again
@@ -161,9 +161,9 @@ WITH r AS (
     SELECT id, queue, 'dead', priority, attempt, failures + 1, max_attempts, lease_timeout,
            backoff_base, backoff_max, idempotency_key, payload, error, created_at
     FROM buried
-    RETURNING id
+    RETURNING id, attempt
 )
-SELECT id FROM retried UNION ALL SELECT id FROM dead;
+SELECT id, attempt FROM retried UNION ALL SELECT id, attempt FROM dead;
 
 -- name: release
 -- Unstarted tasks given back: pending again, attempt kept so the old delivery stays fenced off.
@@ -171,7 +171,7 @@ UPDATE tasks t
 SET state = 'pending', broker = NULL, broker_epoch = NULL, worker = NULL, lease_expires_at = NULL
 FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS r(id, attempt)
 WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
-RETURNING t.id;
+RETURNING t.id, t.attempt;
 
 -- name: expired_running
 SELECT id, attempt FROM tasks

@@ -95,7 +95,10 @@ def _check_version(conn: psycopg.Connection[Any], schema: str) -> None:
 
 
 class Store:
-    """Batched operations on tasks and leases. Each call commits on its own, or within `transaction()`."""
+    """Batched operations on tasks and leases. Each call commits on its own, or within `transaction()`.
+
+    Most calls are one statement, atomic by itself, so outside a transaction they cost one round
+    trip and no BEGIN/COMMIT."""
 
     def __init__(self, conn: psycopg.Connection[Any], *, max_payload_bytes: int) -> None:
         self.conn = conn
@@ -169,19 +172,18 @@ class Store:
         if owner is None and all(s.idempotency_key is None for s in specs):
             ids = sorted(row[0] for row in self._rows("enqueue_plain", params))
             return [Submitted(task_id, True) for task_id in ids]
-        with self._tx():
-            rows = self._rows("insert_tasks", params)
-            missing = [i for i, (task_id, _) in enumerate(rows) if task_id is None]
-            if missing:  # keys committed by other transactions: now visible to a new statement
-                found = self._rows(
-                    "lookup_keys",
-                    {
-                        "queue": [specs[i].queue for i in missing],
-                        "key": [specs[i].idempotency_key for i in missing],
-                    },
-                )
-                for i, (task_id,) in zip(missing, found, strict=True):
-                    rows[i] = (task_id, False)
+        rows = self._rows("insert_tasks", params)
+        missing = [i for i, (task_id, _) in enumerate(rows) if task_id is None]
+        if missing:  # keys committed by other transactions: now visible to a new statement
+            found = self._rows(
+                "lookup_keys",
+                {
+                    "queue": [specs[i].queue for i in missing],
+                    "key": [specs[i].idempotency_key for i in missing],
+                },
+            )
+            for i, (task_id,) in zip(missing, found, strict=True):
+                rows[i] = (task_id, False)
         return [Submitted(task_id, created) for task_id, created in rows]
 
     # -- broker leases ------------------------------------------------------------------------
@@ -209,10 +211,9 @@ class Store:
         """Lease up to `limit` due tasks into `owner`'s buffer, in (priority, run_at, id) order."""
         check_queue_name(queue)
         params = {"broker": owner.broker_id, "epoch": owner.epoch, "queue": queue, "limit": limit}
-        with self._tx():
-            rows = self._rows("lease", params)
-            if not rows and not self._rows("check_broker", {"id": owner.broker_id, "epoch": owner.epoch}):
-                raise BrokerLeaseLost(f"broker {owner.broker_id} has no live lease (epoch {owner.epoch})")
+        rows = self._rows("lease", params)
+        if not rows and not self._rows("check_broker", {"id": owner.broker_id, "epoch": owner.epoch}):
+            raise BrokerLeaseLost(f"broker {owner.broker_id} has no live lease (epoch {owner.epoch})")
         tasks = [LeasedTask(*row) for row in rows]
         tasks.sort(key=lambda t: (t.priority, t.run_at, t.id))
         return tasks
@@ -266,12 +267,11 @@ class Store:
     ) -> list[Outcome]:
         if not items:
             return []
-        with self._tx():
-            accepted = {row[0] for row in self._rows(name, params)}
+        accepted = {(task_id, attempt) for task_id, attempt in self._rows(name, params)}
         outcomes: list[Outcome | None] = []
-        for item in items:
-            outcomes.append(Outcome.OK if item.id in accepted else None)
-            accepted.discard(item.id)  # a duplicate in the same batch did not change anything
+        for item in items:  # by id and attempt: a stale row beside the current one stays refused
+            outcomes.append(Outcome.OK if (item.id, item.attempt) in accepted else None)
+            accepted.discard((item.id, item.attempt))  # a duplicate in the batch changed nothing
         refused = [i for i, o in enumerate(outcomes) if o is None]
         if refused:
             infos = self.lookup([items[i].id for i in refused])
@@ -295,8 +295,7 @@ class Store:
     def cancel(self, ids: Iterable[int]) -> list[Outcome]:
         """Cancel live tasks, whatever their state; a running one's later complete is refused."""
         ids = list(ids)
-        with self._tx():
-            cancelled = {row[0] for row in self._rows("cancel", {"id": ids})}
+        cancelled = {row[0] for row in self._rows("cancel", {"id": ids})}
         outcomes = []
         for info in self.lookup(ids):
             outcomes.append(Outcome.OK if info.id in cancelled else _refusal(info))
@@ -306,8 +305,7 @@ class Store:
         """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""
         check_queue_name(queue)
         params = {"queue": queue, "id": list(ids) if ids is not None else None, "limit": limit}
-        with self._tx():
-            return sorted(row[0] for row in self._rows("redrive", params))
+        return sorted(row[0] for row in self._rows("redrive", params))
 
     def lookup(self, ids: Sequence[int]) -> list[TaskInfo]:
         return [TaskInfo(*row) for row in self._rows("lookup", {"id": list(ids)})]
@@ -320,8 +318,7 @@ class Store:
         return stats
 
     def compact_counts(self) -> None:
-        with self._tx():
-            self.conn.execute(QUERIES["compact_counts"])
+        self.conn.execute(QUERIES["compact_counts"])
 
 
 def _failure_params(
