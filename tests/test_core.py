@@ -173,7 +173,7 @@ def test_submit_goes_straight_to_a_waiting_worker_after_commit() -> None:
 
 def test_no_sync_match_past_an_older_backlog_or_for_delayed_tasks() -> None:
     c = make_core(sync_match_window=5.0)
-    poll(c)  # a read is in flight: older tasks may be on their way
+    poll(c)  # the first read is in flight: older tasks may be on their way
     actions = request(c, CLIENT, "SUBMIT", rid=2, tasks=[{"queue": "q", "payload": b"x"}])
     assert of(actions, core.Write)[0].batch.submits[0].workers == [None]
     c = make_core(sync_match_window=5.0)

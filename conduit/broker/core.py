@@ -274,7 +274,9 @@ class Core:
 
     def _sync_match(self, spec: TaskSpec, now: float) -> _Waiter | None:
         q = self.queues.get(spec.queue)
-        if q is None or q.buffer or q.leasing or q.drained_at is None:
+        # A re-read in flight on a queue drained moments ago may bring older tasks; they go to the
+        # next poll. Waiting for it instead would add a read to every submit's latency.
+        if q is None or q.buffer or q.drained_at is None:
             return None
         if now - q.drained_at > self.config.sync_match_window:
             return None
