@@ -125,3 +125,11 @@ def test_counters_match_the_tables(store: Store, db) -> None:
             truth.setdefault(queue, {})[state] = n
     assert store.queue_stats() == truth
     assert truth["a"] == {"pending": 10, "buffered": 9, "completed": 10, "cancelled": 1}
+
+
+def test_transactional_enqueue_refuses_a_bad_queue_name(db) -> None:
+    with psycopg.connect(db.dsn) as app:
+        enqueue = sql.SQL("SELECT {}.enqueue('no spaces', %s)").format(sql.Identifier(db.schema))
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="queue name 'no spaces' is not valid"):
+            app.execute(enqueue, (b"x",))
+    assert db.query("SELECT count(*) FROM tasks") == [(0,)]

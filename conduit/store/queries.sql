@@ -9,10 +9,16 @@ SELECT to_regclass('meta') IS NOT NULL;
 
 -- name: enqueue_plain
 -- The common case, no idempotency keys: ids come from the sequence in input order, so the
--- caller sorts the returned ids to match its rows.
+-- caller sorts the returned ids to match its rows. A column whose value is the same for every
+-- row comes as one value (its name with _all) and a NULL array, sparing a dump row by row.
 INSERT INTO tasks (queue, payload, priority, run_at, max_attempts, lease_timeout, backoff_base, backoff_max)
-SELECT queue, payload, priority, now() + delay * interval '1 second', max_attempts, lease_timeout,
-       backoff_base, backoff_max
+SELECT queue, payload,
+       coalesce(priority, %(priority_all)s::smallint),
+       now() + coalesce(delay, %(delay_all)s::float8) * interval '1 second',
+       coalesce(max_attempts, %(max_attempts_all)s::int),
+       coalesce(lease_timeout, %(lease_timeout_all)s::float8),
+       coalesce(backoff_base, %(backoff_base_all)s::float8),
+       coalesce(backoff_max, %(backoff_max_all)s::float8)
 FROM unnest(%(queue)b::text[], %(payload)b::bytea[], %(priority)b::smallint[], %(delay)b::float8[],
             %(max_attempts)b::int[], %(lease_timeout)b::float8[], %(backoff_base)b::float8[],
             %(backoff_max)b::float8[])
@@ -33,7 +39,14 @@ WITH input AS (
          WITH ORDINALITY AS i(queue, payload, priority, delay, max_attempts, lease_timeout, backoff_base,
                               backoff_max, idempotency_key, worker, ord)
 ), numbered AS MATERIALIZED (
-    SELECT i.*, nextval('task_ids') AS id FROM input i ORDER BY i.ord
+    SELECT i.queue, i.payload, coalesce(i.priority, %(priority_all)s::smallint) AS priority,
+           coalesce(i.delay, %(delay_all)s::float8) AS delay,
+           coalesce(i.max_attempts, %(max_attempts_all)s::int) AS max_attempts,
+           coalesce(i.lease_timeout, %(lease_timeout_all)s::float8) AS lease_timeout,
+           coalesce(i.backoff_base, %(backoff_base_all)s::float8) AS backoff_base,
+           coalesce(i.backoff_max, %(backoff_max_all)s::float8) AS backoff_max,
+           i.idempotency_key, i.worker, i.ord, nextval('task_ids') AS id
+    FROM input i ORDER BY i.ord
 ), claimed AS (
     INSERT INTO idempotency_keys (queue, key, task_id)
     SELECT queue, idempotency_key, id FROM numbered WHERE idempotency_key IS NOT NULL

@@ -25,6 +25,16 @@ from conduit.task import (
     check_queue_name,
 )
 
+# Task settings sent per row, or once when every row has the same value.
+_SPEC_COLUMNS = (
+    ("priority", int),
+    ("delay", float),
+    ("max_attempts", int),
+    ("lease_timeout", float),
+    ("backoff_base", float),
+    ("backoff_max", float),
+)
+
 
 @dataclass(frozen=True)
 class BrokerLease:
@@ -155,20 +165,19 @@ class Store:
             return []
         for spec in specs:
             spec.validate(self.max_payload_bytes)
-        params = {
+        params: dict[str, Any] = {
             "queue": [s.queue for s in specs],
             "payload": [bytes(s.payload) for s in specs],
-            "priority": [s.priority for s in specs],
-            "delay": [float(s.delay) for s in specs],
-            "max_attempts": [s.max_attempts for s in specs],
-            "lease_timeout": [float(s.lease_timeout) for s in specs],
-            "backoff_base": [float(s.backoff_base) for s in specs],
-            "backoff_max": [float(s.backoff_max) for s in specs],
             "idempotency_key": [s.idempotency_key for s in specs],
             "worker": workers,
             "broker": owner.broker_id if owner else None,
             "epoch": owner.epoch if owner else None,
         }
+        for name, kind in _SPEC_COLUMNS:
+            values = [kind(getattr(s, name)) for s in specs]
+            uniform = all(v == values[0] for v in values)
+            params[name] = None if uniform else values
+            params[f"{name}_all"] = values[0] if uniform else None
         if owner is None and all(s.idempotency_key is None for s in specs):
             ids = sorted(row[0] for row in self._rows("enqueue_plain", params))
             return [Submitted(task_id, True) for task_id in ids]
