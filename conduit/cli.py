@@ -103,25 +103,58 @@ def db_stop(data_dir: Path | None) -> None:
 
 @main.command()
 @_db_options
+@click.option("--gossip", multiple=True, help="Gossip endpoint(s) of brokers, to show the mesh too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(dsn: str | None, data_dir: Path | None, schema: str | None, as_json: bool) -> None:
-    """Per-queue task counts by state, from counters (cheap on any backlog)."""
+def status(
+    dsn: str | None, data_dir: Path | None, schema: str | None, gossip: tuple[str, ...], as_json: bool
+) -> None:
+    """Per-queue task counts by state, from counters (cheap on any backlog), and with --gossip
+    the live brokers with their buffered tasks and waiting polls per queue."""
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     with Store.open(dsn_for(settings), schema=settings.schema) as store:
         stats = store.queue_stats()
+    brokers = _listen_to_gossip(list(gossip)) if gossip else []
     if as_json:
-        click.echo(json.dumps({"queues": stats}, sort_keys=True))
+        mesh = {b.broker: {"endpoint": b.endpoint, "queues": b.queues} for b in brokers}
+        click.echo(json.dumps({"queues": stats, "brokers": mesh}, sort_keys=True))
         return
     states = ["pending", "buffered", "running", "completed", "dead", "cancelled"]
     click.echo(f"{'queue':<24}" + "".join(f"{s:>11}" for s in states))
     for queue, counts in sorted(stats.items()):
         click.echo(f"{queue:<24}" + "".join(f"{counts.get(s, 0):>11}" for s in states))
+    if gossip:
+        click.echo(f"\n{'broker':<20}{'endpoint':<28}{'queue':<24}{'buffered':>10}{'polls':>8}")
+        for b in sorted(brokers, key=lambda b: b.broker):
+            for queue, (buffered, polls) in sorted(b.queues.items()) or [("-", (0, 0))]:
+                click.echo(f"{b.broker:<20}{b.endpoint:<28}{queue:<24}{buffered:>10}{polls:>8}")
+
+
+def _listen_to_gossip(endpoints: list[str], seconds: float = 1.5) -> list[Any]:
+    """Brokers heard within a few gossip intervals (slow joiners hear the next round)."""
+    import zmq
+
+    from conduit.client.mesh import Mesh
+
+    ctx = zmq.Context()
+    mesh = Mesh(ctx, [], endpoints)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            mesh.sub.poll(100)
+            mesh.update()
+        return mesh.live()
+    finally:
+        mesh.close()
+        ctx.term()
 
 
 @main.command()
 @_db_options
 @click.option(
     "--bind", default="tcp://127.0.0.1:5555", show_default=True, help="ROUTER endpoint ('*' port: any)."
+)
+@click.option(
+    "--pub", help="PUB endpoint for gossip (queue depths), e.g. tcp://127.0.0.1:5556 ('*' port: any)."
 )
 @click.option("--broker-id", help="Unique id of this broker (default: random).")
 @click.option("--buffer-size", default=1000, show_default=True, help="Tasks buffered per queue at most.")
@@ -133,13 +166,15 @@ def broker(
     data_dir: Path | None,
     schema: str | None,
     bind: str,
+    pub: str | None,
     broker_id: str | None,
     buffer_size: int,
     lease_batch: int,
     lease_term: float,
     log_level: str,
 ) -> None:
-    """Run a broker (task service). Prints its endpoint on stdout; logs go to stderr."""
+    """Run a broker (task service). Prints its endpoint, then its gossip endpoint if any, on
+    stdout; logs go to stderr."""
     import zmq
 
     from conduit import logs
@@ -156,10 +191,12 @@ def broker(
         max_payload_bytes=settings.max_payload_bytes,
     )
     try:
-        service = Broker(config, dsn_for(settings), settings.schema, bind)
+        service = Broker(config, dsn_for(settings), settings.schema, bind, pub)
     except zmq.ZMQError as exc:
         raise ConduitError(f"cannot bind {bind}: {exc}") from None
     click.echo(service.endpoint)
+    if service.config.pub_endpoint:
+        click.echo(service.config.pub_endpoint)
     sys.stdout.flush()
     service.run()
 
@@ -257,7 +294,11 @@ def demo(
     mesh = run.Mesh(url, settings.schema, workers)
     try:
         click.echo(f"broker at {mesh.endpoint}, {workers} worker processes", err=True)
-        with Client(mesh.endpoint) as client, Store.open(url, schema=settings.schema) as store:
+        # Tasks without keys: a timed-out demo submit is an error, not retried elsewhere.
+        with (
+            Client(mesh.endpoint, retry_submits=False) as client,
+            Store.open(url, schema=settings.schema) as store,
+        ):
             figures = {
                 "burst": run.burst(client, store, tasks, batch, producers),
                 "sync_match": run.sync_match(client, store, single),

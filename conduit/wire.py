@@ -43,6 +43,8 @@ class Command(enum.StrEnum):
     RESULTS = "RESULTS"
     PONG = "PONG"
     ERROR = "ERROR"
+    # broadcast on a broker's PUB socket
+    GOSSIP = "GOSSIP"
 
 
 REQUESTS = frozenset(
@@ -89,8 +91,8 @@ class Message:
 
     @property
     def rid(self) -> int:
-        """The request id; -1 on an ERROR that answers a request whose id could not be read."""
-        rid = self.body["rid"]
+        """The request id; -1 where there is none (GOSSIP, or an ERROR about an unreadable request)."""
+        rid = self.body.get("rid")
         return -1 if rid is None else int(rid)
 
 
@@ -116,8 +118,9 @@ def decode(frames: list[bytes], *, allowed: frozenset[Command] = REQUESTS) -> Me
     except (UnicodeDecodeError, ValueError):
         cmd = None
     rid = body.get("rid")
-    unmatched_error = cmd is Command.ERROR and rid is None  # the failed request's rid was unreadable
-    if not unmatched_error and (not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**64):
+    # no rid: an ERROR whose request's rid was unreadable, or gossip, which answers nothing
+    no_rid = (cmd is Command.ERROR and rid is None) or (cmd is Command.GOSSIP and "rid" not in body)
+    if not no_rid and (not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**64):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "body needs rid, an unsigned integer")
     if cmd is None or cmd not in allowed:
         shown = command[:32].decode("utf-8", "replace")

@@ -127,6 +127,7 @@ class BrokerProcess(Process):
             self.kill()
             raise AssertionError(f"broker did not start: {self.log()}")
         self.endpoint = line
+        self.pub = self.proc.stdout.readline().strip() if "--pub" in extra else ""
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from conduit.broker.events import (
     Acquired,
     Leased,
     LeaseRenewed,
+    Notified,
     Received,
     SendFailed,
     Shutdown,
@@ -102,7 +103,7 @@ def test_bad_frames_get_error_replies_and_change_nothing() -> None:
         ]
         assert of(actions, core.Log) and not of(actions, core.Write) and not of(actions, core.Lease)
     assert c.queues == {} or all(not q.buffer and not q.waiters for q in c.queues.values())
-    assert sent(request(c, CLIENT, "PING", rid=11)) == [("PONG", {"rid": 11, "broker": "b1"})]
+    assert sent(request(c, CLIENT, "PING", rid=11)) == [("PONG", {"rid": 11, "broker": "b1", "pub": None})]
 
 
 def test_oversized_payload_is_refused_with_advice() -> None:
@@ -359,3 +360,48 @@ def test_deliveries_are_capped_in_bytes() -> None:
     assert [a.id for a in send.delivered] == [0, 1]  # 6 MiB; a third would pass 8 MiB
     (send,) = of(poll(c, now=0.2, rid=2, max=10), core.Send)
     assert [a.id for a in send.delivered] == [2, 3]
+
+
+# -- the mesh ----------------------------------------------------------------------------------
+
+
+def gossip(actions: list[core.Action]) -> list[dict[str, Any]]:
+    return [decode(a.frames, allowed=frozenset({Command.GOSSIP})).body for a in of(actions, core.Publish)]
+
+
+def test_gossip_every_interval_and_at_once_on_a_big_change() -> None:
+    c = make_core(pub_endpoint="tcp://x:2", gossip_every=0.5)
+    (first,) = gossip(c.handle(Tick(0.0)))
+    assert first["broker"] == "b1" and first["pub"] == "tcp://x:2" and first["queues"] == {}
+    assert gossip(c.handle(Tick(0.2))) == []
+    (polled,) = gossip(poll(c, now=0.3) + c.handle(Tick(0.3)))  # a queue gained a poll: at once
+    assert polled["queues"] == {"q": [0, 1]} and polled["seq"] == 2
+    assert gossip(c.handle(Tick(0.35))) == []
+    (periodic,) = gossip(c.handle(Tick(0.85)))
+    assert periodic["queues"] == {"q": [0, 1]}
+
+
+def test_unpolled_buffer_goes_back_and_submits_wake_other_brokers() -> None:
+    c = make_core(idle_release=2.0)
+    poll(c, max=1)
+    c.handle(Leased("q", [task(1), task(2), task(3)], None, 0.1))  # 1 delivered, 2 buffered
+    assert of(c.handle(Tick(2.0)), core.Write) == []  # polls were served lately
+    (release,) = of(c.handle(Tick(3.2)), core.Write)
+    assert release.batch.releases == [Ack(2, 1), Ack(3, 1)] and c.depths()["q"][0] == 0
+    c.handle(Written(release.batch, WriteResult([], []), None, 3.3))
+    (write,) = of(
+        request(c, CLIENT, "SUBMIT", 4.0, rid=9, tasks=[{"queue": "z", "payload": b""}] * 2), core.Write
+    )
+    assert write.batch.notify == ["z"]  # once per queue, however many tasks
+    c.handle(Written(write.batch, WriteResult([[Submitted(5, True), Submitted(6, True)]], []), None, 4.01))
+    (again,) = of(
+        request(c, CLIENT, "SUBMIT", 4.05, rid=10, tasks=[{"queue": "z", "payload": b""}]), core.Write
+    )
+    assert again.batch.notify == []  # debounced: NOTIFY takes a global lock at commit
+
+
+def test_a_wake_up_makes_a_drained_queue_read_at_once() -> None:
+    c = make_core(idle_recheck=10.0)
+    drain(c)
+    assert of(c.handle(Tick(1.0)), core.Lease) == []
+    assert of(c.handle(Notified("q", 1.1)), core.Lease) == [core.Lease("q", 500)]

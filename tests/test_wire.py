@@ -41,7 +41,7 @@ from conduit.wire import (
 
 RID = 4242
 PAYLOAD_LIMIT = 1024
-REPLIES = frozenset(set(Command) - REQUESTS)
+REPLIES = frozenset(set(Command) - REQUESTS - {Command.GOSSIP})
 UINT63_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -92,6 +92,14 @@ def test_every_command_is_a_request_or_a_reply() -> None:
     assert set(REQUEST_BODIES) == REQUESTS
     assert set(REPLY_BODIES) == REPLIES
     assert not REQUESTS & REPLIES
+    assert set(Command) == REQUESTS | REPLIES | {Command.GOSSIP}  # gossip is broadcast, not a reply
+
+
+def test_gossip_needs_no_rid_but_other_replies_do() -> None:
+    msg = decode(
+        encode(Command.GOSSIP, {"broker": "b1", "queues": {"q": [3, 1]}}), allowed=frozenset({Command.GOSSIP})
+    )
+    assert msg.rid == -1 and msg.body["queues"] == {"q": [3, 1]}
 
 
 @pytest.mark.parametrize("command", sorted(REQUESTS))

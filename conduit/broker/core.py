@@ -19,6 +19,7 @@ from conduit.broker.events import (
     Leased,
     LeaseRenewed,
     LookedUp,
+    Notified,
     Received,
     SendFailed,
     Shutdown,
@@ -57,10 +58,15 @@ class Config:
     sync_match_window: float = 5.0  # sync match only this long after a read found no older due task
     max_queued_requests: int = 250  # client writes waiting for the next commit; beyond: "busy"
     max_payload_bytes: int = 1024 * 1024
+    pub_endpoint: str = ""  # where this broker's gossip is published ("" for none)
+    gossip_every: float = 0.5
+    idle_release: float = 2.0  # a buffer nobody polled for this long goes back to the database
 
 
 DEMAND_MEMORY = 1.0  # seconds a served poll counts as demand, so prefetch continues between polls
 WRITE_RETRY_PAUSE = 0.5  # seconds between write attempts while the database fails
+NOTIFY_EVERY = 0.1  # at most one wake-up per queue this often: NOTIFY takes a global lock at commit
+GOSSIP_SOONEST = 0.1  # a big change is published at once, but not more often than this
 MAX_DELIVERY_BYTES = 8 * 1024 * 1024  # payload bytes in one DELIVER (under the peer's MAXMSGSIZE)
 
 
@@ -124,11 +130,16 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Publish:
+    frames: list[bytes]
+
+
+@dataclass(frozen=True)
 class Stop:
     owner: BrokerLease | None  # lease to drop; None when it was already lost
 
 
-Action = Send | Write | Lease | Lookup | RenewLease | Reacquire | Reap | Log | Stop
+Action = Send | Write | Lease | Lookup | RenewLease | Reacquire | Reap | Log | Publish | Stop
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -180,6 +191,11 @@ class Core:
         self._next_compact = 0.0
         self._stopping = False
         self._stopped = False
+        self._notified_at: dict[str, float] = {}
+        self._gossip_seq = 0
+        self._next_gossip = 0.0
+        self._last_gossip = -1.0
+        self._gossiped: frozenset[str] = frozenset()  # queues that had work or polls when last told
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -217,6 +233,10 @@ class Core:
                 self._pending.releases.extend(delivered)
             case Shutdown(now):
                 self._begin_shutdown(now, out)
+            case Notified(queue, now):
+                if queue in self.queues:
+                    self.queues[queue].recheck_at = 0.0
+                    self._maybe_lease(queue, now, out)
         self._flush(getattr(event, "now", None), out)
         return out
 
@@ -235,7 +255,8 @@ class Core:
     def _on_request(self, peer: bytes, msg: Message, now: float, out: list[Action]) -> None:
         rid = msg.rid
         if msg.command is Command.PING:
-            out.append(Send(peer, encode(Command.PONG, {"rid": rid, "broker": self.config.broker_id})))
+            body = {"rid": rid, "broker": self.config.broker_id, "pub": self.config.pub_endpoint or None}
+            out.append(Send(peer, encode(Command.PONG, body)))
             return
         if msg.command is Command.RESULT:
             out.append(Lookup(peer, rid, parse_ids(msg)))
@@ -265,6 +286,9 @@ class Core:
             waiter = self._sync_match(spec, now) if spec.delay == 0 else None
             if waiter is not None:
                 waiter.reserved.append((len(workers), spec))
+            elif spec.delay == 0 and now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY:
+                self._notified_at[spec.queue] = now  # wake brokers whose polls wait on this queue
+                self._pending.notify.append(spec.queue)
             workers.append(waiter.poll.worker if waiter else None)
             matched.append(waiter)
         self._pending.submits.append(
@@ -343,8 +367,7 @@ class Core:
         q = self._queue(name)
         if q.leasing or self._stopping or self.owner is None or now < q.recheck_at:
             return
-        waiting = any(key in self._waiters and not self._waiters[key].reserved for key in q.waiters)
-        if not waiting and now >= q.wanted_until:
+        if not self._polled(q) and now >= q.wanted_until:
             return
         limit = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer))
         if limit <= 0 or len(q.buffer) > self.config.lease_batch // 2:
@@ -484,8 +507,39 @@ class Core:
                 self._next_compact = now + self.config.compact_every
             out.append(Reap(compact))
         self._lease_live(now, out)
-        for name in list(self.queues):
+        for name, q in self.queues.items():
             self._maybe_lease(name, now, out)
+            if q.buffer and now >= q.wanted_until + self.config.idle_release and not self._polled(q):
+                # Nobody polls here for these: give them back so brokers with pollers can have them.
+                self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
+                q.buffer.clear()
+        self._gossip(now, out)
+
+    def _polled(self, q: _Queue) -> bool:
+        return any(key in self._waiters and not self._waiters[key].reserved for key in q.waiters)
+
+    def _gossip(self, now: float, out: list[Action]) -> None:
+        """Publish depths every interval, and at once when a queue gains or loses work or polls."""
+        if not self.config.pub_endpoint:
+            return
+        depths = self.depths()
+        active = frozenset(name for name, (buffered, polls) in depths.items() if buffered or polls)
+        changed = active != self._gossiped and now - self._last_gossip >= GOSSIP_SOONEST
+        if now < self._next_gossip and not changed:
+            return
+        self._gossiped, self._last_gossip = active, now
+        self._next_gossip = now + self.config.gossip_every
+        self._gossip_seq += 1
+        body = {
+            "broker": self.config.broker_id,
+            "endpoint": self.config.endpoint,
+            "pub": self.config.pub_endpoint,
+            "interval": self.config.gossip_every,
+            "seq": self._gossip_seq,
+            "stopping": self._stopping,
+            "queues": {name: list(d) for name, d in depths.items() if name in active},
+        }
+        out.append(Publish(encode(Command.GOSSIP, body)))
 
     def _on_renewed(self, ok: bool, started: float, now: float, out: list[Action]) -> None:
         self._renewing = False

@@ -71,4 +71,14 @@ class Shutdown:
     now: float
 
 
-Event = Received | Tick | Written | Leased | LeaseRenewed | Acquired | LookedUp | SendFailed | Shutdown
+@dataclass(frozen=True)
+class Notified:
+    """Another broker (or an application's enqueue()) committed due tasks to this queue."""
+
+    queue: str
+    now: float
+
+
+Event = (
+    Received | Tick | Written | Leased | LeaseRenewed | Acquired | LookedUp | SendFailed | Shutdown | Notified
+)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -30,6 +31,7 @@ from conduit.broker.events import (
     Leased,
     LeaseRenewed,
     LookedUp,
+    Notified,
     Received,
     SendFailed,
     Shutdown,
@@ -82,8 +84,33 @@ class _DatabaseThread(threading.Thread):
             self._store.close()
 
 
+class _Listener(threading.Thread):
+    """LISTENs for other brokers' wake-ups and posts them; reconnects after a failure."""
+
+    def __init__(self, open_store: Callable[[], Store], post: Callable[[Event], None]) -> None:
+        super().__init__(name="listener", daemon=True)
+        self._open_store = open_store
+        self._post = post
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                with self._open_store() as store:
+                    store.listen()
+                    while not self._halt.is_set():
+                        for note in store.conn.notifies(timeout=0.5):
+                            self._post(Notified(note.payload, time.monotonic()))
+            except (ConduitError, psycopg.Error) as exc:
+                log(logger, "warning", "listen_failed", error=str(exc).splitlines()[0])
+                self._halt.wait(1.0)
+
+
 class Broker:
-    def __init__(self, config: Config, dsn: str, schema: str, bind: str) -> None:
+    def __init__(self, config: Config, dsn: str, schema: str, bind: str, pub: str | None = None) -> None:
         self.config = config
         self._open_store = lambda: Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
         self._ctx = zmq.Context()
@@ -96,6 +123,13 @@ class Broker:
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.bind(bind)
         self.endpoint: str = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.publisher: zmq.Socket[Any] | None = None
+        if pub:
+            self.publisher = self._ctx.socket(zmq.PUB)
+            self.publisher.setsockopt(zmq.LINGER, 0)
+            self.publisher.bind(pub)
+            pub = self.publisher.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.config = config = replace(config, endpoint=self.endpoint, pub_endpoint=pub or "")
         self.core = Core(config)
         self._events: queue.Queue[Event] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
@@ -104,7 +138,7 @@ class Broker:
             name: _DatabaseThread(name, self._open_store, self._post)
             for name in ("writer", "reader", "keeper")
         }
-        self._stop_requested = False
+        self._listener = _Listener(self._open_store, self._post)
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
             self.owner: BrokerLease = store.acquire_broker(config.broker_id, self.endpoint, config.lease_term)
 
@@ -114,7 +148,6 @@ class Broker:
             os.write(self._wake_w, b"!")
 
     def request_stop(self, *_: Any) -> None:
-        self._stop_requested = True
         self._post(Shutdown(time.monotonic()))
 
     def run(self) -> None:
@@ -123,6 +156,7 @@ class Broker:
         sys.setswitchinterval(0.0005)
         for thread in self._threads.values():
             thread.start()
+        self._listener.start()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log(
@@ -155,7 +189,11 @@ class Broker:
                 thread.stop()
             for thread in self._threads.values():
                 thread.join(timeout=10)
+            self._listener.stop()
+            self._listener.join(timeout=5)
             self.router.close(linger=0)
+            if self.publisher is not None:
+                self.publisher.close(linger=0)
             self._ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -220,6 +258,10 @@ class Broker:
                     self._threads["keeper"].submit(
                         lambda store, c=compact: self._reap(store, c), _log_error("reap")
                     )
+                case core.Publish(frames):
+                    if self.publisher is not None:
+                        with contextlib.suppress(zmq.Again):  # gossip is periodic: a drop is harmless
+                            self.publisher.send_multipart(frames, zmq.NOBLOCK)
                 case core.Log(level, event, fields):
                     log(logger, level, event, broker=self.config.broker_id, **fields)
                 case core.Stop(owner):

@@ -38,6 +38,7 @@ class WriteBatch:
     starts: list[tuple[Ack, str]] = field(default_factory=list)  # deliveries made task leases (at shutdown)
     expiries: list[Ack] = field(default_factory=list)  # deliveries never heard of again
     releases: list[Ack] = field(default_factory=list)  # the broker's own give-backs
+    notify: list[str] = field(default_factory=list)  # queues to wake other brokers for, at commit
     requests: list[tuple[bytes, int]] = field(default_factory=list)  # who waits on this commit
 
     def add_request(self, peer: bytes, rid: int, kind: str, items: list[Any]) -> None:
@@ -55,6 +56,7 @@ class WriteBatch:
             + bool(self.starts)
             + bool(self.expiries)
             + bool(self.releases)
+            + bool(self.notify)
         )
 
     def empty(self) -> bool:
@@ -90,6 +92,8 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
             store.expire(owner, batch.expiries)
         if batch.releases:
             store.release(batch.releases)
+        if batch.notify:
+            store.notify(batch.notify)
     return WriteResult([[s for s in subs if s is not None] for subs in submitted], outcomes)
 
 

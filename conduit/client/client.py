@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import zmq
 
 from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
+from conduit.client.mesh import BrokerView, Mesh
+from conduit.errors import ConduitError
 from conduit.task import TaskSpec
 from conduit.wire import MAX_BATCH, Command
 
@@ -32,23 +35,50 @@ class Client:
     Thread-safe: each thread gets sockets of its own, so threads' requests run concurrently (and
     land in the same group commits)."""
 
-    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout: float = 10.0,
+        gossip: Sequence[str] = (),
+        retry_submits: bool = True,
+    ) -> None:
+        """`endpoints`: brokers to start from; with gossip (given, or advertised by the brokers)
+        the client spreads requests over the live brokers it hears of. `retry_submits`: give each
+        task without an idempotency key a random one, so a submit that timed out can be retried
+        on another broker without creating a duplicate (it costs a key row per task)."""
         self._ctx = zmq.Context()
         self._endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self._endpoints:
             raise ValueError("give at least one broker endpoint")
         self._timeout = timeout
+        self._retry_submits = retry_submits
         self._local = threading.local()
         self._all: list[Channel] = []
         self._lock = threading.Lock()
+        self._mesh = Mesh(self._ctx, self._endpoints, list(gossip))
+        self._asked_pub = False
 
-    def _channels(self) -> list[Channel]:
-        channels: list[Channel] | None = getattr(self._local, "channels", None)
-        if channels is None:
-            channels = self._local.channels = [Channel(self._ctx, e) for e in self._endpoints]
+    def _channel(self, endpoint: str) -> Channel:
+        channels: dict[str, Channel] = self._local.__dict__.setdefault("channels", {})
+        if endpoint not in channels:
+            channels[endpoint] = Channel(self._ctx, endpoint)
             with self._lock:
-                self._all.extend(channels)
-        return channels
+                self._all.append(channels[endpoint])
+        return channels[endpoint]
+
+    def _order(self) -> list[str]:
+        """Live brokers from gossip (fewest waiting polls first, random among equals), then the
+        configured ones."""
+        with self._lock:
+            self._mesh.update()
+            return self._mesh.rank([])
+
+    def brokers(self) -> list[BrokerView]:
+        """The live brokers and their queue depths, as gossip last told."""
+        with self._lock:
+            self._mesh.update()
+            return self._mesh.live()
 
     def close(self) -> None:
         """Close every thread's sockets; call it once no thread uses the client any more."""
@@ -56,6 +86,7 @@ class Client:
             for channel in self._all:
                 channel.close()
             self._all.clear()
+            self._mesh.close()
         self._ctx.term()
 
     def __enter__(self) -> Client:
@@ -67,9 +98,10 @@ class Client:
     def _request(self, command: Command, body: dict[str, Any], *, retry_safe: bool) -> dict[str, Any]:
         """Ask the brokers in turn; move on after a timeout only when repeating cannot duplicate."""
         errors = []
-        for channel in self._channels():
+        for endpoint in self._order():
+            channel = self._channel(endpoint)
             try:
-                return channel.request(command, body, self._timeout).body
+                reply = channel.request(command, body, self._timeout).body
             except BrokerTimeout as exc:
                 errors.append(str(exc))
                 if not retry_safe and not isinstance(exc, NotConnected):  # unsent: safe to move on
@@ -84,7 +116,21 @@ class Client:
                 ):
                     raise
                 errors.append(str(exc))
+            else:
+                if not self._asked_pub:  # brokers name their gossip endpoint: join it
+                    self._learn_gossip(channel)
+                return reply
         raise BrokerTimeout("no broker could serve the request: " + "; ".join(errors))
+
+    def _learn_gossip(self, channel: Channel) -> None:
+        self._asked_pub = True
+        try:
+            pub = channel.request(Command.PING, {}, self._timeout).body.get("pub")
+        except ConduitError:
+            return  # no gossip then: the configured endpoints serve
+        if pub:
+            with self._lock:
+                self._mesh.subscribe(str(pub))
 
     def submit(self, queue: str, payload: bytes, **options: Any) -> int:
         """Enqueue one task; options are TaskSpec's (priority, delay, max_attempts, key, ...)."""
@@ -94,6 +140,8 @@ class Client:
     def submit_many(self, tasks: Iterable[TaskSpec]) -> list[int]:
         """Enqueue many tasks, up to MAX_BATCH to a message, each batch in one commit."""
         specs = list(tasks)
+        if self._retry_submits:
+            specs = [s if s.idempotency_key else replace(s, idempotency_key=uuid.uuid4().hex) for s in specs]
         ids: list[int] = []
         for start in range(0, len(specs), MAX_BATCH):
             batch = specs[start : start + MAX_BATCH]

@@ -24,6 +24,7 @@ import zmq
 
 from conduit.client.channel import REPLIES, dealer
 from conduit.client.context import Handler, Outcome, TaskContext
+from conduit.client.mesh import Mesh
 from conduit.client.runners import ProcessRunner, ThreadRunner
 from conduit.logs import log
 from conduit.task import check_queue_name
@@ -46,8 +47,10 @@ class Worker:
         poll_timeout: float = 5.0,
         heartbeat_interval: float = 2.5,
         worker_id: str | None = None,
+        gossip: Sequence[str] = (),
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.gossip = list(gossip)  # gossip endpoints; brokers also advertise theirs
         self.concurrency = concurrency
         self.prefetch = concurrency if prefetch is None else prefetch
         self.pool = pool
@@ -111,11 +114,13 @@ class _Loop:
         self.w = worker
         self.ctx = ctx
         self.runner = runner
-        self.endpoint_index = 0
-        self.sock = dealer(ctx, worker.endpoints[0])
         self.poller = zmq.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(worker._wake_r, zmq.POLLIN)
+        self.mesh = Mesh(ctx, worker.endpoints, worker.gossip)
+        self.poller.register(self.mesh.sub, zmq.POLLIN)
+        self.socks: dict[str, zmq.Socket[Any]] = {}  # one DEALER per broker used
+        self.current = worker.endpoints[0]  # where polls, heartbeats and reports go
+        self.last_poll_empty = False
         self.rids = iter(range(1, 2**63))
         self.poll_rid: int | None = None
         self.poll_deadline = 0.0
@@ -130,17 +135,30 @@ class _Loop:
         self.hold_until = 0.0
         self.next_heartbeat = 0.0
         self.heartbeats: dict[int, list[list[int]]] = {}  # the last heartbeat's rid and rows
+        self.heartbeat_misses = 0
+        for endpoint in worker.endpoints:  # ask each broker where it gossips
+            self.send(Command.PING, {}, endpoint, wait=False)
 
-    def send(self, command: Command, body: dict[str, Any]) -> int | None:
-        """Send, waiting a moment for a connection; None if there is none (the caller tries again)."""
+    def sock(self, endpoint: str) -> zmq.Socket[Any]:
+        if endpoint not in self.socks:
+            self.socks[endpoint] = dealer(self.ctx, endpoint)
+            self.poller.register(self.socks[endpoint], zmq.POLLIN)
+        return self.socks[endpoint]
+
+    def send(
+        self, command: Command, body: dict[str, Any], endpoint: str | None = None, wait: bool = True
+    ) -> int | None:
+        """Send (to the current broker by default), waiting up to 1 s for a connection if `wait`;
+        None if there is none (the caller tries again)."""
+        sock = self.sock(endpoint or self.current)
         rid = next(self.rids)
         frames = encode(command, {**body, "rid": rid})
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            if not self.sock.poll(1000, zmq.POLLOUT):
+            if not wait or not sock.poll(1000, zmq.POLLOUT):
                 return None
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            sock.send_multipart(frames, zmq.NOBLOCK)
         return rid
 
     def flush(self) -> None:
@@ -159,6 +177,14 @@ class _Loop:
         self.outbox[command][:0] = rows
 
     def run(self) -> None:
+        try:
+            self.loop()
+        finally:  # sockets closed even on an error, so the context can terminate
+            for sock in self.socks.values():
+                sock.close(linger=0)
+            self.mesh.close()
+
+    def loop(self) -> None:
         poller = self.poller
         while not (
             self.w._stop.is_set()
@@ -172,12 +198,13 @@ class _Loop:
             if self.w._wake_r in ready:
                 self.w._woken = False  # before collecting: a later outcome wakes the loop again
                 os.read(self.w._wake_r, 65536)
-            if self.sock in ready:
-                self.receive()
+            if self.mesh.sub in ready:
+                self.mesh.update()
+            for sock in [s for s in self.socks.values() if s in ready]:
+                self.receive(sock)
             self.collect()
             if self.poll_rid is not None and time.monotonic() > self.poll_deadline:
                 self.failover()
-        self.sock.close(linger=0)
 
     def step_out(self) -> None:
         """Start what can run, give back what will not, ask for more, heartbeat."""
@@ -191,6 +218,7 @@ class _Loop:
             self.prefetched.clear()
         room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
         if self.poll_rid is None and room > 0 and not self.w._stop.is_set():
+            self.choose_broker()
             body = {"worker": self.w.worker_id, "queues": list(self.w.handlers), "max": room}
             self.poll_rid = self.send(Command.POLL, {**body, "timeout": self.w.poll_timeout})
             self.poll_deadline = now + self.w.poll_timeout + 5
@@ -199,9 +227,16 @@ class _Loop:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.w.heartbeat_interval
             held = [[t.id, t.attempt] for t in (*self.running.values(), *self.prefetched)]
-            if held:
-                rid = self.send(Command.HEARTBEAT, {"worker": self.w.worker_id, "tasks": held})
-                self.heartbeats = {rid: held} if rid is not None else {}
+            # An unanswered heartbeat is a broker gone or cut off: after two, keep the task leases
+            # alive through another broker before they expire (heartbeats are our liveness probe).
+            self.heartbeat_misses = self.heartbeat_misses + 1 if self.heartbeats else 0
+            if self.heartbeat_misses >= 2:
+                self.heartbeat_misses = 0
+                self.failover()
+            self.heartbeats = {}
+            if held:  # one that cannot even be sent (no connection) counts as unanswered
+                rid = self.send(Command.HEARTBEAT, {"worker": self.w.worker_id, "tasks": held}, wait=False)
+                self.heartbeats = {rid if rid is not None else -next(self.rids): held}
             for rid, (_, _, sent) in list(self.unacked.items()):
                 if now - sent > RESEND_AFTER:
                     self.requeue(rid)
@@ -220,10 +255,23 @@ class _Loop:
             else:
                 self.outbox[Command.FAIL].append([task.id, task.attempt, outcome.error, outcome.retry])
 
-    def receive(self) -> None:
+    def choose_broker(self) -> None:
+        """Deepest first: while polls bring tasks, stay (a busy worker talks to one broker); after
+        an empty poll, go where gossip shows the most buffered for our queues, or, with nothing
+        buffered anywhere, to the broker with the fewest waiting polls, so idle workers spread."""
+        if not self.last_poll_empty:
+            return
+        self.mesh.update()
+        ranked = self.mesh.rank(list(self.w.handlers), avoid=self.current)
+        if not self.mesh.live():  # no gossip yet: go round the configured list
+            i = ranked.index(self.current) if self.current in ranked else -1
+            ranked = ranked[i + 1 :] + ranked[: i + 1]
+        self.current = ranked[0]
+
+    def receive(self, sock: zmq.Socket[Any]) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -232,10 +280,14 @@ class _Loop:
                 log(logger, "warning", "bad_reply", error=str(exc))
 
     def on_reply(self, msg: Message) -> None:
+        if msg.command is Command.PONG:
+            self.mesh.subscribe(str(msg.body.get("pub") or ""))
+            return
         if msg.rid == self.poll_rid:
             self.poll_rid = None
             if msg.command is Command.DELIVER:
                 tasks = [TaskContext.from_wire(t) for t in msg.body["tasks"]]
+                self.last_poll_empty = not tasks
                 if self.w._stop.is_set():
                     self.prefetched.extend(tasks)  # given back by the next step_out
                 else:
@@ -271,15 +323,19 @@ class _Loop:
                     )
 
     def failover(self) -> None:
-        """The broker is gone, cut off or refusing: reconnect, or use the next endpoint, and send
-        everything unacknowledged again (reports are fenced, so a repeat is harmless)."""
-        log(logger, "warning", "failover", endpoint=self.w.endpoints[self.endpoint_index])
-        self.poller.unregister(self.sock)
-        self.sock.close(linger=0)
-        self.endpoint_index = (self.endpoint_index + 1) % len(self.w.endpoints)
-        self.sock = dealer(self.ctx, self.w.endpoints[self.endpoint_index])
-        self.poller.register(self.sock, zmq.POLLIN)
+        """The broker is gone, cut off or refusing: drop its socket (nothing queued for it is sent
+        later), move to the next broker, and send everything unacknowledged again there (reports
+        are fenced, so a repeat is harmless; task leases are renewed through any broker)."""
+        log(logger, "warning", "failover", endpoint=self.current)
+        sock = self.socks.pop(self.current, None)
+        if sock is not None:
+            self.poller.unregister(sock)
+            sock.close(linger=0)
         self.poll_rid = None
-        time.sleep(0.1 if len(self.w.endpoints) > 1 else 0.5)
+        self.mesh.brokers = {b: v for b, v in self.mesh.brokers.items() if v.endpoint != self.current}
+        self.last_poll_empty = True
+        self.choose_broker()  # away from this broker, at once: reports and heartbeats follow
+        self.last_poll_empty = False
+        time.sleep(0.1 if len(self.mesh.rank([])) > 1 else 0.5)
         for rid in list(self.unacked):
             self.requeue(rid)

@@ -247,6 +247,10 @@ SELECT queue, state, sum(n)::bigint FROM queue_counts GROUP BY 1, 2 HAVING sum(n
 WITH d AS (DELETE FROM queue_counts RETURNING *)
 INSERT INTO queue_counts SELECT queue, state, sum(n) FROM d GROUP BY 1, 2 HAVING sum(n) <> 0;
 
+-- name: notify
+-- A hint to other brokers that these queues have new due tasks (delivered at commit).
+SELECT pg_notify('conduit_' || current_schema(), q) FROM unnest(%(queue)s::text[]) AS q;
+
 -- name: acquire_broker
 -- A (re)starting broker takes a new epoch, which fences off anything an older incarnation buffered.
 INSERT INTO brokers (id, endpoint, epoch, expires_at)

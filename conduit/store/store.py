@@ -326,6 +326,17 @@ class Store:
             stats.setdefault(queue, {})[state] = n
         return stats
 
+    def notify(self, queues: Sequence[str]) -> None:
+        """Tell listening brokers that these queues got due tasks; sent when the transaction commits."""
+        self.conn.execute(QUERIES["notify"], {"queue": list(queues)})
+
+    def listen(self) -> str:
+        """LISTEN on this schema's channel (for `conn.notifies()`); returns the channel name."""
+        (schema,) = _one(self.conn.execute("SELECT current_schema()"))
+        channel = f"conduit_{schema}"
+        self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        return channel
+
     def compact_counts(self) -> None:
         self.conn.execute(QUERIES["compact_counts"])
 

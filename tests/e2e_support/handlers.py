@@ -12,7 +12,7 @@ import time
 from conduit.client import TaskContext, Worker
 
 worker = Worker(
-    os.environ.get("CONDUIT_TEST_ENDPOINT", "tcp://127.0.0.1:5555"),
+    os.environ.get("CONDUIT_TEST_ENDPOINT", "tcp://127.0.0.1:5555").split(),
     concurrency=int(os.environ.get("CONDUIT_TEST_CONCURRENCY", "2")),
     heartbeat_interval=0.5,
     poll_timeout=2.0,

@@ -1,0 +1,104 @@
+"""Three brokers on one database: gossip, deepest-first polling, failover and lease takeover."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import zmq
+from test_e2e import ledger_runs, running, spawn_worker, wait_for
+
+from conduit.client import Client, TaskContext, Worker
+from conduit.client.mesh import Mesh
+from conduit.task import TaskSpec
+
+
+def mesh_of(start_broker, n: int, *extra: str) -> list:
+    return [start_broker("--pub", "tcp://127.0.0.1:*", *extra, broker_id=f"b{i}") for i in range(1, n + 1)]
+
+
+def test_workers_find_work_on_whichever_broker_has_it(start_broker, db) -> None:
+    b1, b2, b3 = mesh_of(start_broker, 3)
+    worker = Worker([b1.endpoint], concurrency=4, poll_timeout=1.0)  # knows only b1 at start
+    done: list[str] = []
+
+    @worker.handler("spread")
+    def handle(task: TaskContext) -> bytes:
+        done.append(task.broker)
+        return task.broker.encode()
+
+    with running(worker):
+        for broker in (b2, b3):  # submits land on the other brokers
+            with Client([broker.endpoint], retry_submits=False) as client:
+                began = time.monotonic()
+                ids = client.submit_many([TaskSpec("spread", b"") for _ in range(20)])
+                assert all(client.result(i, timeout=30).state == "completed" for i in ids)
+                assert time.monotonic() - began < 10
+    assert len(done) == 40
+
+
+def test_gossip_shows_the_mesh_and_a_late_broker_gets_polls(start_broker, db, processes) -> None:
+    from conftest import free_port
+
+    b1 = start_broker("--pub", "tcp://127.0.0.1:*", broker_id="b1")
+    late_port, late_pub = free_port(), free_port()
+    ctx = zmq.Context()
+    mesh = Mesh(ctx, [b1.endpoint], [b1.pub, f"tcp://127.0.0.1:{late_pub}"])
+    worker = Worker([b1.endpoint], gossip=[f"tcp://127.0.0.1:{late_pub}"], concurrency=1, poll_timeout=0.5)
+
+    @worker.handler("idle")
+    def handle(task: TaskContext) -> None:
+        return None
+
+    def polls_at(broker_id: str) -> int:
+        mesh.update()
+        view = mesh.brokers.get(broker_id)
+        return view.polls(["idle"]) if view else 0
+
+    try:
+        with running(worker):
+            wait_for(lambda: polls_at("b1") > 0, timeout=10, what="b1's gossip showing the poll")
+            started = time.monotonic()
+            start_broker("--pub", f"tcp://127.0.0.1:{late_pub}", port=late_port, broker_id="late")
+            wait_for(lambda: polls_at("late") > 0, timeout=10, what="a poll at the late broker")
+            assert time.monotonic() - started < 5  # a few gossip intervals and one poll timeout
+            assert {"b1", "late"} <= set(mesh.brokers)
+    finally:
+        mesh.close()
+        ctx.term()
+
+
+def test_broker_killed_with_tasks_buffered_and_in_flight_loses_none(
+    start_broker, processes, db, tmp_path
+) -> None:
+    b1, b2, b3 = mesh_of(start_broker, 3)
+    ledger = tmp_path / "ledger"
+    # The worker starts on b1 (its first endpoint) and knows the others from gossip.
+    spawn_worker(processes, f"{b1.endpoint} {b2.endpoint} {b3.endpoint}", ledger, concurrency=4)
+    with Client([b2.endpoint, b3.endpoint], retry_submits=False) as client:
+        ids = client.submit_many([TaskSpec("sleepy", b"0.05", lease_timeout=3.0) for _ in range(300)])
+        wait_for(lambda: len(ledger_runs(ledger)) >= 30, what="work under way on b1")
+        killed_at = time.monotonic()
+        b1.kill()  # SIGKILL: its buffer and its deliveries are left behind
+        for task_id in ids:
+            assert client.result(task_id, timeout=60).state == "completed"
+        took = time.monotonic() - killed_at
+    assert took < 3.0 + 3.0 + 15  # broker lease + task lease + the rest of the work
+    results = db.query("SELECT id, state FROM results")
+    assert sorted(i for i, _ in results) == sorted(ids) and {s for _, s in results} == {"completed"}
+    runs = Counter(t for t, _, _ in ledger_runs(ledger))
+    assert set(runs) == set(ids) and max(runs.values()) <= 2
+
+
+def test_worker_keeps_its_task_across_its_brokers_death(start_broker, processes, db, tmp_path: Path) -> None:
+    b1, b2, _ = mesh_of(start_broker, 3)
+    ledger = tmp_path / "ledger"
+    spawn_worker(processes, f"{b1.endpoint} {b2.endpoint}", ledger, concurrency=1)
+    with Client([b2.endpoint], retry_submits=False) as client:
+        task_id = client.submit("sleepy", b"4.0", lease_timeout=3.0)
+        wait_for(lambda: ledger_runs(ledger), what="the task to start")
+        b1.kill()  # mid-task: heartbeats and the result must find another broker in time
+        result = client.result(task_id, timeout=60)
+    assert (result.state, result.attempt, result.result) == ("completed", 1, b"slept 1")
+    assert [(t, a) for t, a, _ in ledger_runs(ledger)] == [(task_id, 1)]  # it ran once
