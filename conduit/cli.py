@@ -291,12 +291,12 @@ def demo(
     url = dsn_for(settings)
     init_schema(url, settings.schema)
     click.echo(f"database: {describe_dsn(url)}, schema {settings.schema}", err=True)
-    mesh = run.Mesh(url, settings.schema, workers)
+    cluster = run.Cluster(url, settings.schema, workers)
     try:
-        click.echo(f"broker at {mesh.endpoint}, {workers} worker processes", err=True)
+        click.echo(f"broker at {cluster.endpoint}, {workers} worker processes", err=True)
         # Tasks without keys: a timed-out demo submit is an error, not retried elsewhere.
         with (
-            Client(mesh.endpoint, retry_submits=False) as client,
+            Client(cluster.endpoint, retry_submits=False) as client,
             Store.open(url, schema=settings.schema) as store,
         ):
             figures = {
@@ -304,7 +304,7 @@ def demo(
                 "sync_match": run.sync_match(client, store, single),
             }
     finally:
-        mesh.close()
+        cluster.close()
     rows = run.report(figures)
     if as_json:
         click.echo(json.dumps(rows))

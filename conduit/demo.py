@@ -49,35 +49,38 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": ordered[-1]}
 
 
-class Mesh:
-    """A broker and worker processes for the demo; stopped gracefully on exit, killed if need be."""
+class Cluster:
+    """Brokers (with gossip) and worker processes, for the demo and the benchmarks; stopped
+    gracefully on close, killed if need be. Worker i starts at broker i mod n and knows them all."""
 
-    def __init__(self, dsn: str, schema: str, workers: int) -> None:
+    def __init__(self, dsn: str, schema: str, workers: int, brokers: int = 1) -> None:
         self.procs: list[subprocess.Popen[str]] = []
-        args = [sys.executable, "-m", "conduit"]
-        broker = self._start(
-            [
-                *args,
-                "broker",
-                "--bind",
-                "tcp://127.0.0.1:*",
-                "--dsn",
-                dsn,
-                "--schema",
-                schema,
-                "--log-level",
-                "warning",
-            ]
-        )
-        assert broker.stdout is not None
-        self.endpoint = broker.stdout.readline().strip()
-        if not self.endpoint:
-            self.close()
-            raise click.ClickException("the demo broker did not start")
-        for _ in range(workers):
-            self._start(
-                [*args, "worker", "conduit.demo:worker", "--connect", self.endpoint, "--log-level", "warning"]
+        self.brokers: list[subprocess.Popen[str]] = []
+        self.endpoints: list[str] = []
+        conduit = [sys.executable, "-m", "conduit"]
+        for _ in range(brokers):
+            broker = self._start(
+                [
+                    *(*conduit, "broker", "--bind", "tcp://127.0.0.1:*", "--pub", "tcp://127.0.0.1:*"),
+                    *("--dsn", dsn, "--schema", schema, "--log-level", "warning"),
+                ]
             )
+            assert broker.stdout is not None
+            endpoint = broker.stdout.readline().strip()
+            broker.stdout.readline()  # its gossip endpoint: peers learn it from PING
+            if not endpoint:
+                self.close()
+                raise click.ClickException("a demo broker did not start")
+            self.brokers.append(broker)
+            self.endpoints.append(endpoint)
+        for i in range(workers):
+            mine = self.endpoints[i % brokers :] + self.endpoints[: i % brokers]
+            connect = [arg for endpoint in mine for arg in ("--connect", endpoint)]
+            self._start([*conduit, "worker", "conduit.demo:worker", *connect, "--log-level", "warning"])
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[0]
 
     def _start(self, cmd: list[str]) -> subprocess.Popen[str]:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

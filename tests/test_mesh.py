@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -102,3 +103,25 @@ def test_worker_keeps_its_task_across_its_brokers_death(start_broker, processes,
         result = client.result(task_id, timeout=60)
     assert (result.state, result.attempt, result.result) == ("completed", 1, b"slept 1")
     assert [(t, a) for t, a, _ in ledger_runs(ledger)] == [(task_id, 1)]  # it ran once
+
+
+def test_broker_that_cannot_hear_its_workers_loses_nothing(start_broker, processes, db, tmp_path) -> None:
+    """The seed's corner case: a broker alive with a valid lease that its workers cannot reach
+    (here: paused for less than its lease term). Workers fail over and keep their task leases
+    through another broker; what it buffered stays its own and is served or given back after."""
+    b1, b2 = mesh_of(start_broker, 2)
+    ledger = tmp_path / "ledger"
+    spawn_worker(processes, f"{b1.endpoint} {b2.endpoint}", ledger, concurrency=2)
+    with Client([b2.endpoint], retry_submits=False) as client:
+        long_id = client.submit("sleepy", b"3.0", lease_timeout=3.0)
+        ids = client.submit_many([TaskSpec("sleepy", b"0.05", lease_timeout=3.0) for _ in range(100)])
+        wait_for(lambda: len(ledger_runs(ledger)) >= 10, what="work under way")
+        b1.proc.send_signal(signal.SIGSTOP)  # its lease (3 s term) outlives this pause
+        time.sleep(2.0)
+        b1.proc.send_signal(signal.SIGCONT)
+        for task_id in [long_id, *ids]:
+            assert client.result(task_id, timeout=60).state == "completed"
+    results = db.query("SELECT id, state FROM results")
+    assert sorted(i for i, _ in results) == sorted([long_id, *ids])
+    runs = Counter(t for t, _, _ in ledger_runs(ledger))
+    assert max(runs.values()) <= 2 and set(runs) == {long_id, *ids}
