@@ -125,3 +125,18 @@ def test_broker_that_cannot_hear_its_workers_loses_nothing(start_broker, process
     assert sorted(i for i, _ in results) == sorted([long_id, *ids])
     runs = Counter(t for t, _, _ in ledger_runs(ledger))
     assert max(runs.values()) <= 2 and set(runs) == {long_id, *ids}
+
+
+def test_a_submit_that_timed_out_is_retried_elsewhere_without_a_duplicate(start_broker, db) -> None:
+    b1, b2 = start_broker(broker_id="b1"), start_broker(broker_id="b2")  # no gossip: tried in order
+    with Client([b1.endpoint, b2.endpoint], timeout=1.0) as client:  # keys tasks by default
+        assert client.ping() == "b1"
+        b1.proc.send_signal(signal.SIGSTOP)  # connected, but it will not answer in time
+        try:
+            ids = client.submit_many([TaskSpec("once", b"%d" % i) for i in range(5)])
+        finally:
+            b1.proc.send_signal(signal.SIGCONT)  # now it reads the submit it was sent, too
+        time.sleep(1.0)
+        assert client.ping() in ("b1", "b2")
+    assert db.query("SELECT count(*) FROM tasks WHERE queue = 'once'") == [(5,)]
+    assert sorted(i for (i,) in db.query("SELECT id FROM tasks")) == sorted(ids)
