@@ -405,3 +405,12 @@ def test_a_wake_up_makes_a_drained_queue_read_at_once() -> None:
     drain(c)
     assert of(c.handle(Tick(1.0)), core.Lease) == []
     assert of(c.handle(Notified("q", 1.1)), core.Lease) == [core.Lease("q", 500)]
+
+
+def test_answered_polls_leave_no_garbage_behind() -> None:
+    """Bounded memory: an idle queue long-polled forever keeps no trace of old polls."""
+    c = make_core()
+    for i in range(1000):
+        poll(c, now=float(i), rid=i, timeout=0.5)
+        c.handle(Tick(i + 0.6))
+    assert len(c._waiters) == 0 and len(c.queues["q"].waiters) <= 16 + 2

@@ -508,6 +508,8 @@ class Core:
             out.append(Reap(compact))
         self._lease_live(now, out)
         for name, q in self.queues.items():
+            if len(q.waiters) > 2 * len(self._waiters) + 16:  # answered polls leave their keys behind
+                q.waiters = deque(key for key in q.waiters if key in self._waiters)
             self._maybe_lease(name, now, out)
             if q.buffer and now >= q.wanted_until + self.config.idle_release and not self._polled(q):
                 # Nobody polls here for these: give them back so brokers with pollers can have them.
