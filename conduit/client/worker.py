@@ -34,6 +34,7 @@ logger = logging.getLogger("conduit.worker")
 RESEND_AFTER = 5.0  # seconds without an ACK before a complete or fail is sent again
 MAX_UNACKED = 2  # report messages awaiting their commit; later outcomes wait and go together
 REFUSED_PAUSE = 0.1  # after a refusal (busy, database down), wait this long before sending again
+STOP_GRACE = 30.0  # on stop, how long to keep resending unacknowledged reports before giving up
 
 
 class Worker:
@@ -186,12 +187,15 @@ class _Loop:
 
     def loop(self) -> None:
         poller = self.poller
-        while not (
-            self.w._stop.is_set()
-            and not self.running
-            and not self.pending_reports()
-            and self.poll_rid is None
-        ):
+        stop_by: float | None = None
+        while True:
+            if self.w._stop.is_set():
+                stop_by = stop_by or time.monotonic() + STOP_GRACE
+                unsettled = self.pending_reports() or self.poll_rid is not None
+                if not self.running and (not unsettled or time.monotonic() > stop_by):
+                    if unsettled:  # the broker never answered: leases expire, the tasks run again
+                        log(logger, "warning", "stopped_unacknowledged", reports=len(self.unacked))
+                    return
             self.step_out()
             self.flush()
             ready = dict(poller.poll(100))
