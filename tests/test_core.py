@@ -414,3 +414,21 @@ def test_answered_polls_leave_no_garbage_behind() -> None:
         poll(c, now=float(i), rid=i, timeout=0.5)
         c.handle(Tick(i + 0.6))
     assert len(c._waiters) == 0 and len(c.queues["q"].waiters) <= 16 + 2
+
+
+def test_a_poll_sync_matched_in_one_commit_takes_nothing_from_the_next() -> None:
+    """Regression: a poll reserved in the write in flight was reserved again in the next batch;
+    the first commit answered it, and the second batch's tasks (running, attempt 1) were never
+    delivered: stuck until their lease expired."""
+    c = make_core()
+    assert of(poll(c, max=5), core.Lease) == [core.Lease("q", 500)]
+    c.handle(Leased("q", [], None, 0.0))  # drained: sync match is on
+    (first,) = of(
+        request(c, CLIENT, "SUBMIT", 0.2, rid=7, tasks=[{"queue": "q", "payload": b"a"}]), core.Write
+    )
+    assert [w for op in first.batch.submits for w in op.workers] == ["w1"]
+    assert request(c, CLIENT, "SUBMIT", 0.3, rid=8, tasks=[{"queue": "q", "payload": b"b"}]) == []
+    actions = c.handle(Written(first.batch, WriteResult([[Submitted(1, True)]], []), None, 0.4))
+    assert [t["id"] for _, body in sent(actions, WORKER) for t in body["tasks"]] == [1]
+    (second,) = of(actions, core.Write)
+    assert [w for op in second.batch.submits for w in op.workers] == [None]  # enqueued for the next poll

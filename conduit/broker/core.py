@@ -155,6 +155,7 @@ class _Waiter:
     poll: Poll
     deadline: float
     reserved: list[tuple[int, TaskSpec]] = field(default_factory=list)  # sync-matched, not yet committed
+    sealed: bool = False  # its reservations are in the write in flight: it takes no more
 
 
 @dataclass
@@ -306,7 +307,12 @@ class Core:
             return None
         for key in q.waiters:
             waiter = self._waiters.get(key)
-            if waiter and len(waiter.reserved) < waiter.poll.max_tasks and waiter.deadline > now:
+            if (
+                waiter
+                and not waiter.sealed
+                and len(waiter.reserved) < waiter.poll.max_tasks
+                and waiter.deadline > now
+            ):
                 size = sum(len(s.payload) for _, s in waiter.reserved) + len(spec.payload)
                 if not waiter.reserved or size <= MAX_DELIVERY_BYTES:
                     return waiter
@@ -405,6 +411,10 @@ class Core:
             self._clock = now
         if self._writing is None and not self._pending.empty() and self._clock >= self._write_after:
             self._writing, self._pending = self._pending, WriteBatch()
+            for op in self._writing.submits:  # one delivery per poll: after this commit it is answered
+                for key in op.waiters:
+                    if key in self._waiters:
+                        self._waiters[key].sealed = True
             out.append(Write(self._writing))
         elif self._stopping and not self._stopped and self._writing is None and not self._waiters:
             self._stopped = True
@@ -475,7 +485,8 @@ class Core:
                         tasks.append(_sync_delivery(sub.id, spec, self.config.broker_id))
         for key, tasks in by_waiter.items():
             waiter = self._waiters.get(key)
-            if waiter is None:
+            if waiter is None:  # cannot happen while sealing holds; never leave a task undelivered
+                self._pending.releases.extend(Ack(t["id"], t["attempt"]) for t in tasks)
                 continue
             if tasks:
                 self._finish(waiter, tasks, out)
@@ -486,6 +497,7 @@ class Core:
         waiter = self._waiters.get(key)
         if waiter is not None:
             waiter.reserved.clear()
+            waiter.sealed = False
             self._serve(waiter, now, out)
 
     # -- time --------------------------------------------------------------------------------

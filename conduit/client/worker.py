@@ -287,6 +287,11 @@ class _Loop:
         if msg.command is Command.PONG:
             self.mesh.subscribe(str(msg.body.get("pub") or ""))
             return
+        if msg.command is Command.DELIVER and msg.rid != self.poll_rid:
+            # The answer to a poll given up on (failover): its tasks are ours all the same. Run
+            # them, or give them back at once when stopping, rather than leave them to expire.
+            self.prefetched.extend(TaskContext.from_wire(t) for t in msg.body["tasks"])
+            return
         if msg.rid == self.poll_rid:
             self.poll_rid = None
             if msg.command is Command.DELIVER:
