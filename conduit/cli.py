@@ -205,8 +205,11 @@ def broker(
 @click.argument("target")
 @click.option("--connect", "endpoints", multiple=True, help="Broker endpoint(s), overriding the Worker's.")
 @click.option("--concurrency", type=int, help="Handlers running at once, overriding the Worker's.")
+@click.option("--prefetch", type=int, help="Tasks held beyond the running ones, overriding the Worker's.")
 @click.option("--log-level", default="info", show_default=True)
-def worker(target: str, endpoints: tuple[str, ...], concurrency: int | None, log_level: str) -> None:
+def worker(
+    target: str, endpoints: tuple[str, ...], concurrency: int | None, prefetch: int | None, log_level: str
+) -> None:
     """Run the conduit.client.Worker named by TARGET, as module:attribute."""
     import importlib
 
@@ -225,6 +228,8 @@ def worker(target: str, endpoints: tuple[str, ...], concurrency: int | None, log
         obj.endpoints = list(endpoints)
     if concurrency:
         obj.concurrency = concurrency
+    if prefetch is not None:
+        obj.prefetch = prefetch
     obj.run()
 
 

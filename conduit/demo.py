@@ -88,8 +88,9 @@ class Cluster:
         return proc
 
     def close(self) -> None:
-        for proc in reversed(self.procs):  # workers first, so they give their prefetch back
+        for proc in reversed(self.procs):  # signal all first: idle workers wait out their poll
             proc.terminate()
+        for proc in reversed(self.procs):
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

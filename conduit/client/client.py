@@ -117,20 +117,24 @@ class Client:
                     raise
                 errors.append(str(exc))
             else:
-                if not self._asked_pub:  # brokers name their gossip endpoint: join it
-                    self._learn_gossip(channel)
+                if not self._asked_pub:  # brokers name their gossip endpoints: join them
+                    self._learn_gossip()
                 return reply
         raise BrokerTimeout("no broker could serve the request: " + "; ".join(errors))
 
-    def _learn_gossip(self, channel: Channel) -> None:
+    def _learn_gossip(self) -> None:
+        """Ask every configured broker for its gossip endpoint (once), to hear the whole mesh."""
         self._asked_pub = True
-        try:
-            pub = channel.request(Command.PING, {}, self._timeout).body.get("pub")
-        except ConduitError:
-            return  # no gossip then: the configured endpoints serve
-        if pub:
-            with self._lock:
-                self._mesh.subscribe(str(pub))
+        for endpoint in self._endpoints:
+            try:
+                pub = (
+                    self._channel(endpoint).request(Command.PING, {}, min(self._timeout, 1.0)).body.get("pub")
+                )
+            except ConduitError:
+                continue  # not there now: its gossip, if any, is heard through others' later
+            if pub:
+                with self._lock:
+                    self._mesh.subscribe(str(pub))
 
     def submit(self, queue: str, payload: bytes, **options: Any) -> int:
         """Enqueue one task; options are TaskSpec's (priority, delay, max_attempts, key, ...)."""

@@ -1,0 +1,678 @@
+"""Throughput benchmark: Conduit's scenarios against a plain PostgreSQL queue, in one run.
+
+    python bench/throughput.py [--quick] [--dsn DSN] [--json FILE] [--plot FILE.png] [options]
+
+Measures, on this machine and this database, a plain FOR UPDATE SKIP LOCKED queue (fetch one /
+ack one, and batches of 100) with as many worker processes as Conduit gets, the database's
+ceiling (COPY in, delete, one process), then Conduit: burst, steady, sync_match, deep_backlog
+and mesh_N. Each Conduit scenario runs in a schema of its own with its own brokers and workers
+(conduit.demo's), which are stopped and dropped afterwards. See bench/README.md for how to read
+the table, the JSON and the chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import baseline
+import click
+import psycopg
+import zmq
+from psycopg import sql
+
+from conduit import demo
+from conduit.client import Client
+from conduit.client.channel import Channel
+from conduit.config import Settings
+from conduit.errors import ConduitError
+from conduit.store import Store, dsn_for, init_schema
+from conduit.task import TaskSpec
+from conduit.wire import Command
+
+BACKLOG_QUEUE = "bench.backlog"  # the deep backlog's queue: no worker polls it
+LATENCIES = ("p50", "p90", "p99", "max")
+
+# Sizes: the defaults take about two minutes on a 2-core machine, --quick under one.
+FULL = {
+    "tasks": 60_000,
+    "backlog": 1_000_000,
+    "single": 500,
+    "rate": 800.0,
+    "steady_seconds": 10.0,
+    "baseline_tasks": 10_000,
+}
+QUICK = {
+    "tasks": 5_000,
+    "backlog": 100_000,
+    "single": 100,
+    "rate": 800.0,
+    "steady_seconds": 3.0,
+    "baseline_tasks": 2_000,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    tasks: int
+    payload: bytes
+    producers: int
+    workers: int
+    concurrency: int
+    prefetch: int
+    brokers: list[int]
+    batch: int
+    backlog: int
+    single: int
+    rate: float
+    steady_seconds: float
+    steady_producers: int
+    baseline_tasks: int
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    figures: demo.Figures
+    rss_mb: float | None
+    note: str = ""
+
+
+# -- processes and schemas -------------------------------------------------------------------
+
+
+class BenchCluster(demo.Cluster):
+    """demo.Cluster with this run's worker concurrency and prefetch, closed even when it fails to
+    start."""
+
+    def __init__(self, dsn: str, schema: str, plan: Plan, brokers: int) -> None:
+        self.plan = plan
+        try:
+            super().__init__(dsn, schema, plan.workers, brokers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, cmd: list[str]) -> Any:
+        if cmd[3] == "worker":  # [python, -m, conduit, worker, conduit.demo:worker, ...]
+            cmd += ["--concurrency", str(self.plan.concurrency), "--prefetch", str(self.plan.prefetch)]
+        return super()._start(cmd)
+
+    def close(self) -> None:
+        if hasattr(self, "procs"):  # absent when the first process failed to start
+            super().close()
+
+
+@contextlib.contextmanager
+def scratch_schema(dsn: str, schema: str, conduit: bool = True) -> Iterator[str]:
+    """A schema for one measurement (Conduit's tables in it if `conduit`), dropped afterwards."""
+    if conduit:
+        init_schema(dsn, schema)
+    else:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield schema
+    finally:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        except psycopg.Error as exc:
+            progress(f"warning: could not drop schema {schema}: {exc}")
+
+
+class RssSampler:
+    """Peak resident memory (VmRSS) of some processes, sampled every 50 ms while in use."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            except OSError:
+                continue  # not Linux, or the process is gone
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def peak_mb(self) -> float | None:
+        return round(self.peak_kb / 1024, 1) if self.peak_kb else None
+
+
+class PayloadClient:
+    """The Client as demo.burst and demo.sync_match use it, but every task carries this run's
+    payload (they submit empty ones)."""
+
+    def __init__(self, client: Client, payload: bytes) -> None:
+        self.client = client
+        self.payload = payload
+
+    def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
+        return self.client.submit_many([replace(s, payload=self.payload) for s in specs])
+
+    def submit(self, queue: str, payload: bytes, **options: Any) -> int:
+        return self.client.submit(queue, self.payload, **options)
+
+    def result(self, task_id: int, timeout: float | None = None) -> Any:
+        return self.client.result(task_id, timeout)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+Body = Callable[[Any, Store], tuple[demo.Figures, str]]
+
+
+def run_conduit(dsn: str, plan: Plan, name: str, brokers: int, body: Body, backlog: int = 0) -> Result:
+    with scratch_schema(dsn, f"bench_{os.getpid()}_{name}") as schema:
+        if backlog:
+            fill_backlog(dsn, schema, backlog, plan.payload)
+        began = time.monotonic()
+        cluster = BenchCluster(dsn, schema, plan, brokers)
+        try:
+            # Every broker's gossip endpoint given, so the producer spreads its submits over all
+            # of them (a Client otherwise asks only the first broker that answers for its gossip).
+            gossip = gossip_endpoints(cluster.endpoints)
+            with (
+                Client(cluster.endpoints, gossip=gossip, retry_submits=False) as client,
+                Store.open(dsn, schema=schema) as store,
+            ):
+                wait_ready(client, brokers, plan.workers)
+                progress(
+                    f"  {brokers} broker(s) and {plan.workers} workers up in {time.monotonic() - began:.1f} s"
+                )
+                with RssSampler([p.pid for p in cluster.brokers]) as rss:
+                    figures, note = body(PayloadClient(client, plan.payload), store)
+                note = "; ".join(filter(None, [note, redeliveries(store)]))
+        finally:
+            began = time.monotonic()
+            cluster.close()
+            progress(f"  stopped in {time.monotonic() - began:.1f} s")
+    return Result(name, figures, rss.peak_mb, note)
+
+
+def gossip_endpoints(endpoints: Sequence[str]) -> list[str]:
+    """Each broker's gossip (PUB) endpoint, as its PONG names it."""
+    ctx = zmq.Context()
+    try:
+        pubs = []
+        for endpoint in endpoints:
+            channel = Channel(ctx, endpoint)
+            try:
+                pubs.append(str(channel.request(Command.PING, {}, 10.0).body["pub"]))
+            finally:
+                channel.close()
+        return pubs
+    finally:
+        ctx.term()
+
+
+def redeliveries(store: Store) -> str:
+    """A health check on the run: tasks that ran only after a lease expired (a lost delivery,
+    30 s by default), and tasks leased more than once (given back by a broker, leased again)."""
+    failed, again = store.conn.execute(
+        "SELECT count(*) FILTER (WHERE failures > 0), count(*) FILTER (WHERE attempt > 1) "
+        "FROM results WHERE queue = %s",
+        (demo.QUEUE,),
+    ).fetchone()
+    parts = []
+    if failed:
+        parts.append(f"{failed} tasks ran only after a lease expired (failures > 0)")
+    if again:
+        parts.append(f"{again} tasks were leased more than once (attempt > 1)")
+    return ", ".join(parts)
+
+
+def wait_ready(client: Client, brokers: int, workers: int, timeout: float = 30.0) -> None:
+    """Until gossip shows every broker and a waiting poll from every worker."""
+    client.ping()  # the client joins the brokers' gossip
+    deadline = time.monotonic() + timeout
+    while True:
+        live = client.brokers()
+        if len(live) >= brokers and sum(b.polls([demo.QUEUE]) for b in live) >= workers:
+            break
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"{brokers} broker(s) and {workers} workers did not come up")
+        time.sleep(0.05)
+    if brokers > 1:
+        time.sleep(1.0)  # a couple of gossip rounds, so that workers hear of every broker too
+
+
+def fill_backlog(dsn: str, schema: str, tasks: int, payload: bytes) -> None:
+    """`tasks` pending tasks in a queue no worker polls, in one statement, then vacuumed and
+    analysed as a backlog that has been there a while would be."""
+    progress(f"  inserting a backlog of {tasks:,} pending tasks ...")
+    began = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(
+            "INSERT INTO tasks (queue, payload) SELECT %s, %s FROM generate_series(1, %s)",
+            (BACKLOG_QUEUE, payload, tasks),
+        )
+        conn.execute("VACUUM ANALYZE tasks")
+    progress(f"  backlog in place in {time.perf_counter() - began:.1f} s")
+
+
+def burst(plan: Plan) -> Body:
+    def body(client: Any, store: Store) -> tuple[demo.Figures, str]:
+        return demo.burst(client, store, plan.tasks, plan.batch, plan.producers), ""
+
+    return body
+
+
+def sync_match(plan: Plan) -> Body:
+    def body(client: Any, store: Store) -> tuple[demo.Figures, str]:
+        return demo.sync_match(client, store, plan.single), ""
+
+    return body
+
+
+def steady(plan: Plan) -> Body:
+    """Producers submit one task at a time on a fixed schedule (`rate` a second in all); each
+    task's latency counts from when the schedule said to send it, so a producer that falls
+    behind (a slow submit) adds its delay to every task after it (no coordinated omission)."""
+
+    def body(client: Any, store: Store) -> tuple[demo.Figures, str]:
+        tasks = max(1, int(plan.rate * plan.steady_seconds))
+        sent_at: dict[int, float] = {}
+        producers = plan.steady_producers
+        lag = [0.0] * producers
+        done_before = demo._completed(store)
+        began = time.time() + 0.05
+
+        def produce(k: int) -> int:
+            for i in range(k, tasks, producers):
+                due = began + i / plan.rate
+                if (wait := due - time.time()) > 0:
+                    time.sleep(wait)
+                else:
+                    lag[k] = max(lag[k], -wait)
+                sent_at[client.submit(demo.QUEUE, b"")] = due
+            return k
+
+        with (
+            ThreadPoolExecutor(producers) as pool,
+            click.progressbar(length=tasks, label=f"{plan.rate:,.0f} a second", file=sys.stderr) as bar,
+        ):
+            futures = [pool.submit(produce, k) for k in range(producers)]
+            seen = 0
+            while not all(f.done() for f in futures):
+                time.sleep(0.05)
+                bar.update(len(sent_at) - seen)
+                seen = len(sent_at)
+            for f in futures:
+                f.result()  # a producer's error, raised here
+            bar.update(tasks - seen)
+        wait_done(store, done_before, tasks)
+        times = demo._times(store, list(sent_at))
+        figures = demo._figures(sent_at, times, max(f for _, f in times.values()) - began)
+        note = f"offered {plan.rate:,.0f}/s; producers fell behind by {max(lag) * 1000:,.1f} ms at most"
+        if max(lag) > 0.1:
+            note += (
+                " (more than the producers could send one at a time: latency includes their own"
+                " queueing; lower --rate or raise --steady-producers)"
+            )
+        return figures, note
+
+    return body
+
+
+def wait_done(store: Store, done_before: int, tasks: int) -> None:
+    with click.progressbar(length=tasks, label="running", file=sys.stderr) as bar:
+        seen = 0
+        while seen < tasks:
+            time.sleep(0.05)
+            now_done = demo._completed(store) - done_before
+            bar.update(now_done - seen)
+            seen = now_done
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def machine(dsn: str) -> dict[str, Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        show = lambda name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]  # noqa: E731
+        return {
+            "cores": os.cpu_count(),
+            "postgres_version": show("server_version"),
+            "fsync": show("fsync"),
+            "synchronous_commit": show("synchronous_commit"),
+        }
+
+
+def run(dsn: str, plan: Plan) -> dict[str, Any]:
+    info = machine(dsn)
+    progress(
+        f"{info['cores']} cores, PostgreSQL {info['postgres_version']}, fsync={info['fsync']}, "
+        f"synchronous_commit={info['synchronous_commit']}"
+    )
+    pid = os.getpid()
+    steps: list[tuple[str, Callable[[], Any]]] = []
+    figures: dict[str, Any] = {}
+
+    def plain(batch: int, tasks: int) -> float:
+        with scratch_schema(dsn, f"bench_{pid}_plain_{batch}", conduit=False) as schema:
+            return baseline.plain_queue(dsn, schema, tasks, plan.workers, batch, plan.payload)
+
+    def ceiling() -> float:
+        with scratch_schema(dsn, f"bench_{pid}_ceiling", conduit=False) as schema:
+            return baseline.db_ceiling(dsn, schema, plan.baseline_tasks * 20, 500, plan.payload)
+
+    steps += [
+        ("fetch_one", lambda: plain(1, plan.baseline_tasks)),
+        ("batch_100", lambda: plain(100, plan.baseline_tasks * 10)),
+        ("db_ceiling", ceiling),
+        ("burst", lambda: run_conduit(dsn, plan, "burst", 1, burst(plan))),
+        ("steady", lambda: run_conduit(dsn, plan, "steady", 1, steady(plan))),
+        ("sync_match", lambda: run_conduit(dsn, plan, "sync_match", 1, sync_match(plan))),
+        (
+            "deep_backlog",
+            lambda: run_conduit(dsn, plan, "deep_backlog", 1, burst(plan), backlog=plan.backlog),
+        ),
+    ]
+    for n in plan.brokers:
+        steps.append((f"mesh_{n}", lambda n=n: run_conduit(dsn, plan, f"mesh_{n}", n, burst(plan))))
+    for i, (name, step) in enumerate(steps, 1):
+        progress(f"[{i}/{len(steps)}] {name}")
+        began = time.monotonic()
+        figures[name] = step()
+        progress(f"[{i}/{len(steps)}] {name}: done in {time.monotonic() - began:.1f} s")
+    return {"machine": info, **figures}
+
+
+def document(measured: dict[str, Any]) -> dict[str, Any]:
+    """The one JSON object: machine, baseline, db_ceiling_tasks_per_s, scenarios."""
+    fetch_one = measured["fetch_one"]
+    scenarios = []
+    for result in measured.values():
+        if not isinstance(result, Result):
+            continue
+        (row,) = demo.report({result.name: result.figures}).values()
+        entry = {
+            "name": result.name,
+            **row,
+            "ratio_to_baseline": round(result.figures.per_second / fetch_one, 2),
+        }
+        if result.rss_mb is not None:
+            entry["broker_rss_mb"] = result.rss_mb
+        scenarios.append(entry)
+    info = measured["machine"]
+    return {
+        "machine": {k: info[k] for k in ("cores", "postgres_version", "fsync")},
+        "baseline": {
+            "fetch_one_tasks_per_s": round(fetch_one, 1),
+            "batch_100_tasks_per_s": round(measured["batch_100"], 1),
+        },
+        "db_ceiling_tasks_per_s": round(measured["db_ceiling"], 1),
+        "scenarios": scenarios,
+    }
+
+
+def ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
+    m = doc["machine"]
+    fetch_one = doc["baseline"]["fetch_one_tasks_per_s"]
+    ceiling = doc["db_ceiling_tasks_per_s"]
+    lines = [
+        f"{m['cores']} cores, PostgreSQL {m['postgres_version']}, fsync={m['fsync']}, "
+        f"synchronous_commit={measured['machine']['synchronous_commit']}; {plan.workers} worker processes "
+        f"(concurrency {plan.concurrency}, prefetch {plan.prefetch}), {plan.producers} producers, "
+        f"submit batches of {plan.batch}, payload {len(plan.payload)} B",
+        "",
+        f"{'':<14}{'':>9}{'':>10}{'x fetch':>8}{'% db':>6}  {'submit->start ms':^27}  "
+        f"{'submit->complete ms':^27}{'broker':>8}",
+        f"{'scenario':<14}{'tasks':>9}{'tasks/s':>10}{'-one':>8}{'ceil':>6}  "
+        + f"{'p50':>6}{'p90':>7}{'p99':>7}{'max':>7}  " * 2
+        + f"{'RSS MB':>6}",
+    ]
+    for s in doc["scenarios"]:
+        st, co = s["start_latency_ms"], s["complete_latency_ms"]
+        lat = "  ".join("".join(f"{ms(d[k]):>{6 if k == 'p50' else 7}}" for k in LATENCIES) for d in (st, co))
+        rss = f"{s['broker_rss_mb']:>8.0f}" if "broker_rss_mb" in s else f"{'':>8}"
+        lines.append(
+            f"{s['name']:<14}{s['tasks']:>9,}{s['tasks_per_s']:>10,.0f}{s['ratio_to_baseline']:>8.1f}"
+            f"{100 * s['tasks_per_s'] / ceiling:>5.0f}%  {lat}{rss}"
+        )
+    lines += [
+        "",
+        f"{'plain SKIP LOCKED queue, fetch one / ack one':<50}{fetch_one:>10,.0f}{1.0:>8.1f}"
+        f"{100 * fetch_one / ceiling:>5.0f}%   ({plan.workers} processes)",
+        f"{'plain SKIP LOCKED queue, batches of 100':<50}{doc['baseline']['batch_100_tasks_per_s']:>10,.0f}"
+        f"{doc['baseline']['batch_100_tasks_per_s'] / fetch_one:>8.1f}"
+        f"{100 * doc['baseline']['batch_100_tasks_per_s'] / ceiling:>5.0f}%   ({plan.workers} processes)",
+        f"{'database ceiling: COPY 500 in, delete 500':<50}{ceiling:>10,.0f}{ceiling / fetch_one:>8.1f}"
+        f"{100:>5.0f}%   (one process)",
+    ]
+    notes = [f"{r.name}: {r.note}" for r in measured.values() if isinstance(r, Result) and r.note]
+    if plan.backlog:
+        notes.append(f"deep_backlog: {plan.backlog:,} pending tasks in another queue of the same table")
+    return "\n".join([*lines, "", *notes])
+
+
+def plot(path: Path, doc: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = doc["scenarios"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 10), height_ratios=[1, 1.1])
+    m = doc["machine"]
+    fig.suptitle(
+        f"Conduit throughput benchmark: {m['cores']} cores, PostgreSQL {m['postgres_version']}, "
+        f"fsync={m['fsync']}"
+    )
+
+    fetch_one = doc["baseline"]["fetch_one_tasks_per_s"]
+    kinds = {"steady": "steady (rate set by --rate)", "sync_match": "sync_match (one at a time)"}
+    bars = [(kinds.get(s["name"], s["name"]), s["tasks_per_s"], "tab:blue") for s in scenarios] + [
+        ("baseline: fetch one", fetch_one, "tab:gray"),
+        ("baseline: batch 100", doc["baseline"]["batch_100_tasks_per_s"], "tab:gray"),
+        ("db ceiling (COPY)", doc["db_ceiling_tasks_per_s"], "dimgray"),
+    ]
+    labels = [b[0] for b in bars][::-1]
+    values = [b[1] for b in bars][::-1]
+    top.barh(labels, values, color=[b[2] for b in bars][::-1])
+    top.set_xscale("log")
+    top.set_xlim(min(values) / 2, max(values) * 6)
+    for y, v in enumerate(values):
+        top.text(v * 1.08, y, f"{v:,.0f}/s  ({v / fetch_one:.1f}x fetch-one)", va="center", fontsize=9)
+    top.set_xlabel("tasks per second (log scale); Conduit blue, plain PostgreSQL grey")
+    top.set_title("Throughput per scenario against the plain SKIP LOCKED queue", fontsize=11)
+
+    colours = ["#9ecae1", "#4292c6", "#08519c", "#08306b"]
+    width = 0.2
+    for j, k in enumerate(LATENCIES):
+        xs = [i + (j - 1.5) * width for i in range(len(scenarios))]
+        bottom.bar(
+            xs, [s["start_latency_ms"][k] for s in scenarios], width, color=colours[j], label=f"start {k}"
+        )
+        bottom.scatter(
+            xs,
+            [s["complete_latency_ms"][k] for s in scenarios],
+            marker="_",
+            s=180,
+            color="tab:red",
+            zorder=3,
+            label="complete (same percentile)" if j == 0 else None,
+        )
+    bottom.set_yscale("log")
+    bottom.set_xticks(range(len(scenarios)), [s["name"] for s in scenarios])
+    bottom.set_ylabel("milliseconds (log scale)")
+    bottom.set_title(
+        "Latency percentiles: submit to start (bars), submit to complete (red ticks)", fontsize=11
+    )
+    bottom.grid(axis="y", which="major", alpha=0.3)
+    bottom.legend(fontsize=8, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Sizes: defaults about two minutes, --quick under one."
+    )
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: CONDUIT_DSN, else the embedded server)")
+    parser.add_argument(
+        "--quick", action="store_true", help="every scenario at a small size, backlog 100,000"
+    )
+    parser.add_argument(
+        "--tasks", type=int, metavar="N", help="tasks in each burst: burst, deep_backlog, mesh_N (60,000)"
+    )
+    parser.add_argument(
+        "--payload-bytes", type=int, metavar="N", default=64, help="payload of every task (64)"
+    )
+    parser.add_argument("--producers", type=int, metavar="N", default=4, help="producer threads (4)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        default=2,
+        help="worker processes, Conduit's and the baseline's (2)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, metavar="N", default=8, help="handlers at once in a Conduit worker (8)"
+    )
+    parser.add_argument(
+        "--brokers", default="1,2,3", metavar="N,N,...", help="broker counts of the mesh scenarios (1,2,3)"
+    )
+    parser.add_argument(
+        "--batch", type=int, metavar="N", default=500, help="tasks per submit in a burst (500)"
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        metavar="N",
+        default=500,
+        help="tasks a Conduit worker holds beyond its running ones (500)",
+    )
+    parser.add_argument(
+        "--backlog", type=int, metavar="N", help="pending tasks in the deep_backlog table (1,000,000)"
+    )
+    parser.add_argument("--single", type=int, metavar="N", help="one-at-a-time tasks in sync_match (500)")
+    parser.add_argument("--rate", type=float, metavar="N", help="steady: tasks offered a second in all (800)")
+    parser.add_argument("--steady-seconds", type=float, metavar="N", help="steady: how long (10)")
+    parser.add_argument(
+        "--steady-producers",
+        type=int,
+        metavar="N",
+        default=16,
+        help="steady: threads submitting one task at a time (16)",
+    )
+    parser.add_argument(
+        "--baseline-tasks",
+        type=int,
+        metavar="N",
+        help="fetch-one baseline tasks; x10 for batch-100, x20 for the ceiling (10,000)",
+    )
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the figures to FILE as one JSON object"
+    )
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="draw the figures into FILE.png (needs matplotlib)"
+    )
+    args = parser.parse_args(argv)
+    sizes = {
+        k: v if (v := getattr(args, k)) is not None else (QUICK if args.quick else FULL)[k] for k in FULL
+    }
+    try:
+        brokers = [int(b) for b in args.brokers.split(",")]
+    except ValueError:
+        parser.error(f"--brokers takes counts like 1,2,3, not {args.brokers!r}")
+    for name, value in [
+        ("producers", args.producers),
+        ("steady-producers", args.steady_producers),
+        ("workers", args.workers),
+        ("batch", args.batch),
+    ]:
+        if value < 1:
+            parser.error(f"--{name} must be at least 1")
+    if min(brokers) < 1 or sizes["tasks"] < 1 or sizes["rate"] <= 0 or args.concurrency < 1:
+        parser.error("broker counts, --tasks, --rate and --concurrency must be positive")
+    plan = Plan(
+        payload=b"x" * args.payload_bytes,
+        producers=args.producers,
+        steady_producers=args.steady_producers,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        brokers=brokers,
+        batch=args.batch,
+        **sizes,
+    )
+    return args, plan
+
+
+def main() -> None:
+    args, plan = parse()
+    if args.plot:  # fail now, not after the run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("error: --plot needs matplotlib: pip install matplotlib (or Conduit's `bench` extra)")
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # `timeout` and kill: clean up as on Ctrl-C
+    began = time.monotonic()
+    try:
+        dsn = dsn_for(Settings.load(dsn=args.dsn))
+        measured = run(dsn, plan)
+    except (ConduitError, click.ClickException) as exc:
+        sys.exit(f"error: {exc}")
+    except psycopg.Error as exc:
+        sys.exit(f"error: PostgreSQL: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every process stopped and every schema dropped")
+    doc = document(measured)
+    print(table(doc, measured, plan))
+    progress(f"total {time.monotonic() - began:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.plot:
+        plot(args.plot, doc)
+
+
+if __name__ == "__main__":
+    main()
