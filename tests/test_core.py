@@ -432,3 +432,20 @@ def test_a_poll_sync_matched_in_one_commit_takes_nothing_from_the_next() -> None
     assert [t["id"] for _, body in sent(actions, WORKER) for t in body["tasks"]] == [1]
     (second,) = of(actions, core.Write)
     assert [w for op in second.batch.submits for w in op.workers] == [None]  # enqueued for the next poll
+
+
+def test_a_fresh_buffer_is_not_given_back_at_once() -> None:
+    """Regression: a batch read for a poll that sync match answered meanwhile was released on the
+    next tick (nobody had been served from it yet), then leased again: attempts grew for nothing."""
+    c = make_core(idle_recheck=0.5)
+    drain(c)  # poll 1 waits; the read at t=0 found nothing
+    assert of(c.handle(Tick(0.6)), core.Lease) == [core.Lease("q", 500)]  # the re-read
+    (write,) = of(
+        request(c, CLIENT, "SUBMIT", 0.7, rid=7, tasks=[{"queue": "q", "payload": b"a"}]), core.Write
+    )
+    c.handle(Written(write.batch, WriteResult([[Submitted(1, True)]], []), None, 0.8))  # poll answered
+    c.handle(Leased("q", [task(i) for i in range(2, 502)], None, 0.9))  # nobody waits for these now
+    assert of(c.handle(Tick(1.0)), core.Write) == []
+    assert of(c.handle(Tick(3.5)), core.Write) == []
+    (release,) = of(c.handle(Tick(4.0)), core.Write)  # idle for real now
+    assert len(release.batch.releases) == 500

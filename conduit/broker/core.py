@@ -400,6 +400,8 @@ class Core:
         else:
             q.recheck_at = 0.0
         q.buffer.extend(tasks)
+        if tasks:  # read for a poll that may have been answered meanwhile: not idle yet
+            q.wanted_until = max(q.wanted_until, now + DEMAND_MEMORY)
         self._serve_queue(name, now, out)
         self._maybe_lease(name, now, out)
 
