@@ -1,7 +1,7 @@
 """What Conduit is judged against, measured in the same run: a plain SKIP LOCKED queue and the
 database's own ceiling for durably taking in and finishing rows.
 
-- `plain_queue`: the table and statements of bench/store_bench.py (fetch one task a transaction,
+- `plain_queue`: a plain table of jobs (fetch one task a transaction,
   ack it in another), or the same with `batch` tasks per fetch and per ack, drained by worker
   processes that all start together once connected.
 - `db_ceiling`: one process COPYs `batch` rows into a plain table (one commit) and deletes them
@@ -20,12 +20,26 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from store_bench import BASELINE_ACK, BASELINE_FETCH, BASELINE_TABLE, connect
+import psycopg
+from psycopg import sql
 
+# A competitor written the plain way, so its SQL stays here, not in Conduit's queries.
+BASELINE_TABLE = (
+    "CREATE TABLE jobs (id bigserial PRIMARY KEY, state text NOT NULL DEFAULT 'ready', payload bytea)"
+)
+BASELINE_FETCH = """UPDATE jobs SET state = 'running' WHERE id = (
+    SELECT id FROM jobs WHERE state = 'ready' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"""
+BASELINE_ACK = "DELETE FROM jobs WHERE id = %s"
 BATCH_FETCH = """UPDATE jobs SET state = 'running' WHERE id IN (
     SELECT id FROM jobs WHERE state = 'ready' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id"""
 BATCH_ACK = "DELETE FROM jobs WHERE id = ANY(%s)"
 CEILING_TABLE = "CREATE TABLE ceiling (id bigint PRIMARY KEY, payload bytea NOT NULL)"
+
+
+def connect(dsn: str, schema: str) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    return conn
 
 
 def _drain(dsn: str, schema: str, batch: int, ready: Any, done: Any, finished: Any) -> None:

@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg
+from baseline import connect, plain_queue
 from psycopg import sql
 
 from conduit.config import Settings
@@ -28,47 +28,9 @@ from conduit.task import Completion, TaskSpec
 
 PAYLOAD = b"x" * 64
 
-# The baseline is a competitor written the plain way, so its SQL stays here, not in Conduit's queries.
-BASELINE_TABLE = (
-    "CREATE TABLE jobs (id bigserial PRIMARY KEY, state text NOT NULL DEFAULT 'ready', payload bytea)"
-)
-BASELINE_FETCH = """UPDATE jobs SET state = 'running' WHERE id = (
-    SELECT id FROM jobs WHERE state = 'ready' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"""
-BASELINE_ACK = "DELETE FROM jobs WHERE id = %s"
-
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def connect(dsn: str, schema: str) -> psycopg.Connection:
-    conn = psycopg.connect(dsn, autocommit=True)
-    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-    return conn
-
-
-def baseline_worker(dsn: str, schema: str) -> int:
-    done = 0
-    with connect(dsn, schema) as conn:
-        while row := conn.execute(BASELINE_FETCH).fetchone():
-            conn.execute(BASELINE_ACK, row)
-            done += 1
-    return done
-
-
-def run_baseline(dsn: str, schema: str, tasks: int, workers: int) -> float:
-    with connect(dsn, schema) as conn:
-        conn.execute(BASELINE_TABLE)
-        with conn.cursor().copy("COPY jobs (payload) FROM STDIN") as copy:
-            for _ in range(tasks):
-                copy.write_row((PAYLOAD,))
-        conn.execute("VACUUM ANALYZE jobs")
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        began = time.perf_counter()
-        done = sum(pool.starmap(baseline_worker, [(dsn, schema)] * workers))
-        elapsed = time.perf_counter() - began
-    assert done == tasks, f"baseline drained {done} of {tasks}"
-    return tasks / elapsed
 
 
 def conduit_cycle(dsn: str, schema: str, tasks: int, batch: int) -> float:
@@ -137,7 +99,7 @@ def main() -> None:
         progress(
             f"baseline: {args.workers} processes drain {args.baseline_tasks} tasks, fetch one / ack one ..."
         )
-        baseline = run_baseline(dsn, schema, args.baseline_tasks, args.workers)
+        baseline = plain_queue(dsn, schema, args.baseline_tasks, args.workers, 1, PAYLOAD)
         progress(
             f"conduit: enqueue+lease+complete {args.tasks} tasks in batches of {args.batch}, one process ..."
         )
