@@ -14,7 +14,7 @@ import click
 from conduit.config import Settings
 from conduit.errors import ConduitError
 from conduit.store import EmbeddedPostgres, Store, describe_dsn, dsn_for, init_schema
-from conduit.task import Ack, Completion, TaskSpec
+from conduit.task import Completion, TaskSpec
 
 
 class _Cli(click.Group):
@@ -79,7 +79,6 @@ def db_check(dsn: str | None, data_dir: Path | None, schema: str | None) -> None
         store.complete([Completion(submitted.id, leased[0].attempt, b"pong")])
         stale = store.complete([Completion(submitted.id, leased[0].attempt, b"again")])
         info = store.lookup([submitted.id])[0]
-        store.release([Ack(submitted.id, leased[0].attempt)])
         store.drop_broker(owner)
         if info.state != "completed" or info.result != b"pong" or stale[0] == "ok":
             raise ConduitError(f"store check failed: task ended {info.state} with {info.result!r}")

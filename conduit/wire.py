@@ -62,6 +62,11 @@ REQUESTS = frozenset(
 )
 
 
+REPLIES = frozenset(
+    {Command.SUBMITTED, Command.DELIVER, Command.ACK, Command.RESULTS, Command.PONG, Command.ERROR}
+)
+
+
 class ErrorCode(enum.StrEnum):
     BAD_FRAMES = "bad_frames"  # wrong frame count or undecodable body
     BAD_VERSION = "bad_version"  # protocol frame is not conduit/1

@@ -13,11 +13,7 @@ from typing import Any
 import zmq
 
 from conduit.errors import ConduitError
-from conduit.wire import MAX_MESSAGE_BYTES, Command, Message, ProtocolError, decode, encode
-
-REPLIES = frozenset(
-    {Command.SUBMITTED, Command.DELIVER, Command.ACK, Command.RESULTS, Command.PONG, Command.ERROR}
-)
+from conduit.wire import MAX_MESSAGE_BYTES, REPLIES, Command, Message, ProtocolError, decode, encode
 
 
 class BrokerError(ConduitError):

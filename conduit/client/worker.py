@@ -22,13 +22,13 @@ from typing import Any
 
 import zmq
 
-from conduit.client.channel import REPLIES, dealer
+from conduit.client.channel import dealer
 from conduit.client.context import Handler, Outcome, TaskContext
 from conduit.client.mesh import Mesh
 from conduit.client.runners import ProcessRunner, ThreadRunner
 from conduit.logs import log
 from conduit.task import check_queue_name
-from conduit.wire import MAX_BATCH, Command, Message, ProtocolError, decode, encode
+from conduit.wire import MAX_BATCH, REPLIES, Command, Message, ProtocolError, decode, encode
 
 logger = logging.getLogger("conduit.worker")
 RESEND_AFTER = 5.0  # seconds without an ACK before a complete or fail is sent again
