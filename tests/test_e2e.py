@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections import Counter
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgpack
 import pytest
 import zmq
 
@@ -211,6 +213,67 @@ def test_garbage_gets_errors_and_the_broker_keeps_serving(start_broker) -> None:
         rogue.close()
         ctx.term()
     assert broker.proc.poll() is None
+
+
+def random_garbage(rng: random.Random) -> list[bytes]:
+    """One hostile message: noise, a wrong frame count, or a valid header over a bad body."""
+    commands = [c.value.encode() for c in Command] + [b"", b"NOPE"]
+    body = {
+        rng.choice(["rid", "tasks", "queues", "worker", "ids", "max", "timeout"]): rng.choice(
+            [None, -1, 2**64 - 1, 1.5, "x" * rng.randrange(300), b"\x00", [[1, "a"]], {"q": []}, [{}]]
+        )
+        for _ in range(rng.randrange(5))
+    }
+    raw = msgpack.packb(body)
+    return rng.choice(
+        [
+            [os.urandom(rng.randrange(100)) for _ in range(rng.randrange(1, 6))],
+            [PROTOCOL, rng.choice(commands), raw],
+            [PROTOCOL, rng.choice(commands), raw[: rng.randrange(len(raw))]],
+            [PROTOCOL, rng.choice(commands), raw + os.urandom(3)],
+            [PROTOCOL, b"POLL", b"\x91" * rng.randrange(1, 20000) + b"\xc0"],
+            [PROTOCOL, rng.choice(commands)],
+        ]
+    )
+
+
+def test_random_garbage_from_many_peers_while_work_goes_on(start_broker, processes, db, tmp_path) -> None:
+    """A broker answers every routable bad message with ERROR and keeps serving real work."""
+    broker = start_broker()
+    ledger = tmp_path / "ledger"
+    spawn_worker(processes, broker.endpoint, ledger, concurrency=4)
+    rng = random.Random(7)
+    ctx = zmq.Context()
+    rogues = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    submitted: list[int] = []
+
+    def produce() -> None:
+        with Client(broker.endpoint) as client:
+            for i in range(200):
+                submitted.append(client.submit("sleepy", b"0", key=f"g{i}"))
+
+    try:
+        for rogue in rogues:
+            rogue.setsockopt(zmq.LINGER, 0)
+            rogue.connect(broker.endpoint)
+        producer = threading.Thread(target=produce)
+        producer.start()
+        for n in range(1500):
+            rogue = rogues[n % 3]
+            rogue.send_multipart(random_garbage(rng))
+            assert rogue.poll(10_000), "a bad message went unanswered"
+            reply = rogue.recv_multipart()
+            assert reply[:2] == [PROTOCOL, b"ERROR"], reply
+        producer.join(60)
+        assert not producer.is_alive() and len(submitted) == 200
+        with Client(broker.endpoint) as client:
+            wait_for(lambda: all(i.state == "completed" for i in client.lookup(submitted)), what="completion")
+    finally:
+        for rogue in rogues:
+            rogue.close()
+        ctx.term()
+    assert broker.proc.poll() is None
+    assert sorted(t for t, _, _ in ledger_runs(ledger)) == sorted(submitted)
 
 
 def test_sigterm_gives_the_buffer_back_and_exits_cleanly(start_broker, db) -> None:
