@@ -563,7 +563,7 @@ class Core:
             self.lease_valid_until = started + self.config.lease_term
             self._next_renew = started + self.config.lease_term / 3
             return
-        out.append(Log("error", "broker_lease_lost", {"broker": self.config.broker_id}))
+        out.append(Log("error", "broker_lease_lost", {}))  # the shell names the broker
         self._drop_buffers(out)
         if not self._stopping:
             self.owner = None

@@ -57,27 +57,35 @@ class _DatabaseThread(threading.Thread):
         super().__init__(name=name, daemon=True)
         self._open_store = open_store
         self._post = post
-        self._jobs: queue.Queue[tuple[Job, Callable[[str], Event | None]] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[Job, Callable[[str], Event | None], bool] | None] = queue.Queue()
         self._store: Store | None = None
 
-    def submit(self, job: Job, on_error: Callable[[str], Event | None]) -> None:
-        self._jobs.put((job, on_error))
+    def submit(self, job: Job, on_error: Callable[[str], Event | None], *, read_only: bool = False) -> None:
+        """`read_only`: the job is safe to repeat, so one that finds its connection dead (the
+        database restarted, or dropped it) runs again at once on a new one instead of failing."""
+        self._jobs.put((job, on_error, read_only))
 
     def stop(self) -> None:
         self._jobs.put(None)
 
     def run(self) -> None:
         while (item := self._jobs.get()) is not None:
-            job, on_error = item
-            try:
-                if self._store is None:
-                    self._store = self._open_store()
-                event = job(self._store)
-            except (ConduitError, psycopg.Error) as exc:
-                if self._store is not None and self._store.conn.broken:
-                    self._store.close()
-                    self._store = None
-                event = on_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
+            job, on_error, read_only = item
+            for retry in (read_only, False):
+                reused = self._store is not None
+                try:
+                    if self._store is None:
+                        self._store = self._open_store()
+                    event = job(self._store)
+                except (ConduitError, psycopg.Error) as exc:
+                    broken = self._store is not None and self._store.conn.broken
+                    if broken:
+                        self._store.close()  # type: ignore[union-attr]
+                        self._store = None
+                    if retry and broken and reused:
+                        continue  # a write is never repeated: it may have committed
+                    event = on_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                break
             if event is not None:
                 self._post(event)
         if self._store is not None:
@@ -246,6 +254,7 @@ class Broker:
                     self._threads["reader"].submit(
                         lambda store, p=peer, r=rid, i=ids: LookedUp(p, r, store.lookup(i), None),
                         lambda err, p=peer, r=rid: LookedUp(p, r, [], err),
+                        read_only=True,
                     )
                 case core.RenewLease(started):
                     self._threads["keeper"].submit(
@@ -263,7 +272,8 @@ class Broker:
                         with contextlib.suppress(zmq.Again):  # gossip is periodic: a drop is harmless
                             self.publisher.send_multipart(frames, zmq.NOBLOCK)
                 case core.Log(level, event, fields):
-                    log(logger, level, event, broker=self.config.broker_id, **fields)
+                    # Merged, not passed twice: a field named like ours must not kill the broker.
+                    log(logger, level, event, **{"broker": self.config.broker_id, **fields})
                 case core.Stop(owner):
                     if owner is not None:
                         self._threads["keeper"].submit(

@@ -1,0 +1,119 @@
+"""Database trouble, on real PostgreSQL: a server that stops and starts again, connections that are
+dropped under a running broker. Submits during an outage are refused with a clear error, never
+acknowledged; workers keep their work and retry their reports; everything resumes afterwards."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from chaos.pg import PrivatePostgres
+from conftest import BrokerProcess, Database, Process, free_port
+from test_e2e import ledger_runs, spawn_worker, wait_for
+
+from conduit.client import Client
+from conduit.client.channel import BrokerError, BrokerTimeout
+from conduit.errors import ConduitError
+from conduit.store import init_schema
+
+
+@pytest.fixture
+def private_pg() -> Iterator[tuple[PrivatePostgres, Database]]:
+    """A PostgreSQL of this test's own, which it may stop: never the machine's shared server."""
+    pg = PrivatePostgres()
+    try:
+        init_schema(pg.dsn, "conduit")
+        yield pg, Database(pg.dsn, "conduit")
+    finally:
+        pg.close()
+
+
+def _broker(db: Database, processes: list[Process], env: dict[str, str] | None = None) -> BrokerProcess:
+    old = os.environ.copy()
+    os.environ.update(env or {})  # BrokerProcess passes the environment on to the broker
+    try:
+        broker = BrokerProcess(db, free_port(), "b1")
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    processes.append(broker)
+    return broker
+
+
+def test_database_stopped_then_back_submits_refused_work_kept_and_finished_once(
+    private_pg, processes, tmp_path: Path
+) -> None:
+    pg, db = private_pg
+    broker = _broker(db, processes)
+    ledger = tmp_path / "ledger"
+    worker = spawn_worker(processes, broker.endpoint, ledger, concurrency=1)
+    with Client(broker.endpoint, timeout=5.0) as client:
+        task_id = client.submit("sleepy", b"3.0", lease_timeout=30.0)
+        wait_for(lambda: ledger_runs(ledger), what="the task to start")
+        pg.stop("immediate")  # a crash: every connection is gone, nothing answers
+        try:
+            began = time.monotonic()
+            with pytest.raises(ConduitError) as refused:
+                client.submit("sleepy", b"0", key="during-outage")
+            took = time.monotonic() - began
+            assert "unavailable" in str(refused.value) and "database" in str(refused.value), refused.value
+            assert took < 6.0  # refused, not left hanging
+            # The handler ends while the database is down: its COMPLETE is refused and resent.
+            wait_for(lambda: "report_deferred" in worker.log(), timeout=30, what="a deferred complete")
+            time.sleep(2.0)
+            assert broker.proc.poll() is None and worker.proc.poll() is None
+        finally:
+            pg.start()
+        result = client.result(task_id, timeout=60)
+        assert (result.state, result.attempt, result.result) == ("completed", 1, b"slept 1")
+        assert [(t, a) for t, a, _ in ledger_runs(ledger)] == [(task_id, 1)]  # it ran once
+        # Nothing of the refused submit was written; the same key now makes one task.
+        assert db.query("SELECT count(*) FROM idempotency_keys WHERE key = 'during-outage'") == [(0,)]
+        again = client.submit("sleepy", b"0", key="during-outage")
+        assert client.result(again, timeout=60).state == "completed"
+    assert broker.proc.poll() is None  # it rode out the outage
+    assert db.query("SELECT count(*) FROM results WHERE state = 'completed'") == [(2,)]
+
+
+def test_broker_survives_its_database_connections_being_dropped(db, processes) -> None:
+    """Regression: a failed broker-lease renewal logged a field twice and crashed the broker."""
+    appname = f"conduit-test-{uuid.uuid4().hex[:8]}"
+    broker = _broker(db, processes, {"PGAPPNAME": appname})
+    with Client(broker.endpoint, timeout=5.0) as client:
+        client.submit("idle", b"")
+        for _ in range(3):  # each round breaks the keeper's connection under a lease renewal
+            with psycopg.connect(db.dsn, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                    (appname,),
+                )
+            time.sleep(1.5)  # past a renewal (every lease-term/3 = 1 s)
+            assert broker.proc.poll() is None, broker.log()[-3000:]
+        wait_for(lambda: "broker_lease_lost" in broker.log(), timeout=10, what="a failed renewal")
+        # It serves again once it has connected anew.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert client.lookup([client.submit("idle", b"")])[0].state == "pending"
+                break
+            except (BrokerError, BrokerTimeout):
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+    assert broker.proc.poll() is None
+
+
+def test_broker_refuses_to_start_without_its_database(private_pg, processes) -> None:
+    pg, db = private_pg
+    pg.stop()
+    try:
+        broker = Process(["broker", "--bind", f"tcp://127.0.0.1:{free_port()}", "--dsn", db.dsn])
+        processes.append(broker)
+        assert broker.proc.wait(30) != 0
+        assert "cannot connect to PostgreSQL" in broker.log()
+    finally:
+        pg.start()
