@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ class PayloadClient:
         self.payload = payload
 
     def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
-        return self.client.submit_many([replace(s, payload=self.payload) for s in specs])
+        return self.client.submit_many([s._replace(payload=self.payload) for s in specs])
 
     def submit(self, queue: str, payload: bytes, **options: Any) -> int:
         return self.client.submit(queue, self.payload, **options)

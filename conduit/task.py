@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from conduit.errors import InvalidTask
 
@@ -17,9 +17,11 @@ MAX_ATTEMPTS = 2**31 - 1  # the attempt is a PostgreSQL integer
 MAX_SECONDS = 100 * 365 * 86400.0  # delays, leases and backoffs beyond a century are mistakes
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """A task to enqueue. Lower priority runs first; `delay` is seconds from the commit."""
+class TaskSpec(NamedTuple):
+    """A task to enqueue. Lower priority runs first; `delay` is seconds from the commit.
+
+    This and the other per-task records are NamedTuples: immutable, and built several times
+    faster than frozen dataclasses, which matters at tens of thousands of tasks a second."""
 
     queue: str
     payload: bytes
@@ -34,7 +36,7 @@ class TaskSpec:
     def validate(self, max_payload_bytes: int) -> None:
         """Raise InvalidTask naming the rule broken, before anything is written."""
         check_queue_name(self.queue)
-        if not isinstance(self.payload, bytes | bytearray | memoryview):
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
             raise InvalidTask(f"payload must be bytes, got {type(self.payload).__name__}")
         if len(self.payload) > max_payload_bytes:
             raise InvalidTask(
@@ -46,37 +48,48 @@ class TaskSpec:
             raise InvalidTask(f"priority {self.priority} is outside {low}..{high}")
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
             raise InvalidTask(f"max_attempts must be 1..{MAX_ATTEMPTS}, got {self.max_attempts}")
-        for name in ("delay", "lease_timeout", "backoff_base", "backoff_max"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
-                raise InvalidTask(
-                    f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, got {value}"
-                )
-        if self.lease_timeout == 0:
+        # One chained test for the common case; comparisons are false for NaN, and infinities fail.
+        if not (
+            0 <= self.delay <= MAX_SECONDS
+            and 0 < self.lease_timeout <= MAX_SECONDS
+            and 0 <= self.backoff_base <= MAX_SECONDS
+            and 0 <= self.backoff_max <= MAX_SECONDS
+        ):
+            for name in ("delay", "lease_timeout", "backoff_base", "backoff_max"):
+                value = getattr(self, name)
+                if not 0 <= value <= MAX_SECONDS:
+                    raise InvalidTask(
+                        f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, got {value}"
+                    )
             raise InvalidTask("lease_timeout must be more than 0 seconds")
         key = self.idempotency_key
         if key is not None and (not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key):
             raise InvalidTask(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters, none of them NUL")
 
 
+_valid_queues: set[str] = set()  # names seen valid: most submits repeat a few; bounded below
+
+
 def check_queue_name(queue: str) -> None:
+    if isinstance(queue, str) and queue in _valid_queues:
+        return
     if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
         raise InvalidTask(
             f"queue name {queue!r} is not valid: 1-64 characters, letters, digits and _ . : -, "
             "starting with a letter or digit"
         )
+    if len(_valid_queues) < 10_000:
+        _valid_queues.add(queue)
 
 
-@dataclass(frozen=True)
-class Submitted:
+class Submitted(NamedTuple):
     """The id a submit got, and whether it created the task (False: an idempotency key matched)."""
 
     id: int
     created: bool
 
 
-@dataclass(frozen=True)
-class LeasedTask:
+class LeasedTask(NamedTuple):
     """A task leased into a broker's buffer; `attempt` is the fencing token its delivery carries."""
 
     id: int
@@ -90,23 +103,20 @@ class LeasedTask:
     payload: bytes
 
 
-@dataclass(frozen=True)
-class Ack:
+class Ack(NamedTuple):
     """One delivery's claim on a task: its id and the attempt it was delivered with."""
 
     id: int
     attempt: int
 
 
-@dataclass(frozen=True)
-class Completion:
+class Completion(NamedTuple):
     id: int
     attempt: int
     result: bytes | None = None
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     id: int
     attempt: int
     error: str

@@ -8,6 +8,7 @@ request body carries `rid`, an unsigned integer the reply echoes. Unknown body k
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,24 +190,30 @@ def _batch(body: dict[str, Any], name: str, rid: int) -> list[Any]:
     return items
 
 
+# SUBMIT's optional task fields: wire name, TaskSpec field, accepted types, conversion.
+_TASK_OPTIONS: tuple[tuple[str, str, type | tuple[type, ...], Callable[[Any], Any]], ...] = (
+    ("priority", "priority", int, int),
+    ("delay", "delay", (int, float), float),
+    ("max_attempts", "max_attempts", int, int),
+    ("lease_timeout", "lease_timeout", (int, float), float),
+    ("backoff_base", "backoff_base", (int, float), float),
+    ("backoff_max", "backoff_max", (int, float), float),
+    ("key", "idempotency_key", str, str),  # NUL is refused by validate()
+)
+
+
 def parse_submit(msg: Message, max_payload_bytes: int) -> list[TaskSpec]:
     rid = msg.rid
     specs = []
     for item in _batch(msg.body, "tasks", rid):
         if not isinstance(item, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "each task must be a map", rid)
-        number = (int, float)
-        spec = TaskSpec(
-            queue=_field(item, "queue", str, rid),
-            payload=_field(item, "payload", bytes, rid),
-            priority=_field(item, "priority", int, rid, 0),
-            delay=float(_field(item, "delay", number, rid, 0.0)),
-            max_attempts=_field(item, "max_attempts", int, rid, 5),
-            lease_timeout=float(_field(item, "lease_timeout", number, rid, 30.0)),
-            backoff_base=float(_field(item, "backoff_base", number, rid, 1.0)),
-            backoff_max=float(_field(item, "backoff_max", number, rid, 300.0)),
-            idempotency_key=_field(item, "key", str, rid, None),  # NUL is refused by validate()
-        )
+        options = {  # only the fields present: most tasks carry two
+            name: convert(_field(item, wire, kind, rid))
+            for wire, name, kind, convert in _TASK_OPTIONS
+            if item.get(wire) is not None
+        }
+        spec = TaskSpec(_field(item, "queue", str, rid), _field(item, "payload", bytes, rid), **options)
         try:
             spec.validate(max_payload_bytes)
         except InvalidTask as exc:

@@ -6,7 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -145,7 +145,7 @@ class Client:
         """Enqueue many tasks, up to MAX_BATCH to a message, each batch in one commit."""
         specs = list(tasks)
         if self._retry_submits:
-            specs = [s if s.idempotency_key else replace(s, idempotency_key=uuid.uuid4().hex) for s in specs]
+            specs = [s if s.idempotency_key else s._replace(idempotency_key=uuid.uuid4().hex) for s in specs]
         ids: list[int] = []
         for start in range(0, len(specs), MAX_BATCH):
             batch = specs[start : start + MAX_BATCH]
