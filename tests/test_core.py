@@ -274,6 +274,21 @@ def test_deliveries_never_heard_of_again_expire_after_their_lease() -> None:
     assert expire.batch.expiries == [Ack(3, 1)]
 
 
+def test_a_later_delivery_with_a_shorter_lease_expires_first() -> None:
+    """Ticks skip the scan until the earliest deadline: a new, earlier one must move it."""
+    c = make_core()
+    poll(c, max=1)
+    c.handle(Leased("q", [task(1), task(2)._replace(lease_timeout=5.0)], None, 0.1))  # 1 goes, 2 waits
+    poll(c, now=1.0, rid=2, max=1)  # task 2 out now: due back at 6.0, before task 1 at 30.1
+    assert of(c.handle(Tick(5.9)), core.Write) == []
+    (expire,) = of(c.handle(Tick(6.1)), core.Write)
+    assert expire.batch.expiries == [Ack(2, 1)]
+    c.handle(Written(expire.batch, WriteResult([], []), None, 6.2))
+    assert of(c.handle(Tick(30.0)), core.Write) == []
+    (expire,) = of(c.handle(Tick(30.2)), core.Write)
+    assert expire.batch.expiries == [Ack(1, 1)]
+
+
 # -- the broker lease ------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ lease lapses, back-pressure, shutdown) is tested directly and deterministically.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,7 +155,8 @@ class _Waiter:
     rid: int
     poll: Poll
     deadline: float
-    reserved: list[tuple[int, TaskSpec]] = field(default_factory=list)  # sync-matched, not yet committed
+    reserved: int = 0  # tasks sync-matched to it, not yet committed
+    reserved_bytes: int = 0  # their payloads
     sealed: bool = False  # its reservations are in the write in flight: it takes no more
 
 
@@ -185,6 +187,7 @@ class Core:
         # delivery): a heartbeat, complete or fail settles them; if none comes within the task's
         # lease timeout, they are expired as failed runs.
         self._delivered: dict[int, tuple[int, str, float]] = {}  # id -> attempt, worker, deadline
+        self._next_expiry = math.inf  # no delivery's deadline is earlier: ticks skip the scan till then
         self._writing: WriteBatch | None = None
         self._next_renew = 0.0
         self._renewing = False
@@ -286,7 +289,8 @@ class Core:
         for spec in specs:
             waiter = self._sync_match(spec, now) if spec.delay == 0 else None
             if waiter is not None:
-                waiter.reserved.append((len(workers), spec))
+                waiter.reserved += 1
+                waiter.reserved_bytes += len(spec.payload)
             elif spec.delay == 0 and now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY:
                 self._notified_at[spec.queue] = now  # wake brokers whose polls wait on this queue
                 self._pending.notify.append(spec.queue)
@@ -310,12 +314,11 @@ class Core:
             if (
                 waiter
                 and not waiter.sealed
-                and len(waiter.reserved) < waiter.poll.max_tasks
+                and waiter.reserved < waiter.poll.max_tasks
                 and waiter.deadline > now
+                and (not waiter.reserved or waiter.reserved_bytes + len(spec.payload) <= MAX_DELIVERY_BYTES)
             ):
-                size = sum(len(s.payload) for _, s in waiter.reserved) + len(spec.payload)
-                if not waiter.reserved or size <= MAX_DELIVERY_BYTES:
-                    return waiter
+                return waiter
         return None
 
     def _on_poll(self, peer: bytes, rid: int, poll: Poll, now: float, out: list[Action]) -> None:
@@ -349,6 +352,7 @@ class Core:
                 self._queue(name).wanted_until = now + DEMAND_MEMORY
             for t in tasks:
                 self._delivered[t.id] = (t.attempt, waiter.poll.worker, now + t.lease_timeout)
+                self._next_expiry = min(self._next_expiry, now + t.lease_timeout)
             self._finish(waiter, [_delivery(t, self.config.broker_id) for t in tasks], out)
 
     def _serve_queue(self, name: str, now: float, out: list[Action]) -> None:
@@ -498,7 +502,7 @@ class Core:
     def _unreserve(self, key: int, now: float, out: list[Action]) -> None:
         waiter = self._waiters.get(key)
         if waiter is not None:
-            waiter.reserved.clear()
+            waiter.reserved = waiter.reserved_bytes = 0
             waiter.sealed = False
             self._serve(waiter, now, out)
 
@@ -507,10 +511,14 @@ class Core:
     def _on_tick(self, now: float, out: list[Action]) -> None:
         for waiter in [w for w in self._waiters.values() if w.deadline <= now and not w.reserved]:
             self._finish(waiter, [], out)
-        expired = [task_id for task_id, (_, _, deadline) in self._delivered.items() if deadline <= now]
-        for task_id in expired:
-            attempt, _, _ = self._delivered.pop(task_id)
-            self._pending.expiries.append(Ack(task_id, attempt))
+        if now >= self._next_expiry:
+            expired = [task_id for task_id, (_, _, deadline) in self._delivered.items() if deadline <= now]
+            for task_id in expired:
+                attempt, _, _ = self._delivered.pop(task_id)
+                self._pending.expiries.append(Ack(task_id, attempt))
+            self._next_expiry = min(
+                (deadline for _, _, deadline in self._delivered.values()), default=math.inf
+            )
         if self.owner is not None and not self._renewing and now >= self._next_renew:
             self._renewing = True
             out.append(RenewLease(now))
