@@ -1,0 +1,6 @@
+// conduit-worker: a Conduit worker for Node.js, written from docs/PROTOCOL.md (conduit/1).
+
+export { PermanentError, Worker } from "./worker.js";
+export { Gossip, MeshTable } from "./mesh.js";
+export { logfmt } from "./log.js";
+export * as wire from "./wire.js";

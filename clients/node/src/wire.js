@@ -1,0 +1,153 @@
+// conduit/1 framing and parsing, as pure functions (no sockets): docs/PROTOCOL.md §3, §4, §14.
+//
+// A message is three ZeroMQ frames: the protocol frame "conduit/1", the command in ASCII
+// capitals, and one msgpack map (the body). Requests carry `rid`, echoed by the reply.
+
+import { Decoder, Encoder } from "@msgpack/msgpack";
+
+export const PROTOCOL = "conduit/1";
+export const MAX_BODY_BYTES = 16 * 1024 * 1024; // §8: a body frame over this gets too_large
+export const MAX_FRAME_BYTES = MAX_BODY_BYTES + 4096; // the sockets' maxMessageSize
+export const MAX_BATCH = 10_000; // rows, ids or tasks in one message
+export const MAX_QUEUES = 64; // queues in one POLL
+export const MAX_NAME_CHARS = 200; // worker ids
+
+export const REQUESTS = Object.freeze([
+  "SUBMIT", "POLL", "HEARTBEAT", "COMPLETE", "FAIL", "RELEASE", "CANCEL", "RESULT", "PING",
+]);
+export const REPLIES = Object.freeze(["SUBMITTED", "DELIVER", "ACK", "RESULTS", "PONG", "ERROR"]);
+
+/** Error codes a broker may answer with (§7.1); an unknown one is a refusal not to retry. */
+export const RETRYABLE = Object.freeze(new Set(["busy", "unavailable", "shutting_down", "internal"]));
+
+const QUEUE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/;
+const PROTOCOL_BYTES = new TextEncoder().encode(PROTOCOL);
+
+// Task ids are PostgreSQL bigints (§4): decode 64-bit integers as BigInt rather than lose bits,
+// and encode BigInt back as msgpack int 64. Bodies are maps with str keys.
+const encoder = new Encoder({ useBigInt64: true, ignoreUndefined: true });
+const decoder = new Decoder({
+  useBigInt64: true,
+  maxStrLength: MAX_BODY_BYTES,
+  maxBinLength: MAX_BODY_BYTES,
+  maxArrayLength: MAX_BATCH * 4,
+  maxMapLength: 1024,
+  maxExtLength: 0,
+});
+
+/** A reply or gossip that breaks the protocol. */
+export class ProtocolError extends Error {}
+
+/**
+ * @typedef {{command: string, body: Record<string, any>}} Message
+ * @typedef {number | bigint} TaskId
+ * @typedef {{id: TaskId, queue: string, attempt: number, payload: Uint8Array, priority: number,
+ *   failures: number, max_attempts: number, lease_timeout: number, broker: string}} Delivery
+ */
+
+/**
+ * Frames for one request. `body` must already hold `rid` (§4); payloads and results must be
+ * Uint8Array (Buffer is one) so they go out as msgpack bin, never str.
+ * @param {string} command
+ * @param {Record<string, any>} body
+ * @returns {[Uint8Array, Uint8Array, Uint8Array]}
+ */
+export function encode(command, body) {
+  return [PROTOCOL_BYTES, new TextEncoder().encode(command), encoder.encode(body)];
+}
+
+/**
+ * Parse one received message: three frames, the right protocol, a known command, a map body.
+ * @param {ArrayLike<Uint8Array>} frames
+ * @param {readonly string[]} allowed commands accepted here (REPLIES, or ["GOSSIP"])
+ * @returns {Message}
+ */
+export function decode(frames, allowed = REPLIES) {
+  if (frames.length !== 3) throw new ProtocolError(`expected 3 frames, got ${frames.length}`);
+  const [protocol, command, raw] = frames;
+  if (Buffer.compare(Buffer.from(protocol), Buffer.from(PROTOCOL_BYTES)) !== 0) {
+    throw new ProtocolError(`unsupported protocol ${JSON.stringify(text(protocol).slice(0, 32))}`);
+  }
+  const name = text(command);
+  if (!allowed.includes(name)) throw new ProtocolError(`unexpected command ${JSON.stringify(name.slice(0, 32))}`);
+  let body;
+  try {
+    body = decoder.decode(raw);
+  } catch (err) {
+    throw new ProtocolError(`body is not valid msgpack: ${err.message}`);
+  }
+  if (body === null || typeof body !== "object" || Array.isArray(body) || body instanceof Uint8Array) {
+    throw new ProtocolError("body must be a msgpack map");
+  }
+  return { command: name, body };
+}
+
+/** @param {Uint8Array} bytes */
+function text(bytes) {
+  return Buffer.from(bytes).toString("utf8");
+}
+
+/**
+ * A task id or count as a JS number when it fits exactly, else the BigInt: an id decoded from a
+ * msgpack uint 64 arrives as BigInt even when small.
+ * @param {number | bigint} value
+ * @returns {number | bigint}
+ */
+export function int(value) {
+  if (typeof value === "bigint" && value <= BigInt(Number.MAX_SAFE_INTEGER) && value >= BigInt(Number.MIN_SAFE_INTEGER)) {
+    return Number(value);
+  }
+  return value;
+}
+
+/**
+ * A DELIVER's task map as the worker uses it (§6.2: every key is always present).
+ * @param {Record<string, any>} t
+ * @returns {Delivery}
+ */
+export function delivery(t) {
+  if (t === null || typeof t !== "object") throw new ProtocolError("a delivery must be a map");
+  for (const key of ["id", "queue", "attempt", "payload"]) {
+    if (t[key] === undefined || t[key] === null) throw new ProtocolError(`delivery without ${key}`);
+  }
+  return {
+    id: int(t.id),
+    queue: String(t.queue),
+    attempt: Number(t.attempt),
+    payload: t.payload instanceof Uint8Array ? t.payload : new Uint8Array(),
+    priority: Number(t.priority ?? 0),
+    failures: Number(t.failures ?? 0),
+    max_attempts: Number(t.max_attempts ?? 0),
+    lease_timeout: Number(t.lease_timeout ?? 30),
+    broker: String(t.broker ?? ""),
+  };
+}
+
+/**
+ * Check a queue name against §6.1 before polling it (the broker answers invalid_task otherwise).
+ * @param {string} name
+ */
+export function checkQueueName(name) {
+  if (typeof name !== "string" || !QUEUE_NAME.test(name)) {
+    throw new TypeError(`invalid queue name ${JSON.stringify(name)}: 1-64 of A-Z a-z 0-9 _ . : - starting with a letter or digit`);
+  }
+}
+
+/**
+ * A result as msgpack bin (or nil): Uint8Array/Buffer as is, a string as UTF-8, null/undefined
+ * as nil. Anything else is a handler bug.
+ * @param {unknown} value
+ * @returns {Uint8Array | null}
+ */
+export function resultBytes(value) {
+  if (value === null || value === undefined) return null;
+  if (value instanceof Uint8Array) return value;
+  if (typeof value === "string") return new TextEncoder().encode(value);
+  throw new TypeError(`handler returned ${typeof value}, not Uint8Array, string or null`);
+}
+
+/** Text safe to store: PostgreSQL refuses NUL (§4), the broker keeps 8,192 characters (§8). */
+export function errorText(/** @type {string} */ message) {
+  const chars = Array.from(message.replaceAll("\0", "\\0"));
+  return chars.length > 8192 ? chars.slice(0, 8192).join("") : chars.join("");
+}

@@ -1,0 +1,512 @@
+// A Conduit worker: long-polls brokers, runs async handlers with bounded concurrency, heartbeats
+// what it holds, reports outcomes until they are acknowledged, fails over between brokers.
+// Written from docs/PROTOCOL.md (§9 worker rules, §11 liveness); section numbers below refer there.
+
+import { hostname } from "node:os";
+import { randomBytes } from "node:crypto";
+
+import { Dealer } from "zeromq";
+
+import { logfmt } from "./log.js";
+import { Gossip, MeshTable } from "./mesh.js";
+import { MAX_BATCH, MAX_FRAME_BYTES, ProtocolError, checkQueueName, decode, delivery, encode, errorText, resultBytes } from "./wire.js";
+
+const RESEND_AFTER = 5000; // ms without an ACK before a COMPLETE/FAIL/RELEASE is sent again (§9.6)
+const MAX_UNACKED = 2; // report messages awaiting their ACK; later outcomes wait and go together
+const REFUSED_PAUSE = 100; // ms to wait after an ERROR to a report (busy, unavailable)
+const STOP_GRACE = 30_000; // ms a stopping worker keeps resending unacknowledged reports
+const CONNECT_WAIT = 1000; // ms a send waits for a connection (IMMEDIATE) before giving up
+const TICK = 100; // ms between bookkeeping passes when nothing else happens
+
+/** Raise from a handler to fail the task without retries (FAIL with retry false: dead at once). */
+export class PermanentError extends Error {
+  /** @param {string} message */
+  constructor(message) {
+    super(message);
+    this.name = "PermanentError";
+  }
+}
+
+/**
+ * What a handler receives: one delivery of a task. `attempt` grows with every delivery and a task
+ * may run more than once (§9.8), so handlers must be idempotent. `signal` aborts when the worker
+ * learns it no longer holds the task (a heartbeat answered stale, finished or cancelled).
+ * @typedef {{id: number | bigint, queue: string, attempt: number, payload: Buffer, priority: number,
+ *   failures: number, maxAttempts: number, leaseTimeout: number, broker: string, signal: AbortSignal}} Task
+ * @typedef {(task: Task) => Promise<Uint8Array | string | null | undefined> | Uint8Array | string | null | undefined} Handler
+ * @typedef {"COMPLETE" | "FAIL" | "RELEASE"} Report
+ */
+
+/**
+ * @typedef {object} WorkerOptions
+ * @property {string | string[]} endpoints broker ROUTER endpoints; the first is polled first
+ * @property {string[]} [gossip] gossip (PUB) endpoints; brokers also advertise theirs in PONG
+ * @property {number} [concurrency] handlers running at once (4)
+ * @property {number} [prefetch] tasks held beyond the running ones (= concurrency)
+ * @property {number} [pollTimeout] seconds a POLL may wait at the broker (5)
+ * @property {number} [heartbeatInterval] seconds between heartbeats (2.5)
+ * @property {string} [workerId] default: hostname-pid-random
+ * @property {ReturnType<typeof logfmt>} [log]
+ */
+
+export class Worker {
+  /** @param {WorkerOptions} options */
+  constructor(options) {
+    const endpoints = typeof options.endpoints === "string" ? options.endpoints.split(/\s+/).filter(Boolean) : [...options.endpoints];
+    if (endpoints.length === 0) throw new TypeError("give at least one broker endpoint");
+    this.endpoints = endpoints;
+    this.gossipEndpoints = options.gossip ?? [];
+    this.concurrency = options.concurrency ?? 4;
+    this.prefetch = options.prefetch ?? this.concurrency;
+    this.pollTimeout = options.pollTimeout ?? 5;
+    this.heartbeatInterval = (options.heartbeatInterval ?? 2.5) * 1000;
+    this.workerId = options.workerId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
+    this.log = options.log ?? logfmt("conduit.worker");
+    /** @type {Map<string, Handler>} */
+    this.handlers = new Map();
+    this.stopping = false;
+    /** @type {Promise<void> | null} */
+    this.running = null;
+  }
+
+  /**
+   * Run `fn` for tasks of `queue`. It returns the result (Uint8Array, string or nothing); it
+   * throws to fail the task (retried with backoff), or throws PermanentError to fail it for good.
+   * @param {string} queue
+   * @param {Handler} fn
+   */
+  handle(queue, fn) {
+    checkQueueName(queue);
+    this.handlers.set(queue, fn);
+    return this;
+  }
+
+  /** Run until stop(): resolves once running tasks finished and every report was acknowledged. */
+  run() {
+    if (this.handlers.size === 0) throw new Error("register at least one handler before run()");
+    this.running ??= new Loop(this).run();
+    return this.running;
+  }
+
+  /** Stop polling, finish what runs, release what was prefetched, wait for the last ACKs. */
+  stop() {
+    this.stopping = true;
+    this.loop?.kick();
+    return this.running ?? Promise.resolve();
+  }
+}
+
+/** The worker's bookkeeping; everything happens on the event loop, so no locks. */
+class Loop {
+  /** @param {Worker} worker */
+  constructor(worker) {
+    this.w = worker;
+    worker.loop = this;
+    this.log = worker.log;
+    this.queues = [...worker.handlers.keys()];
+    this.table = new MeshTable(worker.endpoints);
+    this.gossip = new Gossip(this.table, this.log);
+    for (const endpoint of worker.gossipEndpoints) this.gossip.subscribe(endpoint);
+    /** @type {Map<string, {sock: Dealer, chain: Promise<void>, closed: boolean}>} one DEALER per broker used */
+    this.conns = new Map();
+    this.current = worker.endpoints[0]; // where polls, heartbeats and reports go
+    this.nextRid = 1;
+    /** @type {number | null} */
+    this.pollRid = null;
+    this.pollDeadline = 0;
+    this.pollHoldUntil = 0;
+    this.lastPollEmpty = false;
+    /** @type {import("./wire.js").Delivery[]} delivered, not started */
+    this.prefetched = [];
+    /** @type {Map<string, {task: import("./wire.js").Delivery, abort: AbortController}>} */
+    this.active = new Map();
+    /** @type {Set<string>} deliveries a heartbeat told us we no longer hold */
+    this.lost = new Set();
+    /** @type {Map<number, {command: Report, rows: unknown[][], sent: number}>} */
+    this.unacked = new Map();
+    /** @type {Record<Report, unknown[][]>} */
+    this.outbox = { COMPLETE: [], FAIL: [], RELEASE: [] };
+    this.holdUntil = 0;
+    this.nextHeartbeat = 0;
+    /** @type {Map<number, unknown[][]>} the last heartbeat's rid and rows, until answered */
+    this.heartbeats = new Map();
+    this.heartbeatMisses = 0;
+    this.kicked = false;
+    this.stopBy = 0;
+    /** @type {() => void} */
+    this.finish = () => {};
+  }
+
+  /** @returns {Promise<void>} */
+  run() {
+    return new Promise((resolve, reject) => {
+      this.finish = () => {
+        clearInterval(this.timer);
+        for (const conn of this.conns.values()) this.close(conn);
+        this.gossip.close();
+        resolve();
+      };
+      this.fail = reject;
+      for (const endpoint of this.w.endpoints) this.send("PING", {}, endpoint); // learn gossip endpoints
+      this.timer = setInterval(() => this.tick(), TICK);
+      this.kick();
+    });
+  }
+
+  /** Run a bookkeeping pass soon, once however many events asked for one. */
+  kick() {
+    if (this.kicked) return;
+    this.kicked = true;
+    setImmediate(() => {
+      this.kicked = false;
+      this.tick();
+    });
+  }
+
+  tick() {
+    try {
+      const now = performance.now();
+      if (this.w.stopping) {
+        this.stopBy ||= now + STOP_GRACE;
+        const unsettled = this.pendingReports() || this.pollRid !== null;
+        if (this.active.size === 0 && (!unsettled || now > this.stopBy)) {
+          if (unsettled) this.log("warning", "stopped_unacknowledged", { reports: this.unacked.size });
+          this.finish();
+          return;
+        }
+      }
+      this.stepOut(now);
+      this.flush(now);
+      if (this.pollRid !== null && now > this.pollDeadline) {
+        this.log("warning", "poll_lost", { endpoint: this.current });
+        this.failover();
+      }
+    } catch (err) {
+      clearInterval(this.timer);
+      this.fail?.(err);
+    }
+  }
+
+  // -- sockets ------------------------------------------------------------------------------
+
+  /** @param {string} endpoint */
+  conn(endpoint) {
+    let conn = this.conns.get(endpoint);
+    if (!conn) {
+      // §2: LINGER 0 (closing never flushes stale requests), IMMEDIATE (queue nothing for a
+      // broker not connected), the protocol's frame limit; sends wait at most CONNECT_WAIT.
+      const sock = new Dealer({ linger: 0, immediate: true, maxMessageSize: MAX_FRAME_BYTES, sendTimeout: CONNECT_WAIT });
+      sock.connect(endpoint);
+      conn = { sock, chain: Promise.resolve(), closed: false };
+      this.conns.set(endpoint, conn);
+      this.receive(conn);
+    }
+    return conn;
+  }
+
+  /** @param {{sock: Dealer, chain: Promise<void>, closed: boolean}} conn */
+  close(conn) {
+    conn.closed = true;
+    conn.sock.close();
+  }
+
+  /** @param {{sock: Dealer, chain: Promise<void>, closed: boolean}} conn */
+  async receive(conn) {
+    try {
+      for await (const frames of conn.sock) {
+        if (conn.closed) return; // replies to a socket given up on are never matched (§11)
+        let msg;
+        try {
+          msg = decode(frames);
+        } catch (err) {
+          if (!(err instanceof ProtocolError)) throw err;
+          this.log("warning", "bad_reply", { error: err.message });
+          continue;
+        }
+        this.onReply(msg);
+        this.kick();
+      }
+    } catch (err) {
+      if (!conn.closed) this.log("warning", "receive_error", { error: String(err) });
+    }
+  }
+
+  /**
+   * Send a request (to the current broker by default) and return its rid at once. zeromq.js
+   * allows one send in flight per socket, so sends on a socket are chained; a send that finds
+   * no connection within CONNECT_WAIT is reported to sendFailed.
+   * @param {string} command
+   * @param {Record<string, unknown>} body
+   * @param {string} endpoint
+   */
+  send(command, body, endpoint = this.current) {
+    const rid = this.nextRid++;
+    const conn = this.conn(endpoint);
+    const frames = encode(command, { ...body, rid });
+    conn.chain = conn.chain.then(() =>
+      conn.closed ? undefined : conn.sock.send(frames).catch((err) => this.sendFailed(rid, endpoint, conn, err)),
+    );
+    return rid;
+  }
+
+  /**
+   * No connection: a poll moves on to the next broker; an unsent heartbeat counts as
+   * unanswered; an unsent report is resent after RESEND_AFTER or at the failover.
+   * @param {number} rid @param {string} endpoint @param {{closed: boolean}} conn @param {unknown} err
+   */
+  sendFailed(rid, endpoint, conn, err) {
+    if (conn.closed) return;
+    this.log("info", "send_failed", { endpoint, rid, error: String(err) });
+    if (rid === this.pollRid && endpoint === this.current) this.failover();
+    this.kick();
+  }
+
+  // -- the exchange -------------------------------------------------------------------------
+
+  /** Start what can run, give back what will not, poll for more, heartbeat (§9.2-9.4). */
+  stepOut(/** @type {number} */ now) {
+    const w = this.w;
+    while (this.prefetched.length > 0 && this.active.size < w.concurrency && !w.stopping) {
+      this.start(/** @type {import("./wire.js").Delivery} */ (this.prefetched.shift()));
+    }
+    if (w.stopping && this.prefetched.length > 0) {
+      this.outbox.RELEASE.push(...this.prefetched.map((t) => [t.id, t.attempt]));
+      this.prefetched = [];
+    }
+    const room = w.concurrency + w.prefetch - this.active.size - this.prefetched.length;
+    if (this.pollRid === null && room > 0 && !w.stopping && now >= this.pollHoldUntil) {
+      this.chooseBroker();
+      const max = Math.min(room, MAX_BATCH);
+      this.pollRid = this.send("POLL", { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout });
+      this.pollDeadline = now + w.pollTimeout * 1000 + 5000; // §11: unanswered timeout + 5 s: gone
+    }
+    if (now >= this.nextHeartbeat) {
+      this.nextHeartbeat = now + w.heartbeatInterval;
+      // Heartbeats are the liveness probe (§11): two in a row unanswered and the broker is gone,
+      // so the task leases are renewed through another one well before they expire.
+      this.heartbeatMisses = this.heartbeats.size > 0 ? this.heartbeatMisses + 1 : 0;
+      if (this.heartbeatMisses >= 2) {
+        this.log("warning", "heartbeats_unanswered", { endpoint: this.current });
+        this.failover();
+      }
+      this.heartbeats.clear();
+      const held = [...[...this.active.values()].map((a) => a.task), ...this.prefetched]
+        .filter((t) => !this.lost.has(key(t)))
+        .map((t) => [t.id, t.attempt]);
+      for (let i = 0; i < held.length; i += MAX_BATCH) {
+        const rows = held.slice(i, i + MAX_BATCH);
+        this.heartbeats.set(this.send("HEARTBEAT", { worker: w.workerId, tasks: rows }), rows);
+      }
+      for (const [rid, sent] of this.unacked) if (now - sent.sent > RESEND_AFTER) this.requeue(rid);
+    }
+  }
+
+  /** @param {import("./wire.js").Delivery} task */
+  start(task) {
+    const handler = /** @type {Handler} */ (this.w.handlers.get(task.queue));
+    const abort = new AbortController();
+    const k = key(task);
+    this.active.set(k, { task, abort });
+    /** @type {Task} */
+    const ctx = Object.freeze({
+      id: task.id,
+      queue: task.queue,
+      attempt: task.attempt,
+      payload: Buffer.from(task.payload.buffer, task.payload.byteOffset, task.payload.byteLength),
+      priority: task.priority,
+      failures: task.failures,
+      maxAttempts: task.max_attempts,
+      leaseTimeout: task.lease_timeout,
+      broker: task.broker,
+      signal: abort.signal,
+    });
+    Promise.resolve()
+      .then(() => handler(ctx))
+      .then(
+        (value) => this.finished(task, () => ["COMPLETE", [task.id, task.attempt, resultBytes(value)]]),
+        (err) => this.finished(task, () => failure(task, err)),
+      );
+  }
+
+  /**
+   * A handler settled: report it, unless a heartbeat already told us the task is not ours any
+   * more; then its result would be refused anyway and MUST be dropped (§9.5).
+   * @param {import("./wire.js").Delivery} task
+   * @param {() => [Report, unknown[]]} report
+   */
+  finished(task, report) {
+    const k = key(task);
+    this.active.delete(k);
+    if (this.lost.delete(k)) {
+      this.log("info", "result_dropped", { task: task.id, attempt: task.attempt });
+    } else {
+      let command, row;
+      try {
+        [command, row] = report();
+      } catch (err) {
+        [command, row] = failure(task, err); // e.g. a handler that returned a number
+      }
+      this.outbox[command].push(row);
+    }
+    this.kick();
+  }
+
+  /** Send reports, at most MAX_UNACKED messages awaiting an ACK; the rest wait and batch (§9.6). */
+  flush(/** @type {number} */ now) {
+    for (const command of /** @type {Report[]} */ (["COMPLETE", "FAIL", "RELEASE"])) {
+      const rows = this.outbox[command];
+      while (rows.length > 0 && this.unacked.size < MAX_UNACKED && now >= this.holdUntil) {
+        const batch = rows.splice(0, MAX_BATCH);
+        this.unacked.set(this.send(command, { tasks: batch }), { command, rows: batch, sent: now });
+      }
+    }
+  }
+
+  /** @param {number} rid */
+  requeue(rid) {
+    const sent = this.unacked.get(rid);
+    if (!sent) return;
+    this.unacked.delete(rid);
+    this.outbox[sent.command].unshift(...sent.rows);
+  }
+
+  pendingReports() {
+    return this.unacked.size > 0 || Object.values(this.outbox).some((rows) => rows.length > 0);
+  }
+
+  /**
+   * Deepest first (§6.8): while polls bring tasks, stay; after an empty one, go where gossip
+   * shows the most buffered for our queues, or with none buffered, the fewest waiting polls.
+   * With no gossip heard, go round the configured list.
+   */
+  chooseBroker() {
+    if (!this.lastPollEmpty) return;
+    this.table.prune(performance.now());
+    let ranked = this.table.rank(this.queues, this.current);
+    if (this.table.live().length === 0) {
+      const i = ranked.indexOf(this.current);
+      ranked = [...ranked.slice(i + 1), ...ranked.slice(0, i + 1)];
+    }
+    this.current = ranked[0];
+  }
+
+  /** @param {import("./wire.js").Message} msg */
+  onReply(msg) {
+    const { command, body } = msg;
+    const rid = typeof body.rid === "bigint" ? Number(body.rid) : body.rid;
+    if (command === "PONG") {
+      this.gossip.subscribe(typeof body.pub === "string" ? body.pub : null);
+      return;
+    }
+    if (command === "DELIVER") {
+      const tasks = Array.isArray(body.tasks) ? body.tasks.map(delivery) : [];
+      if (rid === this.pollRid) {
+        this.pollRid = null;
+        this.lastPollEmpty = tasks.length === 0;
+      }
+      // A late answer to a poll given up on (failover) still hands us its tasks: run them, or
+      // give them back (stopping, or a queue we have no handler for) rather than let them expire.
+      for (const task of tasks) {
+        if (this.w.handlers.has(task.queue) && !this.w.stopping) this.prefetched.push(task);
+        else this.outbox.RELEASE.push([task.id, task.attempt]);
+      }
+      return;
+    }
+    if (rid === this.pollRid && rid !== null) {
+      // ERROR to our poll (shutting_down, ...): another broker, or this one anew, after a pause.
+      this.pollRid = null;
+      this.log("warning", "poll_refused", { code: body.code, error: body.message });
+      this.failover();
+      return;
+    }
+    const sent = this.unacked.get(rid);
+    if (command === "ERROR") {
+      if (sent) {
+        // busy or unavailable: nothing was written; put the rows back and pause (§9.6)
+        this.requeue(rid);
+        this.holdUntil = performance.now() + REFUSED_PAUSE;
+        this.log("info", "report_deferred", { code: body.code, error: body.message });
+      } else {
+        // e.g. a HEARTBEAT refused busy: the next one covers it, and until an ACK comes this
+        // one counts as unanswered (two in a row and we move on, §11)
+        this.log("warning", "request_refused", { code: body.code, error: body.message });
+      }
+      return;
+    }
+    if (command !== "ACK") return;
+    const outcomes = Array.isArray(body.outcomes) ? body.outcomes : [];
+    const beats = this.heartbeats.get(rid);
+    if (beats) {
+      this.heartbeats.delete(rid);
+      beats.forEach((row, i) => {
+        if (outcomes[i] !== "ok") this.lose(row, String(outcomes[i]));
+      });
+      return;
+    }
+    if (!sent) return; // a reply to a request given up on
+    this.unacked.delete(rid);
+    sent.rows.forEach((row, i) => {
+      // any outcome but ok is final: never resend it (§6.3); stale means another delivery won
+      if (outcomes[i] !== "ok") {
+        this.log("warning", "refused", { command: sent.command, task: row[0], attempt: row[1], outcome: outcomes[i] });
+      }
+    });
+  }
+
+  /**
+   * A heartbeat said this delivery is not ours (stale, finished, cancelled, unknown): stop its
+   * handler if it listens, drop it if not started, and never report it (§9.4).
+   * @param {unknown[]} row @param {string} outcome
+   */
+  lose(row, outcome) {
+    const k = `${row[0]}/${row[1]}`;
+    this.log("warning", "lease_lost", { task: row[0], attempt: row[1], outcome });
+    const active = this.active.get(k);
+    if (active) {
+      this.lost.add(k);
+      active.abort.abort(new Error(`lease lost: ${outcome}`));
+    } else {
+      this.prefetched = this.prefetched.filter((t) => key(t) !== k);
+    }
+  }
+
+  /**
+   * The broker is gone, cut off or refusing (§11): drop its socket (nothing queued for it is
+   * sent later; its late replies are never matched), move to the next broker, and resend every
+   * unacknowledged report there (fenced, so a repeat is harmless).
+   */
+  failover() {
+    this.log("warning", "failover", { endpoint: this.current });
+    const conn = this.conns.get(this.current);
+    if (conn) {
+      this.conns.delete(this.current);
+      this.close(conn);
+    }
+    this.pollRid = null;
+    this.table.forget(this.current);
+    this.lastPollEmpty = true;
+    this.chooseBroker(); // away from this broker at once: heartbeats and reports follow
+    this.lastPollEmpty = false;
+    this.pollHoldUntil = performance.now() + (this.table.rank([]).length > 1 ? 100 : 500);
+    this.heartbeats.clear();
+    this.heartbeatMisses = 0;
+    this.nextHeartbeat = 0; // renew the leases through the new broker now
+    for (const rid of [...this.unacked.keys()]) this.requeue(rid);
+  }
+}
+
+/** @param {{id: unknown, attempt: unknown}} task */
+function key(task) {
+  return `${task.id}/${task.attempt}`;
+}
+
+/**
+ * @param {import("./wire.js").Delivery} task
+ * @param {unknown} err
+ * @returns {[Report, unknown[]]}
+ */
+function failure(task, err) {
+  if (err instanceof PermanentError) return ["FAIL", [task.id, task.attempt, errorText(`PermanentError: ${err.message}`), false]];
+  const text = err instanceof Error ? err.stack ?? `${err.name}: ${err.message}` : String(err);
+  return ["FAIL", [task.id, task.attempt, errorText(text), true]];
+}

@@ -1,0 +1,77 @@
+// Against a real Conduit broker and PostgreSQL: raw exchanges, then the Worker end to end.
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+
+import { PermanentError, Worker, logfmt } from "../src/index.js";
+import { RawClient, brokerMissing, database, startBroker } from "./support.js";
+
+const missing = brokerMissing();
+const skip = missing && process.env.CONDUIT_REQUIRE_NODE !== "1" ? missing : false;
+const utf8 = (/** @type {string} */ s) => Buffer.from(s);
+
+/** @type {ReturnType<typeof database>} */ let db;
+/** @type {Awaited<ReturnType<typeof startBroker>>} */ let broker;
+/** @type {RawClient} */ let client;
+
+before(async () => {
+  if (skip) return;
+  db = database();
+  broker = await startBroker(db.args, "node-test");
+  client = new RawClient(broker.endpoint);
+});
+
+after(async () => {
+  client?.close();
+  if (broker) assert.equal(await broker.stop(), 0);
+  db?.cleanup();
+});
+
+test("raw exchanges: PING, a wrong version, a submit and its result", { skip }, async () => {
+  const pong = await client.request("PING", {});
+  assert.equal(pong.command, "PONG");
+  assert.equal(pong.body.broker, "node-test");
+  const wrong = await client.request("PING", {}, "conduit/2");
+  assert.deepEqual([wrong.command, wrong.body.code, wrong.body.rid], ["ERROR", "bad_version", null]);
+  const bad = await client.request("POLL", { worker: "w", queues: ["no spaces"] });
+  assert.deepEqual([bad.command, bad.body.code], ["ERROR", "invalid_task"]);
+  const [id] = await client.submit([{ queue: "raw", payload: utf8("x"), key: "once" }]);
+  const again = await client.request("SUBMIT", { tasks: [{ queue: "raw", payload: utf8("y"), key: "once" }] });
+  assert.deepEqual(again.body, { rid: again.body.rid, ids: [id], created: [false] });
+  const [row] = (await client.request("RESULT", { ids: [id] })).body.tasks;
+  assert.deepEqual([row.state, row.attempt], ["pending", 0]);
+});
+
+test("the Worker runs handlers concurrently, completes, retries and fails for good", { skip }, async () => {
+  const worker = new Worker({ endpoints: broker.endpoint, concurrency: 8, pollTimeout: 1, heartbeatInterval: 0.5, log: logfmt("test", "error") });
+  let running = 0;
+  let most = 0;
+  worker
+    .handle("upper", async (task) => {
+      running++;
+      most = Math.max(most, running);
+      await new Promise((r) => setTimeout(r, 20));
+      running--;
+      return task.payload.toString().toUpperCase();
+    })
+    .handle("retry", (task) => {
+      if (task.failures < 2) throw new Error(`try ${task.attempt}`);
+      return null;
+    })
+    .handle("never", () => {
+      throw new PermanentError("no");
+    });
+  const done = worker.run();
+  const ids = await client.submit(Array.from({ length: 100 }, (_, i) => ({ queue: "upper", payload: utf8(`t${i}`) })));
+  const [retry, never] = await client.submit([
+    { queue: "retry", payload: utf8(""), backoff_base: 0.01 },
+    { queue: "never", payload: utf8("") },
+  ]);
+  const rows = await client.results(ids);
+  assert.deepEqual(rows.map((r) => Buffer.from(r.result).toString()), ids.map((_, i) => `T${i}`));
+  assert.ok(most > 1 && most <= 8, `${most} handlers ran at once`);
+  const [r, n] = await client.results([retry, never]);
+  assert.deepEqual([r.state, r.attempt, r.result], ["completed", 3, null]);
+  assert.deepEqual([n.state, n.error], ["dead", "PermanentError: no"]);
+  await worker.stop();
+  await done;
+});
