@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Chaos run: a real mesh (brokers, workers, producers, PostgreSQL) under load while seeded faults
+are injected; then the durability invariants are checked against the database and the ledger.
+
+    python tests/chaos/run.py --duration 120 --seed 7 --json chaos.json
+
+Exit codes: 0 every invariant held, 1 a violation (listed), 2 the harness itself failed.
+Progress goes to stderr, the summary table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `chaos` is tests/chaos
+
+from chaos.harness import Options, run
+
+
+def _table(s: dict[str, Any]) -> str:
+    rows = [
+        ("seed", s["seed"]),
+        ("backend", s["backend"]),
+        ("duration (fault phase)", f"{s['duration_s']:g} s, drained in {s['drain_s']} s"),
+        ("submits acknowledged", s["submitted_acknowledged"]),
+        ("submits refused (not acked)", f"{s['submit_unacknowledged']} ({s['submit_errors']} errors seen)"),
+        ("  of which committed anyway", s["submit_unacknowledged_but_committed"]),
+        ("completed", s["completed"]),
+        ("dead (failed on purpose)", s["dead"]),
+        ("executions", s["executions"]),
+        ("re-executions", s["re_executions"]),
+        *((f"  after {k}", n) for k, n in sorted(s["re_executions_by_cause"].items())),
+        ("  unexplained", s["unexplained_re_executions"]),
+        ("faults injected", s["faults_total"]),
+        *((f"  {k}", n) for k, n in s["faults"].items()),
+        *((f"  {k}", f"skipped: {why}") for k, why in s["faults_skipped"].items()),
+        ("broker RSS max (MB)", ", ".join(f"{k} {v}" for k, v in s["broker_rss_max_mb"].items())),
+        ("ran before run_at", s["ran_before_run_at"]),
+        ("results not from the lease holder", s["wrong_results"]),
+        ("processes that crashed on their own", s["unexpected_exits"]),
+        ("LOST", s["lost"]),
+        ("DOUBLE COMPLETIONS", s["double_completions"]),
+        ("verdict", "ok" if s["ok"] else f"{s['violation_count']} VIOLATIONS"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=120.0, help="seconds of faults under load (default 120)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seeds the fault schedule and the load (default 1)"
+    )
+    parser.add_argument("--json", type=Path, help="write the summary to this file as one JSON object")
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL to use (a schema of the run's own; no restarts); default: a private embedded one",
+    )
+    parser.add_argument("--brokers", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=40.0, help="tasks submitted a second (default 40)")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=300.0, help="seconds to let the work finish after the faults"
+    )
+    parser.add_argument("--rss-limit-mb", type=int, default=300, help="a broker above this is a violation")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep logs and the ledger here (kept anyway on a violation)"
+    )
+    args = parser.parse_args()
+
+    def progress(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+    # SIGTERM (a CI timeout, a test teardown) unwinds like Ctrl-C, so every process is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    opts = Options(
+        duration=args.duration,
+        seed=args.seed,
+        dsn=args.dsn,
+        brokers=args.brokers,
+        workers=args.workers,
+        rate=args.rate,
+        drain_timeout=args.drain_timeout,
+        rss_limit_mb=args.rss_limit_mb,
+        workdir=args.workdir,
+    )
+    try:
+        summary = run(opts, progress)
+    except KeyboardInterrupt:
+        progress("chaos: interrupted; everything started was stopped")
+        return 2
+    except Exception as exc:
+        progress(f"chaos: the harness failed: {type(exc).__name__}: {exc}")
+        raise SystemExit(2) from exc
+    print(_table(summary))
+    for violation in summary["violations"]:
+        print(f"VIOLATION: {violation}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
