@@ -21,7 +21,9 @@ export const REPLIES = Object.freeze(["SUBMITTED", "DELIVER", "ACK", "RESULTS", 
 export const RETRYABLE = Object.freeze(new Set(["busy", "unavailable", "shutting_down", "internal"]));
 
 const QUEUE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/;
-const PROTOCOL_BYTES = new TextEncoder().encode(PROTOCOL);
+const PROTOCOL_BYTES = Buffer.from(PROTOCOL);
+/** @type {Map<string, Buffer>} command frames, made once */
+const COMMANDS = new Map([...REQUESTS, ...REPLIES, "GOSSIP"].map((c) => [c, Buffer.from(c)]));
 
 // Task ids are PostgreSQL bigints (§4): decode 64-bit integers as BigInt rather than lose bits,
 // and encode BigInt back as msgpack int 64. Bodies are maps with str keys.
@@ -53,7 +55,7 @@ export class ProtocolError extends Error {}
  * @returns {[Uint8Array, Uint8Array, Uint8Array]}
  */
 export function encode(command, body) {
-  return [PROTOCOL_BYTES, new TextEncoder().encode(command), encoder.encode(body)];
+  return [PROTOCOL_BYTES, COMMANDS.get(command) ?? Buffer.from(command), encoder.encode(body)];
 }
 
 /**
@@ -65,7 +67,7 @@ export function encode(command, body) {
 export function decode(frames, allowed = REPLIES) {
   if (frames.length !== 3) throw new ProtocolError(`expected 3 frames, got ${frames.length}`);
   const [protocol, command, raw] = frames;
-  if (Buffer.compare(Buffer.from(protocol), Buffer.from(PROTOCOL_BYTES)) !== 0) {
+  if (!PROTOCOL_BYTES.equals(view(protocol))) {
     throw new ProtocolError(`unsupported protocol ${JSON.stringify(text(protocol).slice(0, 32))}`);
   }
   const name = text(command);
@@ -82,9 +84,14 @@ export function decode(frames, allowed = REPLIES) {
   return { command: name, body };
 }
 
+/** A Buffer over the same memory (zeromq gives Buffers already; no copy either way). @param {Uint8Array} bytes */
+function view(bytes) {
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
 /** @param {Uint8Array} bytes */
 function text(bytes) {
-  return Buffer.from(bytes).toString("utf8");
+  return view(bytes).toString("utf8");
 }
 
 /**

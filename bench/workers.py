@@ -1,0 +1,149 @@
+"""The Python Worker against the Node.js reference worker (clients/node), same setup, same run.
+
+    python bench/workers.py [--dsn DSN] [--tasks 20000] [--concurrency 16] [--prefetch 500] [--rounds 2]
+
+One broker, one worker process, tiny tasks (a 16-byte payload, a handler that returns nothing),
+two shapes per round and implementation, each on a fresh schema:
+- burst: the worker idles on the queue, then 2 producer threads submit `--tasks` in batches of
+  500 as fast as commits allow; throughput is tasks / (last finish - first submit), database clock.
+- drain: `--tasks` are already pending when the worker starts; tasks / (last finish - first
+  finish), so the worker's start-up is not counted.
+Implementations alternate within each round, so drift on the shared machine hits both alike.
+Both run the conformance handlers (tests/conformance) with heartbeats every 2.5 s and 5 s polls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from conduit.client import Client
+from conduit.config import Settings
+from conduit.store import dsn_for, init_schema
+from conduit.task import TaskSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+QUEUE = "noop"
+
+
+def start_worker(impl: str, endpoint: str, concurrency: int, prefetch: int) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "CONDUIT_TEST_ENDPOINT": endpoint,
+        "CONDUIT_TEST_CONCURRENCY": str(concurrency),
+        "CONDUIT_TEST_PREFETCH": str(prefetch),
+        "CONDUIT_TEST_HEARTBEAT": "2.5",
+        "CONDUIT_TEST_POLL_TIMEOUT": "5",
+        "PYTHONPATH": str(ROOT / "tests" / "conformance"),
+    }
+    env.pop("CONDUIT_TEST_LEDGER", None)
+    if impl == "python":
+        cmd = [sys.executable, "-m", "conduit", "worker", "handlers:worker", "--log-level", "warning"]
+    else:
+        cmd = ["node", str(ROOT / "clients" / "node" / "test" / "conformance-worker.js")]
+    return subprocess.Popen(cmd, env=env, text=True)
+
+
+def finished(conn: psycopg.Connection, schema: str) -> int:
+    query = sql.SQL("SELECT count(*) FROM {}.results").format(sql.Identifier(schema))
+    return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+
+
+def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> float:
+    """One measurement on a fresh schema with its own broker and worker; tasks per second."""
+    schema = f"bench_workers_{uuid.uuid4().hex[:8]}"
+    init_schema(url, schema)
+    procs: list[subprocess.Popen[str]] = []
+    conn = psycopg.connect(url, autocommit=True)
+    try:
+        broker = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "conduit", "broker", "--bind", "tcp://127.0.0.1:*"),
+                *("--dsn", url, "--schema", schema, "--log-level", "warning"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(broker)
+        assert broker.stdout is not None
+        endpoint = broker.stdout.readline().strip()
+        batches = [min(500, args.tasks - i) for i in range(0, args.tasks, 500)]
+        with Client(endpoint, timeout=60, retry_submits=False) as client:
+
+            def submit_all() -> None:
+                with ThreadPoolExecutor(2) as pool:
+                    list(pool.map(lambda n: client.submit_many([TaskSpec(QUEUE, b"x" * 16)] * n), batches))
+
+            if shape == "drain":
+                submit_all()
+                procs.append(start_worker(impl, endpoint, args.concurrency, args.prefetch))
+            else:
+                procs.append(start_worker(impl, endpoint, args.concurrency, args.prefetch))
+                time.sleep(2.0)  # started and polling
+                submit_all()
+            deadline = time.monotonic() + 600
+            while finished(conn, schema) < args.tasks:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{impl} {shape}: not done in 600 s")
+                time.sleep(0.1)
+        first = "min(created_at)" if shape == "burst" else "min(finished_at)"
+        query = f"SELECT extract(epoch FROM max(finished_at) - {first}) FROM {{}}.results"
+        (seconds,) = conn.execute(sql.SQL(query).format(sql.Identifier(schema))).fetchone()  # type: ignore[misc]
+        return args.tasks / float(seconds)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in reversed(procs):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: CONDUIT_DSN, else the embedded one)")
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--prefetch", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    url = dsn_for(Settings.load(dsn=args.dsn))
+    figures: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.rounds):
+        for shape in ("burst", "drain"):
+            for impl in ("python", "node"):
+                rate = measure(url, impl, shape, args)
+                figures.setdefault(shape, {}).setdefault(impl, []).append(rate)
+                print(f"{shape:<6} {impl:<7} {rate:>9,.0f} tasks/s", file=sys.stderr)
+    print(
+        f"{args.tasks:,} tasks, 1 broker, 1 worker process, concurrency {args.concurrency}, "
+        f"prefetch {args.prefetch}; median of {args.rounds}"
+    )
+    print(f"{'shape':<8}{'python tasks/s':>16}{'node tasks/s':>16}{'node/python':>13}")
+    for shape, by in figures.items():
+        py, node = statistics.median(by["python"]), statistics.median(by["node"])
+        print(f"{shape:<8}{py:>16,.0f}{node:>16,.0f}{node / py:>13.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "figures": figures}))
+
+
+if __name__ == "__main__":
+    main()
