@@ -22,6 +22,7 @@ KINDS = (
     "worker_pause",
     "db_terminate",
     "pg_restart",
+    "pg_pause",
     "long_transaction",
 )
 
@@ -55,7 +56,8 @@ class Scheduler(threading.Thread):
         self.postgres = postgres
         self.gap = gap
         self.progress = progress
-        self.kinds = [k for k in KINDS if k != "pg_restart" or postgres is not None]
+        own_server = ("pg_restart", "pg_pause")  # never done to a shared server
+        self.kinds = [k for k in KINDS if k not in own_server or postgres is not None]
         self.skipped = [k for k in KINDS if k not in self.kinds]
         self.faults: list[Fault] = []
         self.errors: list[str] = []
@@ -128,15 +130,24 @@ class Scheduler(threading.Thread):
         return fault
 
     def db_terminate(self) -> Fault:
-        """Drop every database connection of the mesh (ours only, by application_name)."""
-        fault = Fault("db_terminate", "connections", time.time())
+        """Drop the mesh's database connections (ours only, by application_name): all of them,
+        or one at random, so that one thread of one broker loses its connection alone."""
+        which = self.rng.choice(["all", "one"])
+        fault = Fault("db_terminate", which, time.time())
         with self.cluster.connect("faults") as conn:
-            rows = conn.execute(
-                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = %s AND pid <> pg_backend_pid()",
-                (self.cluster.appname,),
-            ).fetchall()
-        fault.detail = f"{sum(1 for _, ok in rows if ok)} backends"
+            pids = [
+                pid
+                for (pid,) in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s ORDER BY pid",
+                    (self.cluster.appname,),
+                )
+            ]
+            if which == "one" and pids:
+                pids = [self.rng.choice(pids)]
+            ended = conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(p)) FROM unnest(%s::int[]) p", (pids,)
+            )
+            fault.detail = f"{ended.fetchone()[0]} backends"  # type: ignore[index]
         fault.end = time.time()
         return fault
 
@@ -149,6 +160,19 @@ class Scheduler(threading.Thread):
         self.postgres.stop(mode)
         time.sleep(down)
         self.postgres.start()
+        fault.end = time.time()
+        return fault
+
+    def pg_pause(self) -> Fault:
+        """SIGSTOP every PostgreSQL process: connections hang instead of failing; SIGCONT after."""
+        assert self.postgres is not None
+        pause = self.rng.uniform(0.5, 5.0)
+        fault = Fault("pg_pause", "server", time.time(), detail=f"stopped {pause:.1f}s")
+        pids = self.postgres.pause()
+        try:
+            time.sleep(pause)
+        finally:
+            self.postgres.resume(pids)
         fault.end = time.time()
         return fault
 

@@ -15,7 +15,7 @@ from chaos.load import Submitted
 
 FINAL = ("completed", "dead", "cancelled")
 WORKER_FAULTS = ("worker_kill", "worker_pause", "crash")
-MESH_FAULTS = ("broker_kill", "broker_pause", "db_terminate", "pg_restart", "crash")
+MESH_FAULTS = ("broker_kill", "broker_pause", "db_terminate", "pg_restart", "pg_pause", "crash")
 # A fault of the mesh or database is felt after it ends too: a broker learns that its lease
 # renewal failed up to a lease term (3 s) later and fences what it delivered, and a task lease
 # (6 s) that could not be renewed meanwhile runs out after it.

@@ -4,6 +4,8 @@ that must never touch a shared server."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -58,8 +60,39 @@ class PrivatePostgres:
     def pid(self) -> int | None:
         return self._server.get_pid()
 
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, WAL writer, ...)."""
+        postmaster = self._server.get_pid()
+        children = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    status = (entry / "status").read_text()
+                except OSError:
+                    continue
+                ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
+                if ppid == str(postmaster):
+                    children.append(int(entry.name))
+        return [postmaster, *children]
+
+    def pause(self) -> list[int]:
+        """SIGSTOP the whole server: a database that hangs (a stalled disk) rather than dies."""
+        stopped = []
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        return stopped
+
+    def resume(self, pids: list[int]) -> None:
+        for pid in reversed(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def close(self) -> None:
         """Stop the server for good and delete its folder."""
+        if self.running:
+            self.resume(self.processes())  # a paused server would never stop
         if not self.running:
             with contextlib.suppress(Exception):  # removing the folder is all that is left to do
                 self.start()
