@@ -16,8 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,6 +112,17 @@ def runs(ledger: Path) -> list[tuple[int, int, int]]:
     return [tuple(int(x) for x in line.split()) for line in ledger.read_text().splitlines() if line]  # type: ignore[misc]
 
 
+@contextmanager
+def logs_on_failure(*procs: Any) -> Iterator[None]:
+    """Print the processes' logs when the block fails: what a flaky run in CI needs to be read."""
+    try:
+        yield
+    except BaseException:
+        for proc in procs:
+            print(f"--- {' '.join(proc.proc.args)[-80:]}\n{proc.log()[-4000:]}")
+        raise
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,11 +205,8 @@ def test_refused_stale_completion(impl, start_broker, spawn, db, ledger) -> None
             paused.proc.send_signal(signal.SIGCONT)  # its handler is done by now: it reports late
         wait_for(lambda: "outcome=stale" in paused.log(), timeout=15, what="the stale refusal")
         result = client.result(task_id, timeout=30)
-        try:
+        with logs_on_failure(broker, paused, other):
             later = client.submit("echo", b"still working")  # the refused worker carries on
-        except Exception:
-            print("BROKER LOG\n", broker.log()[-6000:], "\nPAUSED LOG\n", paused.log()[-3000:])
-            raise
         assert client.result(later, timeout=30).result == b"still working"
     assert (result.state, result.attempt, result.result) == ("completed", 2, b"slept 2")
     assert [(t, a, p) for t, a, p in runs(ledger) if t == task_id] == [
@@ -223,7 +233,10 @@ def test_broker_failover(impl, start_broker, spawn, db, ledger) -> None:
     ((holder,),) = db.query("SELECT broker FROM tasks WHERE id = %s", (long_id,))  # heartbeats go here
     (survivor,) = {"b1", "b2"} - {holder}
     brokers[holder].kill()
-    with Client(brokers[survivor].endpoint, retry_submits=False) as client:
+    with (
+        logs_on_failure(worker, brokers[survivor]),
+        Client(brokers[survivor].endpoint, retry_submits=False) as client,
+    ):
         ids = client.submit_many([TaskSpec("whoami", b"") for _ in range(20)])
         assert {client.result(i, timeout=30).result for i in ids} == {f"{impl} {survivor} 1".encode()}
         done = client.result(long_id, timeout=30)
