@@ -31,7 +31,7 @@ def test_chaos_loses_nothing_and_completes_nothing_twice(where: str, seconds: in
     cmd += ["--drain-timeout", "400"] + (
         ["--dsn", os.environ["CONDUIT_TEST_DSN"]] if where == "server" else []
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840)
+    proc = _run(cmd, timeout=840)
     assert out.exists(), f"no summary (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     summary = json.loads(out.read_text())
     report = proc.stdout + proc.stderr[-3000:]
@@ -47,3 +47,18 @@ def test_chaos_loses_nothing_and_completes_nothing_twice(where: str, seconds: in
     assert all(summary["faults"].get(kind, 0) >= 1 for kind in expected), summary["faults"]
     assert summary["violations"] == [] and summary["ok"], report
     assert proc.returncode == 0, report
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run the harness; if it overruns, SIGTERM lets it stop everything it started first."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

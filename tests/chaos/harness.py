@@ -52,13 +52,17 @@ class _Monitor(threading.Thread):
         super().__init__(name="monitor", daemon=True)
         self.cluster = cluster
         self.rss_max_kb: dict[str, int] = {}
+        self.errors: list[str] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(0.5):
             for name, kb in self.cluster.broker_rss_kb().items():
                 self.rss_max_kb[name] = max(kb, self.rss_max_kb.get(name, 0))
-            self.cluster.check_alive()
+            try:
+                self.cluster.check_alive()
+            except Exception as exc:  # a member that cannot be restarted: reported, not hidden
+                self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self._halt.set()
@@ -167,6 +171,8 @@ def run(opts: Options, progress: Callable[[str], None]) -> dict[str, Any]:
         )
         for error in scheduler.errors:
             verdict.violate(f"fault injection failed: {error}")
+        for error in monitor.errors:
+            verdict.violate(f"restarting a crashed process failed: {error}")
         unstopped = [name for name, code in exit_codes.items() if code is None]
         if unstopped:
             verdict.violate(f"did not stop on SIGTERM within 60 s: {', '.join(unstopped)}")
