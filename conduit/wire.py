@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from conduit.errors import ConduitError, InvalidTask
-from conduit.task import MAX_ATTEMPTS, TaskSpec, check_queue_name
+from conduit.task import MAX_ATTEMPTS, MAX_KEY_LENGTH, TaskSpec, check_queue_name
 
 PROTOCOL = b"conduit/1"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # whole message; set as the sockets' MAXMSGSIZE too
@@ -220,6 +220,16 @@ def parse_submit(msg: Message, max_payload_bytes: int) -> list[TaskSpec]:
             raise ProtocolError(ErrorCode.INVALID_TASK, str(exc), rid) from None
         specs.append(spec)
     return specs
+
+
+def parse_submit_key(msg: Message) -> str | None:
+    """The key naming a whole SUBMIT, if it has one: a retry with it inserts nothing twice."""
+    key = _field(msg.body, "key", str, msg.rid, None)
+    if key is not None and (not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"field 'key' must be 1 to {MAX_KEY_LENGTH} characters, none NUL", msg.rid
+        )
+    return key
 
 
 def parse_poll(msg: Message) -> Poll:

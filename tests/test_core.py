@@ -206,6 +206,21 @@ def test_sync_match_with_a_known_idempotency_key_keeps_the_poll_waiting() -> Non
     assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", {"rid": 1, "tasks": []})]
 
 
+def test_submit_key_rides_to_the_write_and_a_key_of_other_tasks_is_refused() -> None:
+    c = make_core()
+    drain(c)
+    tasks = [{"queue": "q", "payload": b"x"}, {"queue": "q", "payload": b"y"}]
+    (write,) = of(request(c, CLIENT, "SUBMIT", rid=5, tasks=tasks, key="batch-1"), core.Write)
+    (op,) = write.batch.submits
+    assert op.key == "batch-1" and op.workers == ["w1", None]
+    actions = c.handle(Written(write.batch, WriteResult([None], []), None, 0.1))
+    ((command, body),) = sent(actions, CLIENT)
+    assert command == "ERROR" and body["code"] == "invalid_task" and "batch-1" in body["message"]
+    assert sent(actions, WORKER) == []  # the poll it had reserved waits on, free again
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.2, rid=6, tasks=tasks[:1]), core.Write)
+    assert write.batch.submits[0].workers == ["w1"]
+
+
 def test_failed_commit_acknowledges_nothing_and_frees_the_poll() -> None:
     c = make_core()
     drain(c)

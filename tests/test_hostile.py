@@ -30,6 +30,7 @@ from conduit.wire import (
     parse_ids,
     parse_poll,
     parse_submit,
+    parse_submit_key,
     parse_tasks,
 )
 
@@ -83,6 +84,7 @@ def accepted_by_the_parsers(frames: list[bytes]) -> bool:
         msg = decode(frames)
         if msg.command is Command.SUBMIT:
             parse_submit(msg, BASE.config.max_payload_bytes)
+            parse_submit_key(msg)
         elif msg.command is Command.POLL:
             parse_poll(msg)
         elif msg.command in (Command.CANCEL, Command.RESULT):

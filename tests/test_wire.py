@@ -36,6 +36,7 @@ from conduit.wire import (
     parse_ids,
     parse_poll,
     parse_submit,
+    parse_submit_key,
     parse_tasks,
 )
 
@@ -393,6 +394,16 @@ def test_submit_rejects_a_bad_field_in_any_task(
     error = rejects(lambda: submit(*tasks), code)
     if code is ErrorCode.BAD_REQUEST:
         assert repr(field) in str(error)
+
+
+def test_submit_key_is_optional_and_checked() -> None:
+    tasks = [{"queue": "q", "payload": b"x"}]
+    assert parse_submit_key(Message(Command.SUBMIT, {"rid": 1, "tasks": tasks})) is None
+    assert parse_submit_key(Message(Command.SUBMIT, {"rid": 1, "tasks": tasks, "key": "k"})) == "k"
+    for bad in (5, "", "x" * 201, "a\x00b", b"k"):
+        with pytest.raises(ProtocolError) as err:
+            parse_submit_key(Message(Command.SUBMIT, {"rid": 1, "tasks": tasks, "key": bad}))
+        assert err.value.code is ErrorCode.BAD_REQUEST and err.value.rid == 1
 
 
 def test_submit_payload_limit_is_the_argument_and_the_error_suggests_a_reference() -> None:

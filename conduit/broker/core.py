@@ -42,6 +42,7 @@ from conduit.wire import (
     parse_ids,
     parse_poll,
     parse_submit,
+    parse_submit_key,
     parse_tasks,
 )
 
@@ -273,7 +274,8 @@ class Core:
         if len(self._pending.requests) >= self.config.max_queued_requests:
             raise ProtocolError(ErrorCode.BUSY, "broker write queue is full; retry shortly", rid)
         if msg.command is Command.SUBMIT:
-            self._on_submit(peer, rid, parse_submit(msg, self.config.max_payload_bytes), now)
+            specs = parse_submit(msg, self.config.max_payload_bytes)
+            self._on_submit(peer, rid, specs, parse_submit_key(msg), now)
             return
         if msg.command is Command.CANCEL:
             self._pending.add_request(peer, rid, "cancel", parse_ids(msg))
@@ -281,7 +283,7 @@ class Core:
         kind, arity, build = _SETTLING[msg.command]
         self._pending.add_request(peer, rid, kind, [build(row) for row in parse_tasks(msg, arity)])
 
-    def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], now: float) -> None:
+    def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], key: str | None, now: float) -> None:
         """Sync match: due tasks for a queue whose pollers wait, with no older task due, go straight
         to a poller; they are written once, already running. The rest are enqueued."""
         workers: list[str | None] = []
@@ -297,7 +299,7 @@ class Core:
             workers.append(waiter.poll.worker if waiter else None)
             matched.append(waiter)
         self._pending.submits.append(
-            SubmitOp(peer, rid, specs, workers, [w.key if w else None for w in matched])
+            SubmitOp(peer, rid, specs, workers, [w.key if w else None for w in matched], key)
         )
         self._pending.requests.append((peer, rid))
 
@@ -461,6 +463,10 @@ class Core:
                 Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))
             )
         for op, submitted in zip(batch.submits, result.submitted, strict=True):
+            if submitted is None:
+                message = f"submit key {op.key!r} already names a submit of other tasks"
+                out.append(Send(op.peer, error_frames(ErrorCode.INVALID_TASK, message, op.rid)))
+                continue
             ids = [s.id for s in submitted]
             out.append(
                 Send(
@@ -484,10 +490,12 @@ class Core:
     ) -> None:
         by_waiter: dict[int, list[dict[str, Any]]] = {}
         for op, submitted in zip(batch.submits, result.submitted, strict=True):
-            for spec, sub, key in zip(op.specs, submitted, op.waiters, strict=True):
+            for spec, sub, key in zip(op.specs, submitted or [None] * len(op.specs), op.waiters, strict=True):
                 if key is not None:
                     tasks = by_waiter.setdefault(key, [])
-                    if sub.created:  # an idempotency key matched an older task: nothing new to run
+                    if (
+                        sub is not None and sub.created
+                    ):  # an idempotency key matched an older task: nothing new to run
                         tasks.append(_sync_delivery(sub.id, spec, self.config.broker_id))
         for key, tasks in by_waiter.items():
             waiter = self._waiters.get(key)

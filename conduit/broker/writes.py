@@ -21,6 +21,7 @@ class SubmitOp:
     specs: list[TaskSpec]
     workers: list[str | None]  # sync match: the waiting worker each task goes to, or None
     waiters: list[int | None]  # the core's key for that worker's poll
+    key: str | None = None  # the submit key: a retried SUBMIT with it inserts nothing again
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class WriteBatch:
         workers = [w for op in self.submits for w in op.workers]
         kinds = {op.kind for op in self.ops}
         return (
-            (None in workers)
+            2 * any(op.key for op in self.submits)  # claim the keys, record the ids
+            + (None in workers)
             + any(w is not None for w in workers)
             + len(kinds)
             + bool(self.starts)
@@ -65,7 +67,7 @@ class WriteBatch:
 
 @dataclass(frozen=True)
 class WriteResult:
-    submitted: list[list[Submitted]]  # per SubmitOp
+    submitted: list[list[Submitted] | None]  # per SubmitOp; None: its key names another submit
     outcomes: list[list[Outcome]]  # per RequestOp
 
 
@@ -73,10 +75,10 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
     """Carry out a batch in one transaction: nothing in it is acknowledged before the commit.
     A batch of one statement (a lone submit, say) needs no BEGIN and COMMIT: it is atomic alone."""
     with nullcontext() if batch.statements() == 1 else store.transaction():
-        plain = [(i, j) for i, op in enumerate(batch.submits) for j, w in enumerate(op.workers) if w is None]
-        matched = [
-            (i, j) for i, op in enumerate(batch.submits) for j, w in enumerate(op.workers) if w is not None
-        ]
+        earlier, claimed = _claim(store, batch.submits)
+        fresh = [i for i, op in enumerate(batch.submits) if op.key is None or claimed.get(op.key) == i]
+        plain = [(i, j) for i in fresh for j, w in enumerate(batch.submits[i].workers) if w is None]
+        matched = [(i, j) for i in fresh for j, w in enumerate(batch.submits[i].workers) if w is not None]
         submitted: list[list[Submitted | None]] = [[None] * len(op.specs) for op in batch.submits]
         specs = [batch.submits[i].specs[j] for i, j in plain]
         for (i, j), sub in zip(plain, store.enqueue(specs), strict=True):
@@ -85,6 +87,9 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
         workers = [batch.submits[i].workers[j] or "" for i, j in matched]
         for (i, j), sub in zip(matched, store.insert_running(specs, workers, owner), strict=True):
             submitted[i][j] = sub
+        ids = {key: [s.id for s in submitted[i] if s is not None] for key, i in claimed.items()}
+        if ids:
+            store.record_submits(ids)
         outcomes = _merged(store, batch.ops, owner)
         if batch.starts:
             store.start(owner, [a for a, _ in batch.starts], [w for _, w in batch.starts])
@@ -94,7 +99,26 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
             store.release(batch.releases)
         if batch.notify:
             store.notify(batch.notify)
-    return WriteResult([[s for s in subs if s is not None] for subs in submitted], outcomes)
+    results: list[list[Submitted] | None] = [[s for s in subs if s is not None] for subs in submitted]
+    known = {**earlier, **ids}
+    for i, op in enumerate(batch.submits):
+        if op.key is not None and claimed.get(op.key) != i:  # a replay: the key's ids, or refused
+            got = known[op.key]
+            results[i] = [Submitted(task_id, False) for task_id in got] if len(got) == len(op.specs) else None
+    return WriteResult(results, outcomes)
+
+
+def _claim(store: Store, submits: list[SubmitOp]) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Submit keys: the ids of those committed before, and for each key claimed now the submit
+    that inserts for it (a later submit with that key, in this batch, is a replay of it)."""
+    keys = list(dict.fromkeys(op.key for op in submits if op.key is not None))
+    found = store.claim_submits(keys) if keys else {}
+    earlier = {key: ids for key, ids in found.items() if ids is not None}
+    claimed: dict[str, int] = {}
+    for i, op in enumerate(submits):
+        if op.key is not None and op.key not in earlier and op.key not in claimed:
+            claimed[op.key] = i
+    return earlier, claimed
 
 
 def _merged(store: Store, ops: list[RequestOp], owner: BrokerLease) -> list[list[Outcome]]:

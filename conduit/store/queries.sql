@@ -7,6 +7,15 @@ SELECT value FROM meta WHERE key = 'schema_version';
 -- name: meta_exists
 SELECT to_regclass('meta') IS NOT NULL;
 
+-- name: migrate_to_2
+-- Version 1 to 2: submit keys (as in schema.sql; a test checks that both give the same tables).
+CREATE TABLE submit_keys (
+    key        text PRIMARY KEY,
+    ids        bigint[] NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
+
 -- name: enqueue_plain
 -- The common case, no idempotency keys: ids come from the sequence in input order, so the
 -- caller sorts the returned ids to match its rows. A column whose value is the same for every
@@ -79,6 +88,28 @@ SELECT k.task_id
 FROM unnest(%(queue)b::text[], %(key)b::text[]) WITH ORDINALITY AS i(queue, key, ord)
 LEFT JOIN idempotency_keys k ON k.queue = i.queue AND k.key = i.key
 ORDER BY i.ord;
+
+-- name: claim_submits
+-- The keys this transaction is first to use. A key another transaction holds uncommitted makes
+-- this wait for it: committed, the key is not returned; rolled back, it is claimed here.
+INSERT INTO submit_keys (key)
+SELECT unnest(%(key)s::text[])
+ON CONFLICT DO NOTHING
+RETURNING key;
+
+-- name: submitted_ids
+SELECT key, ids FROM submit_keys WHERE key = ANY(%(key)s::text[]);
+
+-- name: record_submits
+-- The ids of the submits whose keys this transaction claimed: all ids in one array, and per key
+-- how many of them are its own, in order.
+UPDATE submit_keys s
+SET ids = (%(id)b::bigint[])[a.last - a.n + 1 : a.last]
+FROM (
+    SELECT key, n, sum(n) OVER (ORDER BY ord) AS last
+    FROM unnest(%(key)b::text[], %(n)b::int[]) WITH ORDINALITY AS u(key, n, ord)
+) a
+WHERE s.key = a.key;
 
 -- name: lease
 -- Due tasks in (priority, run_at, id) order into a broker's buffer; SKIP LOCKED so brokers never

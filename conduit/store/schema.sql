@@ -1,4 +1,4 @@
--- Conduit's whole schema, version 1.
+-- Conduit's whole schema, version 2 (queries.sql holds the migrations from earlier versions).
 -- `conduit db init` applies it once, inside the schema named by CONDUIT_SCHEMA (default "conduit"),
 -- with that schema first on the search_path; unqualified names below land there.
 
@@ -70,6 +70,14 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (queue, key)
 );
 CREATE INDEX idempotency_keys_task ON idempotency_keys (task_id);
+
+-- Submit keys name a whole SUBMIT: a client's retry of a batch inserts nothing and gets the first
+-- one's ids. One row a batch, where a key on every task would cost a row and an index entry each.
+CREATE TABLE submit_keys (
+    key        text PRIMARY KEY,
+    ids        bigint[] NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
 
 -- Broker leases: a broker's buffered tasks are its own while its lease is live. The epoch grows at
 -- every acquisition, and every buffered-lease write checks it (fencing, as Temporal's range_id).
@@ -157,4 +165,4 @@ BEGIN
     RETURN new_id;
 END $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '1');
+INSERT INTO meta (key, value) VALUES ('schema_version', '2');

@@ -74,13 +74,17 @@ def describe_dsn(dsn: str) -> str:
 
 
 def init_schema(dsn: str, schema: str) -> bool:
-    """Create Conduit's schema if absent; True if it was created. Safe to run concurrently."""
+    """Create Conduit's schema if absent, or migrate an older one; True if it was created.
+    Safe to run concurrently."""
     with connect(dsn, schema) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('conduit schema ' || %s))", (schema,))
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        if _schema_version(conn) is None:
+        version = _schema_version(conn)
+        if version is None:
             conn.execute(SCHEMA.encode())
             return True
+        for step in range(version + 1, SCHEMA_VERSION + 1):  # migrate, in the same transaction
+            conn.execute(QUERIES[f"migrate_to_{step}"].encode())
         _check_version(conn, schema)
         return False
 
@@ -194,6 +198,23 @@ class Store:
             for i, (task_id,) in zip(missing, found, strict=True):
                 rows[i] = (task_id, False)
         return [Submitted(task_id, created) for task_id, created in rows]
+
+    def claim_submits(self, keys: Sequence[str]) -> dict[str, list[int] | None]:
+        """Claim distinct submit keys for this transaction. None: claimed, so insert the submit's
+        tasks and then `record_submits`; a list: the ids of the submit that committed the key."""
+        claimed = {key for (key,) in self._rows("claim_submits", {"key": list(keys)})}
+        taken = [key for key in keys if key not in claimed]
+        found = dict(self._rows("submitted_ids", {"key": taken})) if taken else {}
+        return {key: None if key in claimed else list(found[key]) for key in keys}
+
+    def record_submits(self, ids: dict[str, list[int]]) -> None:
+        """Store the ids of the submits whose keys `claim_submits` claimed."""
+        params = {
+            "key": list(ids),
+            "n": [len(task_ids) for task_ids in ids.values()],
+            "id": [task_id for task_ids in ids.values() for task_id in task_ids],
+        }
+        self.conn.execute(QUERIES["record_submits"], params, binary=True)
 
     # -- broker leases ------------------------------------------------------------------------
 

@@ -1,0 +1,129 @@
+"""Submit keys: a retried SUBMIT inserts nothing twice, through the broker's group commit, on real
+PostgreSQL; and an older schema migrates to the one a fresh `db init` makes."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import psycopg
+from psycopg import sql
+
+from conduit.broker.writes import SubmitOp, WriteBatch, execute
+from conduit.store import Store, init_schema
+from conduit.store.queries import SCHEMA
+from conduit.task import Submitted, TaskSpec
+
+
+def op(key: str | None, n: int, *, worker: str | None = None, rid: int = 1) -> SubmitOp:
+    return SubmitOp(b"peer", rid, [TaskSpec("q", b"%d" % i) for i in range(n)], [worker] * n, [None] * n, key)
+
+
+def run(store: Store, *ops: SubmitOp) -> list[list[Submitted] | None]:
+    owner = store.acquire_broker("b1", "tcp://x", 30)
+    return execute(store, WriteBatch(submits=list(ops)), owner).submitted
+
+
+def test_a_retried_submit_gets_the_first_ids_and_inserts_nothing(store: Store, db) -> None:
+    (first,) = run(store, op("k1", 3))
+    assert first is not None and [s.created for s in first] == [True] * 3
+    (again,) = run(store, op("k1", 3))
+    assert again == [Submitted(s.id, False) for s in first]
+    assert db.query("SELECT count(*) FROM tasks") == [(3,)]
+    assert db.query("SELECT ids FROM submit_keys WHERE key = 'k1'") == [([s.id for s in first],)]
+
+
+def test_the_same_key_twice_in_one_group_commit_inserts_once(store: Store, db) -> None:
+    """A retry that reaches the same broker while the original waits for the same commit."""
+    first, again, other = run(store, op("k", 2), op("k", 2, rid=2), op(None, 1, rid=3))
+    assert first is not None and again == [Submitted(s.id, False) for s in first]
+    assert other is not None and other[0].created
+    assert db.query("SELECT count(*) FROM tasks") == [(3,)]
+
+
+def test_sync_matched_and_plain_tasks_of_one_keyed_submit_are_recorded_together(store: Store, db) -> None:
+    mixed = SubmitOp(b"p", 1, [TaskSpec("q", b"a"), TaskSpec("q", b"b")], [None, "w1"], [None, 7], "k")
+    (first,) = run(store, mixed)
+    (again,) = run(store, mixed)
+    assert first is not None and again == [Submitted(s.id, False) for s in first]
+    assert sorted(db.query("SELECT state FROM tasks")) == [("pending",), ("running",)]
+
+
+def test_a_key_reused_for_another_number_of_tasks_is_refused(store: Store, db) -> None:
+    run(store, op("k", 2))
+    assert run(store, op("k", 3), op(None, 1, rid=2))[0] is None  # the others still go in
+    assert db.query("SELECT count(*) FROM tasks") == [(3,)]
+
+
+def test_racing_retries_on_two_brokers_insert_once(db) -> None:
+    """The retry's claim waits for the original's transaction; committed, it replays its ids."""
+    with db.store() as a, db.store() as b:
+        owner_a = a.acquire_broker("a", "tcp://a", 30)
+        owner_b = b.acquire_broker("b", "tcp://b", 30)
+        got: list[list[Submitted] | None] = []
+        with a.transaction():
+            (first,) = execute(a, WriteBatch(submits=[op("k", 4)]), owner_a).submitted
+            racer = threading.Thread(
+                target=lambda: got.extend(execute(b, WriteBatch(submits=[op("k", 4)]), owner_b).submitted)
+            )
+            racer.start()
+            time.sleep(0.3)
+            assert racer.is_alive()  # blocked on the uncommitted key
+        racer.join(10)
+        assert first is not None and got == [[Submitted(s.id, False) for s in first]]
+    assert db.query("SELECT count(*) FROM tasks") == [(4,)]
+
+
+def test_a_rolled_back_submit_leaves_its_key_free(db) -> None:
+    with db.store() as store:
+        owner = store.acquire_broker("b1", "tcp://x", 30)
+        try:
+            with store.transaction():
+                execute(store, WriteBatch(submits=[op("k", 2)]), owner)
+                raise RuntimeError("the commit never happens")
+        except RuntimeError:
+            pass
+        (again,) = execute(store, WriteBatch(submits=[op("k", 2)]), owner).submitted
+    assert again is not None and all(s.created for s in again)
+    assert db.query("SELECT count(*) FROM tasks") == [(2,)]
+
+
+def test_a_version_1_schema_migrates_to_what_init_creates(server_dsn: str) -> None:
+    old, new = (f"t_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    start = SCHEMA.index("-- Submit keys name")
+    end = SCHEMA.index(");\n", start) + 3
+    version_1 = (SCHEMA[:start] + SCHEMA[end:]).replace("('schema_version', '2')", "('schema_version', '1')")
+    try:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(old)))
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(old)))
+            conn.execute(version_1.encode())
+        assert init_schema(server_dsn, old) is False  # migrated, not created
+        assert init_schema(server_dsn, new) is True
+        assert _shape(server_dsn, old) == _shape(server_dsn, new)
+        with Store.open(server_dsn, schema=old):
+            pass  # the version check passes
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            for schema in (old, new):
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _shape(dsn: str, schema: str) -> list[tuple[object, ...]]:
+    """Columns, indexes and the version of a schema, to compare two of them."""
+    with psycopg.connect(dsn) as conn:
+        columns = conn.execute(
+            "SELECT table_name, column_name, data_type, replace(column_default, %s, ''), is_nullable"
+            " FROM information_schema.columns WHERE table_schema = %s ORDER BY 1, 2",
+            (schema, schema),
+        ).fetchall()
+        indexes = conn.execute(
+            "SELECT tablename, indexname, replace(indexdef, %s, '') FROM pg_indexes"
+            " WHERE schemaname = %s ORDER BY 1, 2",
+            (schema, schema),
+        ).fetchall()
+        (version,) = conn.execute(
+            sql.SQL("SELECT value FROM {}.meta WHERE key = 'schema_version'").format(sql.Identifier(schema))
+        ).fetchone()
+    return [*columns, *indexes, ("version", version)]
