@@ -102,9 +102,8 @@ def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> float:
         (seconds,) = conn.execute(sql.SQL(query).format(sql.Identifier(schema))).fetchone()  # type: ignore[misc]
         return args.tasks / float(seconds)
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(procs):  # the worker first: a broker gone first leaves its poll unanswered
             proc.terminate()
-        for proc in reversed(procs):
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -72,16 +72,23 @@ def main() -> None:
         if set(by) != {"python", "node"}:
             sys.exit("expected both languages to run tasks")
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in reversed(procs):
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+        # Workers first, together (each waits out its poll), then the broker: a broker gone first
+        # would leave their polls unanswered until they count them lost.
+        for stage in (procs[1:], procs[:1]):
+            for proc in stage:
+                proc.terminate()
+            for proc in stage:
+                stop(proc)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
 
 
 if __name__ == "__main__":
