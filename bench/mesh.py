@@ -31,7 +31,7 @@ def run(dsn: str, brokers: int, workers: int, tasks: int, batch: int) -> demo.Fi
     cluster = demo.Cluster(dsn, schema, workers, brokers)
     try:
         with (
-            Client(cluster.endpoints, retry_submits=False) as client,
+            Client(cluster.endpoints) as client,
             Store.open(dsn, schema=schema) as store,
         ):
             time.sleep(1.0)  # gossip: let the producer and the workers hear every broker

@@ -209,7 +209,7 @@ def run_conduit(dsn: str, plan: Plan, name: str, brokers: int, body: Body, backl
             # of them (a Client otherwise asks only the first broker that answers for its gossip).
             gossip = gossip_endpoints(cluster.endpoints)
             with (
-                Client(cluster.endpoints, gossip=gossip, retry_submits=False) as client,
+                Client(cluster.endpoints, gossip=gossip) as client,
                 Store.open(dsn, schema=schema) as store,
             ):
                 wait_ready(client, brokers, plan.workers)

@@ -298,9 +298,8 @@ def demo(
     cluster = run.Cluster(url, settings.schema, workers)
     try:
         click.echo(f"broker at {cluster.endpoint}, {workers} worker processes", err=True)
-        # Tasks without keys: a timed-out demo submit is an error, not retried elsewhere.
         with (
-            Client(cluster.endpoint, retry_submits=False) as client,
+            Client(cluster.endpoint) as client,
             Store.open(url, schema=settings.schema) as store,
         ):
             figures = {
