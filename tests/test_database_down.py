@@ -4,22 +4,27 @@ acknowledged; workers keep their work and retry their reports; everything resume
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from chaos.pg import PrivatePostgres
 from conftest import BrokerProcess, Database, Process, free_port
-from test_e2e import ledger_runs, spawn_worker, wait_for
+from test_e2e import ledger_runs, running, spawn_worker, wait_for
 
-from conduit.client import Client
+from conduit.client import Client, TaskContext, Worker
 from conduit.client.channel import BrokerError, BrokerTimeout
 from conduit.errors import ConduitError
 from conduit.store import init_schema
+from conduit.task import TaskSpec
 
 
 @pytest.fixture
@@ -117,3 +122,123 @@ def test_broker_refuses_to_start_without_its_database(private_pg, processes) -> 
         assert "cannot connect to PostgreSQL" in broker.log()
     finally:
         pg.start()
+
+
+class CommitThenDrop:
+    """A TCP proxy in front of PostgreSQL that, once armed, lets the next statement containing
+    `marker` that changes rows commit, then closes the connection before the client hears that
+    it is done (ReadyForQuery): a commit whose outcome the client cannot know."""
+
+    def __init__(self, dsn: str, marker: bytes) -> None:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        host, port = str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
+        self.target: tuple[int, Any] = (
+            (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}")
+            if host.startswith("/")
+            else (socket.AF_INET, (host, port))
+        )
+        self.marker = marker
+        self.armed = threading.Event()
+        self.dropped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.dsn = psycopg.conninfo.make_conninfo(
+            dsn,
+            host="127.0.0.1",
+            port=str(self.listener.getsockname()[1]),
+            sslmode="disable",
+            gssencmode="disable",
+        )
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.socket(self.target[0], socket.SOCK_STREAM)
+            server.connect(self.target[1])
+            state = {"names": set(), "pending": False, "drop": False}
+            threading.Thread(target=self._pump_up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._pump_down, args=(server, client, state), daemon=True).start()
+
+    @staticmethod
+    def _messages(sock: socket.socket, typed: bool) -> Iterator[tuple[bytes, bytes]]:
+        """(type, whole message) from a PostgreSQL stream; the first client message is untyped."""
+        buf = b""
+        while True:
+            head = 5 if typed else 4
+            while len(buf) >= head:
+                length = int.from_bytes(buf[head - 4 : head], "big")
+                end = head - 4 + length
+                if len(buf) < end:
+                    break
+                yield (buf[:1] if typed else b""), buf[:end]
+                buf, typed = buf[end:], True
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+
+    def _pump_up(self, client: socket.socket, server: socket.socket, state: dict[str, Any]) -> None:
+        for kind, msg in self._messages(client, typed=False):
+            if kind == b"P" and self.marker in msg:  # Parse: statement name, then its text
+                state["names"].add(msg[5:].split(b"\0", 1)[0])
+                state["pending"] = True
+            elif kind == b"B":  # Bind: portal name, then the statement's
+                state["pending"] = msg[5:].split(b"\0", 2)[1] in state["names"]
+            elif kind == b"Q":
+                state["pending"] = self.marker in msg
+            try:
+                server.sendall(msg)
+            except OSError:
+                return
+
+    def _pump_down(self, server: socket.socket, client: socket.socket, state: dict[str, Any]) -> None:
+        for kind, msg in self._messages(server, typed=True):
+            if kind == b"C" and state["pending"] and self.armed.is_set():
+                tag = msg[5:].rstrip(b"\0").split()
+                state["drop"] = tag[0] == b"UPDATE" and int(tag[-1]) > 0
+            if kind == b"Z" and state["drop"]:  # committed: the client never hears it
+                self.armed.clear()
+                self.dropped.set()
+                for sock in (client, server):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                        sock.close()
+                return
+            try:
+                client.sendall(msg)
+            except OSError:
+                return
+
+
+def test_a_lease_whose_commit_was_not_heard_strands_nothing(db, processes) -> None:
+    """Regression: when the connection died after the lease statement committed, the tasks
+    stayed buffered under the broker's live epoch, which nobody reaps, while the broker, having
+    heard an error, never had them: lost until the broker restarted."""
+    proxy = CommitThenDrop(db.dsn, b"state = 'buffered', attempt")
+    try:
+        broker = _broker(Database(proxy.dsn, db.schema), processes)
+        worker = Worker(broker.endpoint, concurrency=4, poll_timeout=1.0)
+
+        @worker.handler("stranded")
+        def handle(task: TaskContext) -> bytes:
+            return b"done"
+
+        with Client(broker.endpoint, timeout=5.0) as client:
+            ids = client.submit_many([TaskSpec("stranded", b"") for _ in range(20)])  # nobody polls yet
+            proxy.armed.set()
+            with running(worker):
+                wait_for(proxy.dropped.is_set, timeout=15, what="a lease committed and its reply lost")
+                for task_id in ids:
+                    assert client.result(task_id, timeout=30).state == "completed"
+        assert broker.proc.poll() is None
+    finally:
+        proxy.close()

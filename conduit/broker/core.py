@@ -395,6 +395,14 @@ class Core:
         if error is not None:
             q.recheck_at = now + self.config.idle_recheck
             out.append(Log("error", "lease_failed", {"queue": name, "error": error}))
+            if self.owner is not None and not self._stopping:
+                # It may have committed before its reply was lost: tasks buffered under this
+                # epoch that we never saw, which no reaper returns while the epoch lives. Fence
+                # them as after a failed renewal: drop the buffer and take a new epoch.
+                out.append(Log("warning", "epoch_fenced", {"epoch": self.owner.epoch}))
+                self._drop_buffers(out)
+                self.owner = None
+                out.append(Reacquire())
             return
         if self._stopping or self.owner is None:
             self._pending.releases.extend(Ack(t.id, t.attempt) for t in tasks)
