@@ -8,6 +8,8 @@ two shapes per round and implementation, each on a fresh schema:
   500 as fast as commits allow; throughput is tasks / (last finish - first submit), database clock.
 - drain: `--tasks` are already pending when the worker starts; tasks / (last finish - first
   finish), so the worker's start-up is not counted.
+Also the worker process's CPU time per task (start-up included), which the load of a shared
+machine blurs less than throughput.
 Implementations alternate within each round, so drift on the shared machine hits both alike.
 Both run the conformance handlers (tests/conformance) with heartbeats every 2.5 s and 5 s polls.
 """
@@ -55,13 +57,21 @@ def start_worker(impl: str, endpoint: str, concurrency: int, prefetch: int) -> s
     return subprocess.Popen(cmd, env=env, text=True)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc): the worker's own cost per task,
+    which a shared machine's load blurs less than throughput."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def finished(conn: psycopg.Connection, schema: str) -> int:
     query = sql.SQL("SELECT count(*) FROM {}.results").format(sql.Identifier(schema))
     return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
 
 
-def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> float:
-    """One measurement on a fresh schema with its own broker and worker; tasks per second."""
+def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> tuple[float, float]:
+    """One measurement on a fresh schema with its own broker and worker: tasks per second, and
+    the worker process's CPU microseconds per task (start-up included)."""
     schema = f"bench_workers_{uuid.uuid4().hex[:8]}"
     init_schema(url, schema)
     procs: list[subprocess.Popen[str]] = []
@@ -100,7 +110,8 @@ def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> float:
         first = "min(created_at)" if shape == "burst" else "min(finished_at)"
         query = f"SELECT extract(epoch FROM max(finished_at) - {first}) FROM {{}}.results"
         (seconds,) = conn.execute(sql.SQL(query).format(sql.Identifier(schema))).fetchone()  # type: ignore[misc]
-        return args.tasks / float(seconds)
+        cpu = cpu_seconds(procs[-1].pid)
+        return args.tasks / float(seconds), cpu / args.tasks * 1e6
     finally:
         for proc in reversed(procs):  # the worker first: a broker gone first leaves its poll unanswered
             proc.terminate()
@@ -126,22 +137,36 @@ def main() -> None:
     args = parser.parse_args()
     url = dsn_for(Settings.load(dsn=args.dsn))
     figures: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for shape in ("burst", "drain"):
             for impl in ("python", "node"):
-                rate = measure(url, impl, shape, args)
+                rate, us = measure(url, impl, shape, args)
                 figures.setdefault(shape, {}).setdefault(impl, []).append(rate)
-                print(f"{shape:<6} {impl:<7} {rate:>9,.0f} tasks/s", file=sys.stderr)
+                cpu.setdefault(shape, {}).setdefault(impl, []).append(us)
+                print(f"{shape:<6} {impl:<7} {rate:>9,.0f} tasks/s {us:>6.0f} us CPU/task", file=sys.stderr)
     print(
         f"{args.tasks:,} tasks, 1 broker, 1 worker process, concurrency {args.concurrency}, "
         f"prefetch {args.prefetch}; median of {args.rounds}"
     )
-    print(f"{'shape':<8}{'python tasks/s':>16}{'node tasks/s':>16}{'node/python':>13}")
+    print(
+        f"{'shape':<8}{'python tasks/s':>16}{'node tasks/s':>16}"
+        f"{'python µs CPU/task':>20}{'node µs CPU/task':>18}"
+    )
     for shape, by in figures.items():
         py, node = statistics.median(by["python"]), statistics.median(by["node"])
-        print(f"{shape:<8}{py:>16,.0f}{node:>16,.0f}{node / py:>13.2f}")
+        py_cpu, node_cpu = statistics.median(cpu[shape]["python"]), statistics.median(cpu[shape]["node"])
+        print(f"{shape:<8}{py:>16,.0f}{node:>16,.0f}{py_cpu:>20.0f}{node_cpu:>18.0f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "figures": figures}))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"json": str(args.json)},
+                    "tasks_per_s": figures,
+                    "cpu_us_per_task": cpu,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

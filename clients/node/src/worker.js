@@ -118,7 +118,7 @@ class Loop {
     this.lastPollEmpty = false;
     /** @type {import("./wire.js").Delivery[]} delivered, not started */
     this.prefetched = [];
-    /** @type {Map<string, {task: import("./wire.js").Delivery, abort: AbortController}>} */
+    /** @type {Map<string, {task: import("./wire.js").Delivery, abort: AbortController | null, lostBy: Error | null}>} */
     this.active = new Map();
     /** @type {Set<string>} deliveries a heartbeat told us we no longer hold */
     this.lost = new Set();
@@ -304,9 +304,10 @@ class Loop {
   /** @param {import("./wire.js").Delivery} task */
   start(task) {
     const handler = /** @type {Handler} */ (this.w.handlers.get(task.queue));
-    const abort = new AbortController();
     const k = key(task);
-    this.active.set(k, { task, abort });
+    /** @type {{task: import("./wire.js").Delivery, abort: AbortController | null, lostBy: Error | null}} */
+    const entry = { task, abort: null, lostBy: null };
+    this.active.set(k, entry);
     /** @type {Task} */
     const ctx = Object.freeze({
       id: task.id,
@@ -318,7 +319,12 @@ class Loop {
       maxAttempts: task.max_attempts,
       leaseTimeout: task.lease_timeout,
       broker: task.broker,
-      signal: abort.signal,
+      get signal() {
+        // made on first use: an AbortController per task costs more than a tiny handler
+        entry.abort ??= new AbortController();
+        if (entry.lostBy && !entry.abort.signal.aborted) entry.abort.abort(entry.lostBy);
+        return entry.abort.signal;
+      },
     });
     Promise.resolve()
       .then(() => handler(ctx))
@@ -464,7 +470,8 @@ class Loop {
     const active = this.active.get(k);
     if (active) {
       this.lost.add(k);
-      active.abort.abort(new Error(`lease lost: ${outcome}`));
+      active.lostBy = new Error(`lease lost: ${outcome}`);
+      active.abort?.abort(active.lostBy);
     } else {
       this.prefetched = this.prefetched.filter((t) => key(t) !== k);
     }

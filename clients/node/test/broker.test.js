@@ -75,3 +75,26 @@ test("the Worker runs handlers concurrently, completes, retries and fails for go
   await worker.stop();
   await done;
 });
+
+test("a task cancelled while it runs: its handler's signal aborts and its outcome is dropped", { skip }, async () => {
+  const worker = new Worker({ endpoints: broker.endpoint, pollTimeout: 1, heartbeatInterval: 0.2, log: logfmt("test", "error") });
+  /** @type {(id: unknown) => void} */ let started = () => {};
+  const running = new Promise((resolve) => (started = resolve));
+  /** @type {unknown} */ let reason = null;
+  worker.handle("cancel-me", (task) =>
+    new Promise((_, reject) => {
+      task.signal.addEventListener("abort", () => reject((reason = task.signal.reason)));
+      started(task.id);
+    }),
+  );
+  const done = worker.run();
+  const [id] = await client.submit([{ queue: "cancel-me", payload: utf8("") }]);
+  assert.equal(await running, id);
+  assert.deepEqual((await client.request("CANCEL", { ids: [id] })).body.outcomes, ["ok"]);
+  for (let i = 0; i < 100 && reason === null; i++) await new Promise((r) => setTimeout(r, 50));
+  assert.match(String(reason), /lease lost: cancelled/); // the next heartbeat said so
+  await worker.stop();
+  await done;
+  const [row] = (await client.request("RESULT", { ids: [id] })).body.tasks;
+  assert.deepEqual([row.state, row.error], ["cancelled", null]); // no FAIL was sent for it
+});
