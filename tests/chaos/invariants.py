@@ -81,6 +81,10 @@ def check(
             v.violate(f"task {t.id} (key {t.key}) acknowledged but its key names {truth.keys.get(t.key)}")
     if len(set(by_id)) != len(acked):
         v.violate("two acknowledged submits got the same id")
+    # No task the producers did not ask for: a retried submit never made a second one.
+    known = set(by_id) | {truth.keys[t.key] for t in committed_unacked}
+    for task_id in sorted((set(truth.results) | set(truth.live)) - known):
+        v.violate(f"task {task_id} exists but no submit of ours names it (a duplicate?)")
 
     # Nothing lost: every acknowledged task (and every committed unacknowledged one) is final.
     lost = 0
