@@ -215,19 +215,19 @@ class Loop {
     try {
       for await (const frames of conn.sock) {
         if (conn.closed) return; // replies to a socket given up on are never matched (§11)
-        let msg;
         try {
-          msg = decode(frames);
+          this.onReply(decode(frames));
         } catch (err) {
-          if (!(err instanceof ProtocolError)) throw err;
+          if (!(err instanceof ProtocolError)) throw err; // a bug here: fail run(), not go deaf
           this.log("warning", "bad_reply", { error: err.message });
-          continue;
         }
-        this.onReply(msg);
         this.kick();
       }
     } catch (err) {
-      if (!conn.closed) this.log("warning", "receive_error", { error: String(err) });
+      if (conn.closed) return;
+      this.log("error", "receive_error", { error: String(err) });
+      clearInterval(this.timer);
+      this.fail?.(err);
     }
   }
 
@@ -466,8 +466,9 @@ class Loop {
    */
   lose(row, outcome) {
     const k = `${row[0]}/${row[1]}`;
-    this.log("warning", "lease_lost", { task: row[0], attempt: row[1], outcome });
     const active = this.active.get(k);
+    if (!active && !this.prefetched.some((t) => key(t) === k)) return; // reported meanwhile
+    this.log("warning", "lease_lost", { task: row[0], attempt: row[1], outcome });
     if (active) {
       this.lost.add(k);
       active.lostBy = new Error(`lease lost: ${outcome}`);
