@@ -88,16 +88,20 @@ class Cluster:
         return proc
 
     def close(self) -> None:
-        for proc in reversed(self.procs):  # signal all first: idle workers wait out their poll
-            proc.terminate()
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+        """Workers first, all signalled at once (an idle one waits out its poll), then brokers: a
+        worker whose broker went first would wait for a poll nobody answers."""
+        workers = [p for p in self.procs if p not in self.brokers]
+        for group in (workers, self.brokers):
+            for proc in group:
+                proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                if proc.stdout:
+                    proc.stdout.close()
 
 
 def burst(client: Client, store: Store, tasks: int, batch: int, producers: int) -> Figures:
