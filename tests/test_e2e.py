@@ -98,6 +98,37 @@ def test_submit_execute_result(start_broker, db) -> None:
     assert db.query("SELECT count(*) FROM tasks") == [(0,)]
 
 
+def test_a_worker_drops_tasks_whose_lease_a_heartbeat_says_is_lost(start_broker, caplog) -> None:
+    """Cancelled while held: the prefetched one never runs, the running one is no longer
+    heartbeated and its result is not sent (it would only be refused)."""
+    broker = start_broker()
+    worker = Worker(broker.endpoint, concurrency=1, prefetch=1, heartbeat_interval=0.2, poll_timeout=1.0)
+    release = threading.Event()
+    ran: list[bytes] = []
+
+    @worker.handler("hold")
+    def hold(task: TaskContext) -> bytes:
+        ran.append(task.payload)
+        release.wait(30)
+        return b"too late"
+
+    caplog.set_level("INFO", logger="conduit.worker")
+    with Client(broker.endpoint) as client, running(worker):
+        running_id = client.submit("hold", b"running")
+        wait_for(lambda: ran == [b"running"], what="the first task to start")
+        held_id = client.submit("hold", b"prefetched")
+        wait_for(lambda: client.lookup([held_id])[0].state == "running", what="the prefetch")
+        assert client.cancel(running_id) and client.cancel(held_id)
+        lost = lambda: {r.fields["task"] for r in caplog.records if r.msg == "lease_lost"}  # noqa: E731
+        wait_for(lambda: lost() == {running_id, held_id}, what="heartbeats to report both lost")
+        release.set()
+        time.sleep(1.0)  # a heartbeat or two more, and the handler's outcome collected
+        assert ran == [b"running"]
+        assert [r.fields["task"] for r in caplog.records if r.msg == "lease_lost"].count(running_id) == 1
+        assert not [r for r in caplog.records if r.msg == "refused"]
+        assert {i.state for i in client.lookup([running_id, held_id])} == {"cancelled"}
+
+
 def test_killed_worker_task_is_redelivered_after_its_lease_and_completed_once(
     start_broker, processes, db, tmp_path: Path
 ) -> None:

@@ -127,6 +127,7 @@ class _Loop:
         self.poll_deadline = 0.0
         self.prefetched: deque[TaskContext] = deque()
         self.running: dict[int, TaskContext] = {}
+        self.lost: set[tuple[int, int]] = set()  # running, but the lease is another's: result dropped
         self.unacked: dict[int, tuple[Command, list[list[Any]], float]] = {}  # rid -> what, rows, sent
         self.outbox: dict[Command, list[list[Any]]] = {
             Command.COMPLETE: [],
@@ -230,7 +231,11 @@ class _Loop:
                 self.failover()
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.w.heartbeat_interval
-            held = [[t.id, t.attempt] for t in (*self.running.values(), *self.prefetched)]
+            held = [
+                [t.id, t.attempt]
+                for t in (*self.running.values(), *self.prefetched)
+                if (t.id, t.attempt) not in self.lost
+            ]
             # An unanswered heartbeat is a broker gone or cut off: after two, keep the task leases
             # alive through another broker before they expire (heartbeats are our liveness probe).
             self.heartbeat_misses = self.heartbeat_misses + 1 if self.heartbeats else 0
@@ -254,7 +259,9 @@ class _Loop:
             outcome = self.w._done.popleft()
             task = outcome.task
             self.running.pop(task.id, None)
-            if outcome.ok:
+            if (task.id, task.attempt) in self.lost:
+                self.lost.discard((task.id, task.attempt))  # the broker would refuse it
+            elif outcome.ok:
                 self.outbox[Command.COMPLETE].append([task.id, task.attempt, outcome.result])
             else:
                 self.outbox[Command.FAIL].append([task.id, task.attempt, outcome.error, outcome.retry])
@@ -314,10 +321,7 @@ class _Loop:
         if msg.command is Command.ERROR:
             log(logger, "warning", "request_refused", error=str(msg.body.get("message")))
         elif msg.command is Command.ACK and sent is None:  # a heartbeat's answer
-            rows = self.heartbeats.pop(msg.rid, [])
-            for (task_id, attempt), outcome in zip(rows, msg.body.get("outcomes", []), strict=False):
-                if outcome != "ok":  # another delivery holds it now: its result will be refused
-                    log(logger, "warning", "lease_lost", task=task_id, attempt=attempt, outcome=outcome)
+            self.lose(self.heartbeats.pop(msg.rid, []), msg.body.get("outcomes", []))
         elif msg.command is Command.ACK:
             for row, outcome in zip(sent[1], msg.body.get("outcomes", []), strict=False):
                 if outcome != "ok":
@@ -330,6 +334,19 @@ class _Loop:
                         attempt=row[1],
                         outcome=outcome,
                     )
+
+    def lose(self, rows: list[list[int]], outcomes: list[Any]) -> None:
+        """Tasks a heartbeat was refused for (stale, finished, cancelled, unknown): another delivery
+        or nobody holds them now, and every report would be refused too. A prefetched one is not
+        run; a running one is no longer heartbeated, and its outcome is dropped."""
+        refused = [(tuple(row), o) for row, o in zip(rows, outcomes, strict=False) if o != "ok"]
+        if not refused:
+            return
+        lost = {task for task, _ in refused}
+        for (task_id, attempt), outcome in refused:
+            log(logger, "warning", "lease_lost", task=task_id, attempt=attempt, outcome=outcome)
+        self.prefetched = deque(t for t in self.prefetched if (t.id, t.attempt) not in lost)
+        self.lost |= {(t.id, t.attempt) for t in self.running.values()} & lost
 
     def failover(self) -> None:
         """The broker is gone, cut off or refusing: drop its socket (nothing queued for it is sent
