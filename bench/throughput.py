@@ -86,6 +86,7 @@ class Result:
     name: str
     figures: demo.Figures
     rss_mb: float | None
+    cpu_s: dict[str, float]  # CPU seconds by role while the scenario ran
     note: str = ""
 
 
@@ -170,6 +171,47 @@ class RssSampler:
         return round(self.peak_kb / 1024, 1) if self.peak_kb else None
 
 
+class CpuMeter:
+    """CPU time (user + system) spent by each role while in use: what bounds throughput when
+    every process shares the same cores. PostgreSQL is every process named postgres here."""
+
+    def __init__(self, roles: dict[str, Sequence[int]]) -> None:
+        self.roles = {**roles, "bench_process": [os.getpid()]}
+        self.seconds: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0  # gone, or not Linux
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _postgres(self) -> list[int]:
+        pids = []
+        for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and Path(entry.path, "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+        return pids
+
+    def _read(self) -> dict[str, dict[int, float]]:
+        roles = {**self.roles, "postgres": self._postgres()}
+        return {role: {pid: self._cpu(pid) for pid in pids} for role, pids in roles.items()}
+
+    def __enter__(self) -> CpuMeter:
+        self._before = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = self._read()
+        self.seconds = {
+            role: sum(t - self._before[role].get(pid, 0.0) for pid, t in pids.items())
+            for role, pids in after.items()
+        }
+
+
 class PayloadClient:
     """The Client as demo.burst and demo.sync_match use it, but every task carries this run's
     payload (they submit empty ones)."""
@@ -216,14 +258,19 @@ def run_conduit(dsn: str, plan: Plan, name: str, brokers: int, body: Body, backl
                 progress(
                     f"  {brokers} broker(s) and {plan.workers} workers up in {time.monotonic() - began:.1f} s"
                 )
-                with RssSampler([p.pid for p in cluster.brokers]) as rss:
+                brokers_pids = [p.pid for p in cluster.brokers]
+                workers_pids = [p.pid for p in cluster.procs if p not in cluster.brokers]
+                with (
+                    RssSampler(brokers_pids) as rss,
+                    CpuMeter({"brokers": brokers_pids, "workers": workers_pids}) as cpu,
+                ):
                     figures, note = body(PayloadClient(client, plan.payload), store)
                 note = "; ".join(filter(None, [note, redeliveries(store)]))
         finally:
             began = time.monotonic()
             cluster.close()
             progress(f"  stopped in {time.monotonic() - began:.1f} s")
-    return Result(name, figures, rss.peak_mb, note)
+    return Result(name, figures, rss.peak_mb, cpu.seconds, note)
 
 
 def gossip_endpoints(endpoints: Sequence[str]) -> list[str]:
@@ -431,6 +478,8 @@ def document(measured: dict[str, Any]) -> dict[str, Any]:
         }
         if result.rss_mb is not None:
             entry["broker_rss_mb"] = result.rss_mb
+        per_task = {role: round(s / result.figures.tasks * 1e6, 1) for role, s in result.cpu_s.items()}
+        entry["cpu_us_per_task"] = {**per_task, "total": round(sum(per_task.values()), 1)}
         scenarios.append(entry)
     info = measured["machine"]
     return {
@@ -482,6 +531,21 @@ def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
         f"{'database ceiling: COPY 500 in, delete 500':<50}{ceiling:>10,.0f}{ceiling / fetch_one:>8.1f}"
         f"{100:>5.0f}%   (one process)",
     ]
+    cores = m["cores"] or 1
+    lines += [
+        "",
+        f"CPU per task, microseconds (user + system, while the scenario ran; the bound is {cores} cores "
+        "divided by the total)",
+        f"{'scenario':<14}{'brokers':>9}{'workers':>9}{'bench':>9}{'postgres':>9}{'total':>9}{'bound/s':>10}",
+    ]
+    for s in doc["scenarios"]:
+        c = s["cpu_us_per_task"]
+        paced = s["name"] in ("steady", "sync_match")  # idle between tasks: no CPU bound to speak of
+        bound = f"{cores * 1e6 / c['total']:>10,.0f}" if c["total"] and not paced else f"{'paced':>10}"
+        lines.append(
+            f"{s['name']:<14}{c['brokers']:>9.1f}{c['workers']:>9.1f}{c['bench_process']:>9.1f}"
+            f"{c['postgres']:>9.1f}{c['total']:>9.1f}{bound}"
+        )
     notes = [f"{r.name}: {r.note}" for r in measured.values() if isinstance(r, Result) and r.note]
     if plan.backlog:
         notes.append(f"deep_backlog: {plan.backlog:,} pending tasks in another queue of the same table")
