@@ -59,7 +59,12 @@ def test_database_stopped_then_back_submits_refused_work_kept_and_finished_once(
     worker = spawn_worker(processes, broker.endpoint, ledger, concurrency=1)
     with Client(broker.endpoint, timeout=5.0) as client:
         task_id = client.submit("sleepy", b"3.0", lease_timeout=30.0)
-        wait_for(lambda: ledger_runs(ledger), what="the task to start")
+        # Running, not just delivered: a delivery that no heartbeat has turned into a task lease
+        # yet is still buffered under the broker's epoch, which the outage fences (it runs again).
+        wait_for(
+            lambda: ledger_runs(ledger) and db.query("SELECT state FROM tasks") == [("running",)],
+            what="the task to run under a task lease",
+        )
         pg.stop("immediate")  # a crash: every connection is gone, nothing answers
         try:
             began = time.monotonic()
