@@ -29,7 +29,10 @@ def _table(s: dict[str, Any]) -> str:
         ("backend", s["backend"]),
         ("duration (fault phase)", f"{s['duration_s']:g} s, drained in {s['drain_s']} s"),
         ("submits acknowledged", s["submitted_acknowledged"]),
-        ("submits refused (not acked)", f"{s['submit_unacknowledged']} ({s['submit_errors']} errors seen)"),
+        (
+            "tasks not acknowledged",
+            f"{s['submit_unacknowledged']} (submits raised {s['submit_errors']} times)",
+        ),
         ("  of which committed anyway", s["submit_unacknowledged_but_committed"]),
         ("completed", s["completed"]),
         ("dead (failed on purpose)", s["dead"]),
