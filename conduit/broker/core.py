@@ -501,9 +501,8 @@ class Core:
             for spec, sub, key in zip(op.specs, submitted or [None] * len(op.specs), op.waiters, strict=True):
                 if key is not None:
                     tasks = by_waiter.setdefault(key, [])
-                    if (
-                        sub is not None and sub.created
-                    ):  # an idempotency key matched an older task: nothing new to run
+                    # Not created: a key matched an older task (or submit): nothing new to run.
+                    if sub is not None and sub.created:
                         tasks.append(_sync_delivery(sub.id, spec, self.config.broker_id))
         for key, tasks in by_waiter.items():
             waiter = self._waiters.get(key)
