@@ -86,12 +86,15 @@ def free_port() -> int:
 class Process:
     """A Conduit process started by a test; stopped by the test's teardown whatever happens."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, program: list[str] | None = None
+    ) -> None:
+        """`args` to `program`, by default `python -m conduit`."""
         self.args = args
         # A file, not a pipe: a chatty process never blocks. Closed by the processes fixture.
         self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conduit", *args],
+            [*(program or [sys.executable, "-m", "conduit"]), *args],
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             text=True,
@@ -103,7 +106,8 @@ class Process:
             self.proc.kill()
         self.proc.wait(10)
 
-    def stop(self, timeout: float = 20) -> int:
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait: a worker finishes, releases and waits for its last ACKs first."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)

@@ -12,9 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Process
+from test_e2e import ledger_runs, wait_for
 
 from conduit.client import Client
 from conduit.task import TaskSpec
@@ -48,40 +47,18 @@ def require(impl: str) -> None:
         pytest.skip(reason)
 
 
-class WorkerProcess:
-    """A worker of either implementation as a process; same interface as conftest.Process, so
-    the `processes` fixture stops it whatever happens."""
-
-    def __init__(self, impl: str, endpoints: list[str], ledger: Path, **settings: str) -> None:
-        self.impl = impl
-        env = {
-            **os.environ,
-            "CONDUIT_TEST_ENDPOINT": " ".join(endpoints),
-            "CONDUIT_TEST_LEDGER": str(ledger),
-            **{f"CONDUIT_TEST_{k.upper()}": v for k, v in settings.items()},
-        }
-        if impl == "python":
-            args = [sys.executable, "-m", "conduit", "worker", "handlers:worker"]
-            env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-        else:
-            args = ["node", str(NODE_DIR / "test" / "conformance-worker.js")]
-        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by `processes`)
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.stderr, text=True, env=env)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 30) -> int:
-        """Graceful stop (SIGTERM): finish, release, wait for the last ACKs; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def log(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()
+def worker_process(impl: str, endpoints: list[str], ledger: Path, **settings: str) -> Process:
+    """A worker of either implementation as a process running the conformance handlers; the
+    `processes` fixture stops it whatever happens."""
+    env = {
+        "CONDUIT_TEST_ENDPOINT": " ".join(endpoints),
+        "CONDUIT_TEST_LEDGER": str(ledger),
+        **{f"CONDUIT_TEST_{k.upper()}": v for k, v in settings.items()},
+    }
+    if impl == "python":
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+        return Process(["worker", "handlers:worker"], env)
+    return Process([str(NODE_DIR / "test" / "conformance-worker.js")], env, program=["node"])
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
@@ -96,20 +73,13 @@ def ledger(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def spawn(processes: list, ledger: Path) -> Callable[..., WorkerProcess]:
-    def start(impl: str, endpoints: list[str], **settings: str) -> WorkerProcess:
-        worker = WorkerProcess(impl, endpoints, ledger, **settings)
+def spawn(processes: list, ledger: Path) -> Callable[..., Process]:
+    def start(impl: str, endpoints: list[str], **settings: str) -> Process:
+        worker = worker_process(impl, endpoints, ledger, **settings)
         processes.append(worker)
         return worker
 
     return start
-
-
-def runs(ledger: Path) -> list[tuple[int, int, int]]:
-    """(task id, attempt, pid) of every handler run so far."""
-    if not ledger.exists():
-        return []
-    return [tuple(int(x) for x in line.split()) for line in ledger.read_text().splitlines() if line]  # type: ignore[misc]
 
 
 @contextmanager
@@ -121,15 +91,6 @@ def logs_on_failure(*procs: Any) -> Iterator[None]:
         for proc in procs:
             print(f"--- {' '.join(proc.proc.args)[-80:]}\n{proc.log()[-4000:]}")
         raise
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_result_round_trip(impl, start_broker, spawn, db, ledger) -> None:
@@ -166,7 +127,7 @@ def test_retry_then_success_and_permanent_failure(impl, start_broker, spawn, db,
         "SELECT failures, last_error LIKE '%%flaky: first try fails%%' FROM results WHERE id = %s", (flaky,)
     ) == [(1, True)]
     assert db.query("SELECT failures, attempt FROM results WHERE id = %s", (doomed,)) == [(1, 1)]
-    assert sorted((t, a) for t, a, _ in runs(ledger)) == [(flaky, 1), (flaky, 2), (doomed, 1)]
+    assert sorted((t, a) for t, a, _ in ledger_runs(ledger)) == [(flaky, 1), (flaky, 2), (doomed, 1)]
 
 
 def test_lease_expiry_and_redelivery(impl, start_broker, spawn, db, ledger) -> None:
@@ -175,15 +136,15 @@ def test_lease_expiry_and_redelivery(impl, start_broker, spawn, db, ledger) -> N
     first = spawn(impl, [broker.endpoint])
     with Client(broker.endpoint) as client:
         task_id = client.submit("sleepy", b"1.0", lease_timeout=2.0, backoff_base=0)
-        wait_for(lambda: runs(ledger), what="the first run")
+        wait_for(lambda: ledger_runs(ledger), what="the first run")
         first.kill()  # SIGKILL mid-task: no complete, no more heartbeats
         killed_at = time.monotonic()
         second = spawn(impl, [broker.endpoint])
         result = client.result(task_id, timeout=60)
     assert time.monotonic() - killed_at >= 1.0  # not before the lease could expire
     assert (result.state, result.attempt, result.result) == ("completed", 2, b"slept 2")
-    (_, _, pid1), (_, _, pid2) = runs(ledger)
-    assert [(t, a) for t, a, _ in runs(ledger)] == [(task_id, 1), (task_id, 2)]
+    (_, _, pid1), (_, _, pid2) = ledger_runs(ledger)
+    assert [(t, a) for t, a, _ in ledger_runs(ledger)] == [(task_id, 1), (task_id, 2)]
     assert (pid1, pid2) == (first.proc.pid, second.proc.pid)
     assert db.query("SELECT failures FROM results WHERE id = %s", (task_id,)) == [(1,)]
     assert second.stop() == 0
@@ -196,11 +157,11 @@ def test_refused_stale_completion(impl, start_broker, spawn, db, ledger) -> None
     paused = spawn(impl, [broker.endpoint])
     with Client(broker.endpoint) as client:
         task_id = client.submit("sleepy", b"3.0", lease_timeout=2.0, backoff_base=0)
-        wait_for(lambda: runs(ledger), what="the first run")
+        wait_for(lambda: ledger_runs(ledger), what="the first run")
         paused.proc.send_signal(signal.SIGSTOP)  # its poll times out empty; its lease lapses
         try:
             other = spawn(impl, [broker.endpoint])
-            wait_for(lambda: len(runs(ledger)) == 2, timeout=30, what="the redelivery")
+            wait_for(lambda: len(ledger_runs(ledger)) == 2, timeout=30, what="the redelivery")
         finally:
             paused.proc.send_signal(signal.SIGCONT)  # its handler is done by now: it reports late
         wait_for(lambda: "outcome=stale" in paused.log(), timeout=15, what="the stale refusal")
@@ -209,7 +170,7 @@ def test_refused_stale_completion(impl, start_broker, spawn, db, ledger) -> None
             later = client.submit("echo", b"still working")  # the refused worker carries on
         assert client.result(later, timeout=30).result == b"still working"
     assert (result.state, result.attempt, result.result) == ("completed", 2, b"slept 2")
-    assert [(t, a, p) for t, a, p in runs(ledger) if t == task_id] == [
+    assert [(t, a, p) for t, a, p in ledger_runs(ledger) if t == task_id] == [
         (task_id, 1, paused.proc.pid),
         (task_id, 2, other.proc.pid),
     ]
@@ -241,7 +202,7 @@ def test_broker_failover(impl, start_broker, spawn, db, ledger) -> None:
         assert {client.result(i, timeout=30).result for i in ids} == {f"{impl} {survivor} 1".encode()}
         done = client.result(long_id, timeout=30)
     assert (done.state, done.attempt, done.result) == ("completed", 1, b"slept 1")
-    assert [a for t, a, _ in runs(ledger) if t == long_id] == [1]  # it ran once
+    assert [a for t, a, _ in ledger_runs(ledger) if t == long_id] == [1]  # it ran once
     assert "event=failover" in worker.log()
     assert worker.stop() == 0
 
@@ -253,13 +214,13 @@ def test_graceful_stop_releases_prefetched_tasks(impl, start_broker, spawn, db, 
     worker = spawn(impl, [broker.endpoint], concurrency="1", prefetch="5")
     with Client(broker.endpoint) as client:
         busy = client.submit("sleepy", b"2.0")
-        wait_for(lambda: runs(ledger), what="the first run")
+        wait_for(lambda: ledger_runs(ledger), what="the first run")
         # The worker polls for 5 more while it runs one: these go to it and wait, prefetched.
         ids = client.submit_many([TaskSpec("echo", b"later", lease_timeout=30) for _ in range(5)])
         time.sleep(0.5)
         assert worker.stop() == 0
         assert client.result(busy, timeout=5).state == "completed"
-        assert [t for t, _, _ in runs(ledger)] == [busy]
+        assert [t for t, _, _ in ledger_runs(ledger)] == [busy]
         # Released, they are pending again at once (a broker with recent polls may buffer them
         # again): a new worker runs them now, not after their 30 s leases.
         began = time.monotonic()
