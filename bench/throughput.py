@@ -105,10 +105,10 @@ class BenchCluster(demo.Cluster):
             self.close()
             raise
 
-    def _start(self, cmd: list[str]) -> Any:
+    def _start(self, cmd: list[str], env: dict[str, str] | None = None) -> Any:
         if cmd[3] == "worker":  # [python, -m, conduit, worker, conduit.demo:worker, ...]
             cmd += ["--concurrency", str(self.plan.concurrency), "--prefetch", str(self.plan.prefetch)]
-        return super()._start(cmd)
+        return super()._start(cmd, env)
 
     def close(self) -> None:
         if hasattr(self, "procs"):  # absent when the first process failed to start

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -30,6 +29,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from conduit import demo
 from conduit.client import Client
 from conduit.config import Settings
 from conduit.store import dsn_for, init_schema
@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "noop"
 
 
-def start_worker(impl: str, endpoint: str, concurrency: int, prefetch: int) -> subprocess.Popen[str]:
+def worker_command(
+    impl: str, endpoint: str, concurrency: int, prefetch: int
+) -> tuple[list[str], dict[str, str]]:
     env = {
         **os.environ,
         "CONDUIT_TEST_ENDPOINT": endpoint,
@@ -54,7 +56,7 @@ def start_worker(impl: str, endpoint: str, concurrency: int, prefetch: int) -> s
         cmd = [sys.executable, "-m", "conduit", "worker", "handlers:worker", "--log-level", "warning"]
     else:
         cmd = ["node", str(ROOT / "clients" / "node" / "test" / "conformance-worker.js")]
-    return subprocess.Popen(cmd, env=env, text=True)
+    return cmd, env
 
 
 def cpu_seconds(pid: int) -> float:
@@ -74,32 +76,22 @@ def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> tuple[
     the worker process's CPU microseconds per task (start-up included)."""
     schema = f"bench_workers_{uuid.uuid4().hex[:8]}"
     init_schema(url, schema)
-    procs: list[subprocess.Popen[str]] = []
     conn = psycopg.connect(url, autocommit=True)
+    cluster = demo.Cluster(url, schema, workers=0)  # close() stops the worker before the broker
     try:
-        broker = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "conduit", "broker", "--bind", "tcp://127.0.0.1:*"),
-                *("--dsn", url, "--schema", schema, "--log-level", "warning"),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(broker)
-        assert broker.stdout is not None
-        endpoint = broker.stdout.readline().strip()
         batches = [min(500, args.tasks - i) for i in range(0, args.tasks, 500)]
-        with Client(endpoint, timeout=60, retry_submits=False) as client:
+        with Client(cluster.endpoint, timeout=60, retry_submits=False) as client:
 
             def submit_all() -> None:
                 with ThreadPoolExecutor(2) as pool:
                     list(pool.map(lambda n: client.submit_many([TaskSpec(QUEUE, b"x" * 16)] * n), batches))
 
+            worker = worker_command(impl, cluster.endpoint, args.concurrency, args.prefetch)
             if shape == "drain":
                 submit_all()
-                procs.append(start_worker(impl, endpoint, args.concurrency, args.prefetch))
+                pid = cluster.add_worker(*worker).pid
             else:
-                procs.append(start_worker(impl, endpoint, args.concurrency, args.prefetch))
+                pid = cluster.add_worker(*worker).pid
                 time.sleep(2.0)  # started and polling
                 submit_all()
             deadline = time.monotonic() + 600
@@ -110,18 +102,9 @@ def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> tuple[
         first = "min(created_at)" if shape == "burst" else "min(finished_at)"
         query = f"SELECT extract(epoch FROM max(finished_at) - {first}) FROM {{}}.results"
         (seconds,) = conn.execute(sql.SQL(query).format(sql.Identifier(schema))).fetchone()  # type: ignore[misc]
-        cpu = cpu_seconds(procs[-1].pid)
-        return args.tasks / float(seconds), cpu / args.tasks * 1e6
+        return args.tasks / float(seconds), cpu_seconds(pid) / args.tasks * 1e6
     finally:
-        for proc in reversed(procs):  # the worker first: a broker gone first leaves its poll unanswered
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+        cluster.close()
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
         conn.close()
 

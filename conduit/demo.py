@@ -50,8 +50,9 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 
 
 class Cluster:
-    """Brokers (with gossip) and worker processes, for the demo and the benchmarks; stopped
-    gracefully on close, killed if need be. Worker i starts at broker i mod n and knows them all."""
+    """Brokers (with gossip) and worker processes, for the demo, the benchmarks and the examples;
+    stopped gracefully on close, killed if need be. Demo worker i starts at broker i mod n and
+    knows them all; `add_worker` starts others."""
 
     def __init__(self, dsn: str, schema: str, workers: int, brokers: int = 1) -> None:
         self.procs: list[subprocess.Popen[str]] = []
@@ -82,8 +83,12 @@ class Cluster:
     def endpoint(self) -> str:
         return self.endpoints[0]
 
-    def _start(self, cmd: list[str]) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    def add_worker(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """One more worker process, of any program or language; close() stops it with the rest."""
+        return self._start(cmd, env)
+
+    def _start(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         self.procs.append(proc)
         return proc
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from conduit.client import Client
 from conduit.config import Settings
+from conduit.demo import Cluster
 from conduit.store import dsn_for, init_schema
 from conduit.task import TaskSpec
 
@@ -34,26 +34,12 @@ def main() -> None:
     settings = Settings.load(dsn=args.dsn)
     url = dsn_for(settings)
     init_schema(url, settings.schema)
-    procs: list[subprocess.Popen[str]] = []
+    cluster = Cluster(url, settings.schema, workers=0)  # close() stops workers, then the broker
     try:
-        broker = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "conduit", "broker", "--bind", "tcp://127.0.0.1:*"),
-                *("--dsn", url, "--schema", settings.schema, "--log-level", "warning"),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(broker)
-        assert broker.stdout is not None
-        endpoint = broker.stdout.readline().strip()
-        if not endpoint:
-            sys.exit("the broker did not start")
+        endpoint = cluster.endpoint
         env = {**os.environ, "CONDUIT_DEMO_ENDPOINT": endpoint, "PYTHONPATH": str(HERE)}
-        procs.append(
-            subprocess.Popen([sys.executable, "-m", "conduit", "worker", "greet_worker:worker"], env=env)
-        )
-        procs.append(subprocess.Popen(["node", str(HERE / "worker.js"), endpoint]))
+        cluster.add_worker([sys.executable, "-m", "conduit", "worker", "greet_worker:worker"], env)
+        cluster.add_worker(["node", str(HERE / "worker.js"), endpoint])
         print(f"broker at {endpoint}; a Python and a Node worker on queue 'greet'", file=sys.stderr)
         answers = []
         with Client(endpoint) as client:
@@ -72,23 +58,7 @@ def main() -> None:
         if set(by) != {"python", "node"}:
             sys.exit("expected both languages to run tasks")
     finally:
-        # Workers first, together (each waits out its poll), then the broker: a broker gone first
-        # would leave their polls unanswered until they count them lost.
-        for stage in (procs[1:], procs[:1]):
-            for proc in stage:
-                proc.terminate()
-            for proc in stage:
-                stop(proc)
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stdout:
-        proc.stdout.close()
+        cluster.close()
 
 
 if __name__ == "__main__":
