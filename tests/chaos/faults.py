@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from chaos.cluster import Cluster
+from chaos.cluster import Cluster, Member
 from chaos.pg import PrivatePostgres
 
 KINDS = (
@@ -90,39 +90,33 @@ class Scheduler(threading.Thread):
     # The faults. Durations straddle the interesting limits: the brokers' 3 s lease term and the
     # tasks' lease timeout, so some pauses outlive a lease and some do not.
     def broker_kill(self) -> Fault:
-        member = self.rng.choice(self.cluster.brokers)
-        down = self.rng.uniform(0.2, 3.0)
-        fault = Fault("broker_kill", member.name, time.time(), detail=f"down {down:.1f}s")
-        fault.pids.append(self.cluster.kill(member))
-        time.sleep(down)
-        self.cluster.start(member)
-        fault.end = time.time()
-        return fault
+        return self._kill("broker_kill", self.cluster.brokers, 3.0)
 
     def broker_pause(self) -> Fault:
-        member = self.rng.choice(self.cluster.brokers)
-        pause = self.rng.uniform(0.5, 6.0)
-        fault = Fault("broker_pause", member.name, time.time(), detail=f"stopped {pause:.1f}s")
-        fault.pids.append(self.cluster.pause(member))
-        time.sleep(pause)
-        self.cluster.resume(member)
-        fault.end = time.time()
-        return fault
+        return self._pause("broker_pause", self.cluster.brokers, 6.0)
 
     def worker_kill(self) -> Fault:
-        member = self.rng.choice(self.cluster.workers)
-        down = self.rng.uniform(0.2, 2.0)
-        fault = Fault("worker_kill", member.name, time.time(), detail=f"down {down:.1f}s")
+        return self._kill("worker_kill", self.cluster.workers, 2.0)
+
+    def worker_pause(self) -> Fault:
+        return self._pause("worker_pause", self.cluster.workers, 9.0)
+
+    def _kill(self, kind: str, members: list[Member], longest: float) -> Fault:
+        """SIGKILL one of `members`, and start it again after a while."""
+        member = self.rng.choice(members)
+        down = self.rng.uniform(0.2, longest)
+        fault = Fault(kind, member.name, time.time(), detail=f"down {down:.1f}s")
         fault.pids.append(self.cluster.kill(member))
         time.sleep(down)
         self.cluster.start(member)
         fault.end = time.time()
         return fault
 
-    def worker_pause(self) -> Fault:
-        member = self.rng.choice(self.cluster.workers)
-        pause = self.rng.uniform(0.5, 9.0)
-        fault = Fault("worker_pause", member.name, time.time(), detail=f"stopped {pause:.1f}s")
+    def _pause(self, kind: str, members: list[Member], longest: float) -> Fault:
+        """SIGSTOP one of `members` (it hangs rather than dies), then SIGCONT."""
+        member = self.rng.choice(members)
+        pause = self.rng.uniform(0.5, longest)
+        fault = Fault(kind, member.name, time.time(), detail=f"stopped {pause:.1f}s")
         fault.pids.append(self.cluster.pause(member))
         time.sleep(pause)
         self.cluster.resume(member)
