@@ -29,7 +29,7 @@ from conduit.broker.events import (
 )
 from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
 from conduit.store import BrokerLease
-from conduit.task import Ack, Completion, Failure, LeasedTask, TaskSpec
+from conduit.task import Ack, Completion, Failure, LeasedTask, Submitted, TaskSpec
 from conduit.wire import (
     Command,
     ErrorCode,
@@ -226,11 +226,11 @@ class Core:
             case LookedUp(peer, rid, _, error) if error is not None:
                 out.append(Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"lookup failed: {error}", rid)))
             case LookedUp(peer, rid, infos, _):
-                tasks = [
+                found = [
                     {"id": i.id, "state": i.state, "attempt": i.attempt, "result": i.result, "error": i.error}
                     for i in infos
                 ]
-                out.append(Send(peer, encode(Command.RESULTS, {"rid": rid, "tasks": tasks})))
+                out.append(Send(peer, encode(Command.RESULTS, {"rid": rid, "tasks": found})))
             case SendFailed(peer, delivered):
                 out.append(Log("warning", "undeliverable", {"peer": peer.hex(), "tasks": len(delivered)}))
                 for ack in delivered:
@@ -446,8 +446,8 @@ class Core:
                 out.append(
                     Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"database write failed: {error}", rid))
                 )
-            for op in batch.submits:
-                for key in set(op.waiters) - {None}:
+            for submit in batch.submits:
+                for key in {k for k in submit.waiters if k is not None}:
                     self._unreserve(key, now, out)
             self._write_after = now + WRITE_RETRY_PAUSE  # do not hammer a database that is down
             if self._stopping:  # leave the rest to lease expiry rather than never stop
@@ -470,22 +470,22 @@ class Core:
             out.append(
                 Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))
             )
-        for op, submitted in zip(batch.submits, result.submitted, strict=True):
+        for submit, submitted in zip(batch.submits, result.submitted, strict=True):
             if submitted is None:
-                message = f"submit key {op.key!r} already names a submit of other tasks"
-                out.append(Send(op.peer, error_frames(ErrorCode.INVALID_TASK, message, op.rid)))
+                message = f"submit key {submit.key!r} already names a submit of other tasks"
+                out.append(Send(submit.peer, error_frames(ErrorCode.INVALID_TASK, message, submit.rid)))
                 continue
             ids = [s.id for s in submitted]
             out.append(
                 Send(
-                    op.peer,
+                    submit.peer,
                     encode(
                         Command.SUBMITTED,
-                        {"rid": op.rid, "ids": ids, "created": [s.created for s in submitted]},
+                        {"rid": submit.rid, "ids": ids, "created": [s.created for s in submitted]},
                     ),
                 )
             )
-            for spec, sub, worker in zip(op.specs, submitted, op.workers, strict=True):
+            for spec, sub, worker in zip(submit.specs, submitted, submit.workers, strict=True):
                 if worker is None and sub.created:
                     q = self._queue(spec.queue)
                     q.recheck_at = 0.0  # new work here: the next read need not wait
@@ -498,7 +498,8 @@ class Core:
     ) -> None:
         by_waiter: dict[int, list[dict[str, Any]]] = {}
         for op, submitted in zip(batch.submits, result.submitted, strict=True):
-            for spec, sub, key in zip(op.specs, submitted or [None] * len(op.specs), op.waiters, strict=True):
+            rows: list[Submitted | None] = [*submitted] if submitted else [None] * len(op.specs)
+            for spec, sub, key in zip(op.specs, rows, op.waiters, strict=True):
                 if key is not None:
                     tasks = by_waiter.setdefault(key, [])
                     # Not created: a key matched an older task (or submit): nothing new to run.

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -39,7 +40,7 @@ from conduit.broker.events import (
     Tick,
     Written,
 )
-from conduit.broker.writes import execute
+from conduit.broker.writes import WriteBatch, execute
 from conduit.errors import BrokerLeaseLost, ConduitError
 from conduit.logs import log
 from conduit.store import BrokerLease, Store
@@ -131,13 +132,13 @@ class Broker:
         self.router.setsockopt(zmq.SNDHWM, 100_000)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.bind(bind)
-        self.endpoint: str = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.publisher: zmq.Socket[Any] | None = None
         if pub:
             self.publisher = self._ctx.socket(zmq.PUB)
             self.publisher.setsockopt(zmq.LINGER, 0)
             self.publisher.bind(pub)
-            pub = self.publisher.getsockopt(zmq.LAST_ENDPOINT).decode()
+            pub = self.publisher.getsockopt_string(zmq.LAST_ENDPOINT)
         self.config = config = replace(config, endpoint=self.endpoint, pub_endpoint=pub or "")
         self.core = Core(config)
         self._events: queue.Queue[Event] = queue.Queue()
@@ -187,7 +188,7 @@ class Broker:
         next_tick = 0.0
         try:
             while not self.core.stopped:
-                ready = dict(poller.poll(max(0.0, next_tick - time.monotonic()) * 1000))
+                ready = dict(poller.poll(max(0, round((next_tick - time.monotonic()) * 1000))))
                 if self.router in ready:
                     self._receive()
                 if self._wake_r in ready:
@@ -242,36 +243,23 @@ class Broker:
                     except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or not reading: never block on a peer
                         todo.extend(self.core.handle(SendFailed(peer, delivered)))
                 case core.Write(batch):
-                    self._threads["writer"].submit(
-                        lambda store, b=batch: Written(
-                            b, execute(store, b, self.owner), None, time.monotonic()
-                        ),
-                        lambda err, b=batch: Written(b, None, err, time.monotonic()),
-                    )
+                    self._threads["writer"].submit(partial(self._write, batch), partial(_write_failed, batch))
                 case core.Lease(name, limit):
                     self._threads["reader"].submit(
-                        lambda store, q=name, n=limit: Leased(
-                            q, store.lease(self.owner, q, n), None, time.monotonic()
-                        ),
-                        lambda err, q=name: Leased(q, [], err, time.monotonic()),
+                        partial(self._lease, name, limit), partial(_lease_failed, name)
                     )
                 case core.Lookup(peer, rid, ids):
                     self._threads["reader"].submit(
-                        lambda store, p=peer, r=rid, i=ids: LookedUp(p, r, store.lookup(i), None),
-                        lambda err, p=peer, r=rid: LookedUp(p, r, [], err),
-                        read_only=True,
+                        partial(_lookup, peer, rid, ids), partial(_lookup_failed, peer, rid), read_only=True
                     )
                 case core.RenewLease(started):
                     self._threads["keeper"].submit(
-                        lambda store, s=started: self._renew(store, s),
-                        lambda err, s=started: LeaseRenewed(False, s, time.monotonic()),
+                        partial(self._renew, started), partial(_renew_failed, started)
                     )
                 case core.Reacquire():
-                    self._threads["keeper"].submit(self._reacquire, lambda err: self._retry_reacquire(err))
+                    self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
                 case core.Reap(compact):
-                    self._threads["keeper"].submit(
-                        lambda store, c=compact: self._reap(store, c), _log_error("reap")
-                    )
+                    self._threads["keeper"].submit(partial(self._reap, compact), _log_error("reap"))
                 case core.Publish(frames):
                     if self.publisher is not None:
                         with contextlib.suppress(zmq.Again):  # gossip is periodic: a drop is harmless
@@ -281,11 +269,15 @@ class Broker:
                     log(logger, level, event, **{"broker": self.config.broker_id, **fields})
                 case core.Stop(owner):
                     if owner is not None:
-                        self._threads["keeper"].submit(
-                            lambda store, o=owner: store.drop_broker(o), _log_error("drop")
-                        )
+                        self._threads["keeper"].submit(partial(_drop, owner), _log_error("drop"))
 
-    def _renew(self, store: Store, started: float) -> Event:
+    def _write(self, batch: WriteBatch, store: Store) -> Event:
+        return Written(batch, execute(store, batch, self.owner), None, time.monotonic())
+
+    def _lease(self, name: str, limit: int, store: Store) -> Event:
+        return Leased(name, store.lease(self.owner, name, limit), None, time.monotonic())
+
+    def _renew(self, started: float, store: Store) -> Event:
         try:
             store.renew_broker(self.owner, self.config.lease_term)
         except BrokerLeaseLost:
@@ -298,17 +290,42 @@ class Broker:
             time.monotonic(),
         )
 
-    def _retry_reacquire(self, error: str) -> None:
+    def _retry_reacquire(self, error: str) -> Event | None:
         log(logger, "error", "reacquire_failed", error=error)
         time.sleep(1)
         self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
+        return None
 
-    def _reap(self, store: Store, compact: bool) -> None:
+    def _reap(self, compact: bool, store: Store) -> None:
         reaped = store.reap()
         if reaped.buffered or reaped.running:
             log(logger, "info", "reaped", buffered=reaped.buffered, running=reaped.running)
         if compact:
             store.compact_counts()
+
+
+def _write_failed(batch: WriteBatch, error: str) -> Event:
+    return Written(batch, None, error, time.monotonic())
+
+
+def _lease_failed(name: str, error: str) -> Event:
+    return Leased(name, [], error, time.monotonic())
+
+
+def _lookup(peer: bytes, rid: int, ids: list[int], store: Store) -> Event:
+    return LookedUp(peer, rid, store.lookup(ids), None)
+
+
+def _lookup_failed(peer: bytes, rid: int, error: str) -> Event:
+    return LookedUp(peer, rid, [], error)
+
+
+def _renew_failed(started: float, error: str) -> Event:
+    return LeaseRenewed(False, started, time.monotonic())
+
+
+def _drop(owner: BrokerLease, store: Store) -> None:
+    store.drop_broker(owner)
 
 
 def _log_error(what: str) -> Callable[[str], None]:

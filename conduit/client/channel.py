@@ -54,12 +54,12 @@ class Channel:
     def request(self, command: Command, body: dict[str, Any], timeout: float) -> Message:
         rid = next(self._rids)
         deadline = time.monotonic() + timeout
-        if not self.sock.poll(timeout * 1000, zmq.POLLOUT):  # IMMEDIATE: writable once connected
+        if not self.sock.poll(round(timeout * 1000), zmq.POLLOUT):  # IMMEDIATE: writable once connected
             self.reset()
             raise NotConnected(f"no connection to the broker at {self.endpoint} within {timeout:g}s")
         self.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
         while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(left * 1000):
+            if not self.sock.poll(round(left * 1000)):
                 break
             try:
                 reply = decode(self.sock.recv_multipart(), allowed=REPLIES)

@@ -322,7 +322,7 @@ class _Loop:
             log(logger, "warning", "request_refused", error=str(msg.body.get("message")))
         elif msg.command is Command.ACK and sent is None:  # a heartbeat's answer
             self.lose(self.heartbeats.pop(msg.rid, []), msg.body.get("outcomes", []))
-        elif msg.command is Command.ACK:
+        elif msg.command is Command.ACK and sent is not None:
             for row, outcome in zip(sent[1], msg.body.get("outcomes", []), strict=False):
                 if outcome != "ok":
                     log(
