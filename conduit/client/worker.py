@@ -7,7 +7,6 @@ broker acknowledges their commit, so a finished task is not run again for nothin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from conduit.client.channel import dealer
 from conduit.client.context import Handler, Outcome, TaskContext
 from conduit.client.mesh import Mesh
 from conduit.client.runners import ProcessRunner, ThreadRunner
+from conduit.client.wakeup import Wakeup
 from conduit.logs import log
 from conduit.task import check_queue_name
 from conduit.wire import MAX_BATCH, REPLIES, Command, Message, ProtocolError, decode, encode
@@ -61,9 +61,7 @@ class Worker:
         self.handlers: dict[str, Handler] = {}
         self._stop = threading.Event()
         self._done: deque[Outcome] = deque()  # appended by handler threads, drained by the loop
-        self._woken = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = Wakeup()
 
     def handler(self, queue_name: str) -> Callable[[Handler], Handler]:
         """Decorator: run this function for tasks of `queue_name`; it returns bytes or None."""
@@ -78,18 +76,11 @@ class Worker:
     def stop(self) -> None:
         """Finish the tasks in hand, give back the prefetched ones, then return from run()."""
         self._stop.set()
-        self._wake()
-
-    def _wake(self) -> None:
-        """Wake the loop, once until it next looks (a write per finished task would cost more)."""
-        if not self._woken:
-            self._woken = True
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"!")
+        self._wakeup.set()
 
     def _finished(self, outcome: Outcome) -> None:
         self._done.append(outcome)
-        self._wake()
+        self._wakeup.set()
 
     def run(self) -> None:
         if not self.handlers:
@@ -116,7 +107,7 @@ class _Loop:
         self.ctx = ctx
         self.runner = runner
         self.poller = zmq.Poller()
-        self.poller.register(worker._wake_r, zmq.POLLIN)
+        self.poller.register(worker._wakeup.fd, zmq.POLLIN)
         self.mesh = Mesh(ctx, worker.endpoints, worker.gossip)
         self.poller.register(self.mesh.sub, zmq.POLLIN)
         self.socks: dict[str, zmq.Socket[Any]] = {}  # one DEALER per broker used
@@ -200,9 +191,8 @@ class _Loop:
             self.step_out()
             self.flush()
             ready = dict(poller.poll(100))
-            if self.w._wake_r in ready:
-                self.w._woken = False  # before collecting: a later outcome wakes the loop again
-                os.read(self.w._wake_r, 65536)
+            if self.w._wakeup.fd in ready:
+                self.w._wakeup.drain()  # then collect: an outcome racing the drain is seen below
             if self.mesh.sub in ready:
                 self.mesh.update()
             for sock in [s for s in self.socks.values() if s in ready]:
