@@ -13,7 +13,8 @@ import click
 
 from conduit.config import Settings
 from conduit.errors import ConduitError
-from conduit.store import EmbeddedPostgres, Store, describe_dsn, dsn_for, init_schema
+from conduit.store import Store, describe_dsn, dsn_for, init_schema
+from conduit.store.embedded import embedded_for, stop_server
 from conduit.task import Completion, TaskSpec
 
 
@@ -90,14 +91,18 @@ def db_check(dsn: str | None, data_dir: Path | None, schema: str | None) -> None
 
 @db.command("stop")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded server's folder.")
-def db_stop(data_dir: Path | None) -> None:
-    """Stop the embedded PostgreSQL server (its data stays)."""
+@click.option("--force", is_flag=True, help="Stop it even while sessions are connected (they are cut off).")
+def db_stop(data_dir: Path | None, force: bool) -> None:
+    """Stop the embedded PostgreSQL server (its data stays).
+
+    Refuses, with a non-zero exit, while sessions are connected to it: one server serves every
+    process that uses its folder, so stopping it would break someone else's broker. --force stops
+    it anyway; a broker started on that folder without --dsn starts it again when it reconnects."""
     settings = Settings.load(data_dir=data_dir)
-    if not (settings.data_dir / "postmaster.pid").exists():
+    if stop_server(settings.data_dir, force=force):
+        click.echo(f"stopped the embedded server in {settings.data_dir}")
+    else:
         click.echo(f"no embedded server running in {settings.data_dir}")
-        return
-    EmbeddedPostgres(settings.data_dir).stop()
-    click.echo(f"stopped the embedded server in {settings.data_dir}")
 
 
 @main.command()
@@ -189,8 +194,12 @@ def broker(
         lease_term=lease_term,
         max_payload_bytes=settings.max_payload_bytes,
     )
+    url, ensure_database = settings.dsn, None
+    if not url:  # the embedded server, which the broker starts again if it vanishes
+        server = embedded_for(settings)
+        url, ensure_database = server.dsn, server.ensure_running
     try:
-        service = Broker(config, dsn_for(settings), settings.schema, bind, pub)
+        service = Broker(config, url, settings.schema, bind, pub, ensure_database=ensure_database)
     except zmq.ZMQError as exc:
         raise ConduitError(f"cannot bind {bind}: {exc}") from None
     click.echo(service.endpoint)

@@ -14,12 +14,16 @@ from conduit.errors import ConfigError
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-def default_data_dir() -> Path:
-    """Per user; root's goes to /var/lib, since the server then runs as a user that cannot enter /root."""
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The user's own: `$XDG_DATA_HOME`, else `~/.local/share`. Root without XDG_DATA_HOME gets
+    /var/lib, since its server runs as a user of its own that cannot enter /root."""
+    env = os.environ if env is None else env
+    if env.get("XDG_DATA_HOME"):
+        return Path(env["XDG_DATA_HOME"]) / "conduit" / "pgdata"
     if os.geteuid() == 0:
         return Path("/var/lib/conduit/pgdata")
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "conduit" / "pgdata"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".local" / "share" / "conduit" / "pgdata"
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Settings:
     def load(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
         """Read CONDUIT_* variables, then let flags that were given (not None) override them."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {"data_dir": default_data_dir()}
+        values: dict[str, Any] = {"data_dir": default_data_dir(env)}
         for field in fields(cls):
             raw = env.get(f"CONDUIT_{field.name.upper()}")
             if raw:

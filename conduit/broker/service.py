@@ -42,11 +42,13 @@ from conduit.broker.events import (
 )
 from conduit.broker.writes import WriteBatch, execute
 from conduit.errors import BrokerLeaseLost, ConduitError
-from conduit.logs import log
+from conduit.logs import Outage, log
 from conduit.store import BrokerLease, Store
 from conduit.wire import MAX_MESSAGE_BYTES
 
 logger = logging.getLogger("conduit.broker")
+# Every database thread and the listener retry while the database is down: one line per outage.
+_DATABASE = Outage(logger, "database")
 TICK = 0.05
 
 Job = Callable[[Store], Event | None]
@@ -115,14 +117,33 @@ class _Listener(threading.Thread):
                         for note in store.conn.notifies(timeout=0.5):
                             self._post(Notified(note.payload, time.monotonic()))
             except (ConduitError, psycopg.Error) as exc:
-                log(logger, "warning", "listen_failed", error=str(exc).splitlines()[0])
+                _DATABASE.failed("listen_failed", "warning", error=str(exc).splitlines()[0])
                 self._halt.wait(1.0)
 
 
 class Broker:
-    def __init__(self, config: Config, dsn: str, schema: str, bind: str, pub: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        dsn: str,
+        schema: str,
+        bind: str,
+        pub: str | None = None,
+        *,
+        ensure_database: Callable[[], None] | None = None,
+    ) -> None:
+        """`ensure_database` runs before every new connection: the embedded server's restart if it
+        vanished, so the broker resumes on its own instead of retrying until someone starts it."""
         self.config = config
-        self._open_store = lambda: Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
+
+        def open_store() -> Store:
+            if ensure_database is not None:
+                ensure_database()
+            store = Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
+            _DATABASE.over()  # a thread reconnected: an outage, if any, is over
+            return store
+
+        self._open_store = open_store
         self._ctx = zmq.Context()
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -291,7 +312,7 @@ class Broker:
         )
 
     def _retry_reacquire(self, error: str) -> Event | None:
-        log(logger, "error", "reacquire_failed", error=error)
+        _DATABASE.failed("reacquire_failed", error=error)
         time.sleep(1)
         self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
         return None
@@ -329,4 +350,4 @@ def _drop(owner: BrokerLease, store: Store) -> None:
 
 
 def _log_error(what: str) -> Callable[[str], None]:
-    return lambda error: log(logger, "error", f"{what}_failed", error=error)
+    return lambda error: _DATABASE.failed(f"{what}_failed", error=error)
