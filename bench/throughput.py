@@ -4,10 +4,10 @@
 
 Measures, on this machine and this database, a plain FOR UPDATE SKIP LOCKED queue (fetch one /
 ack one, and batches of 100) with as many worker processes as Conduit gets, the database's
-ceiling (COPY in, delete, one process), then Conduit: burst, steady, sync_match, deep_backlog
-and mesh_N. Each Conduit scenario runs in a schema of its own with its own brokers and workers
-(conduit.demo's), which are stopped and dropped afterwards. See bench/README.md for how to read
-the table, the JSON and the chart.
+ceiling (COPY in, delete, one process), then Conduit: burst, steady, sync_match, paced,
+deep_backlog and mesh_N. Each Conduit scenario runs in a schema of its own with its own brokers
+and workers (conduit.demo's; paced's sleep, bench/paced.py), which are stopped and dropped
+afterwards. See bench/README.md for how to read the table, the JSON and the chart.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import random
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -24,10 +27,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import baseline
 import click
+import paced as paced_worker
 import psycopg
 import zmq
 from psycopg import sql
@@ -43,14 +47,20 @@ from conduit.wire import Command
 
 BACKLOG_QUEUE = "bench.backlog"  # the deep backlog's queue: no worker polls it
 LATENCIES = ("p50", "p90", "p99", "max")
+BENCH = Path(__file__).resolve().parent
+PACED_SLEEP = 0.020  # paced handlers sleep 0 to this many seconds, uniformly
+PACED_LAG = 2.0  # paced: tasks not done this long after the last submit are the lag
+PACED_DRAIN = 10.0  # paced: how long after the last submit to wait for the rest at most
+PACED_STALLED = 0.5  # paced: a worker below this share of its fair share in a window stalled there
 
-# Sizes: the defaults take about two minutes on a 2-core machine, --quick under one.
+# Sizes: the defaults take about two minutes on a 2-core machine, --quick about one.
 FULL = {
     "tasks": 60_000,
     "backlog": 1_000_000,
     "single": 500,
     "rate": 800.0,
     "steady_seconds": 10.0,
+    "paced_seconds": 20.0,
     "baseline_tasks": 10_000,
 }
 QUICK = {
@@ -59,6 +69,7 @@ QUICK = {
     "single": 100,
     "rate": 800.0,
     "steady_seconds": 3.0,
+    "paced_seconds": 2.0,
     "baseline_tasks": 2_000,
 }
 
@@ -78,6 +89,11 @@ class Plan:
     rate: float
     steady_seconds: float
     steady_producers: int
+    paced_seconds: float
+    paced_rate: float
+    paced_batch: int
+    paced_workers: int
+    paced_concurrency: int
     baseline_tasks: int
 
 
@@ -88,26 +104,50 @@ class Result:
     rss_mb: float | None
     cpu_s: dict[str, float]  # CPU seconds by role while the scenario ran
     note: str = ""
+    detail: dict[str, Any] | None = None  # a scenario's own figures (paced's per worker)
 
 
 # -- processes and schemas -------------------------------------------------------------------
 
 
-class BenchCluster(demo.Cluster):
-    """demo.Cluster with this run's worker concurrency and prefetch, closed even when it fails to
-    start."""
+@dataclass(frozen=True)
+class Workers:
+    """A scenario's worker processes: which Worker they run (module:attribute, bench/ on the path)
+    and how many tasks each runs and holds."""
 
-    def __init__(self, dsn: str, schema: str, plan: Plan, brokers: int) -> None:
-        self.plan = plan
+    target: str
+    count: int
+    concurrency: int
+    prefetch: int
+
+    @classmethod
+    def demo(cls, plan: Plan) -> Workers:
+        return cls("conduit.demo:worker", plan.workers, plan.concurrency, plan.prefetch)
+
+    @classmethod
+    def paced(cls, plan: Plan) -> Workers:
+        """Prefetch as much as concurrency (the Worker's default), so a worker holds few tasks
+        beyond those it runs and the broker hands work to whoever asks."""
+        return cls("paced:worker", plan.paced_workers, plan.paced_concurrency, plan.paced_concurrency)
+
+
+class BenchCluster(demo.Cluster):
+    """demo.Cluster running this scenario's workers, closed even when it fails to start."""
+
+    def __init__(self, dsn: str, schema: str, workers: Workers, brokers: int) -> None:
+        self.workers = workers
         try:
-            super().__init__(dsn, schema, plan.workers, brokers)
+            super().__init__(dsn, schema, workers.count, brokers)
         except BaseException:
             self.close()
             raise
 
     def _start(self, cmd: list[str], env: dict[str, str] | None = None) -> Any:
         if cmd[3] == "worker":  # [python, -m, conduit, worker, conduit.demo:worker, ...]
-            cmd += ["--concurrency", str(self.plan.concurrency), "--prefetch", str(self.plan.prefetch)]
+            cmd[4] = self.workers.target
+            cmd += ["--concurrency", str(self.workers.concurrency), "--prefetch", str(self.workers.prefetch)]
+            path = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))
+            env = {**os.environ, "PYTHONPATH": path}
         return super()._start(cmd, env)
 
     def close(self) -> None:
@@ -237,15 +277,30 @@ def progress(message: str) -> None:
 # -- scenarios -------------------------------------------------------------------------------
 
 
-Body = Callable[[Any, Store], tuple[demo.Figures, str]]
+class Measured(NamedTuple):
+    figures: demo.Figures
+    note: str = ""
+    detail: dict[str, Any] | None = None
 
 
-def run_conduit(dsn: str, plan: Plan, name: str, brokers: int, body: Body, backlog: int = 0) -> Result:
+Body = Callable[[Any, Store, list[int]], Measured]  # (client, store, worker pids)
+
+
+def run_conduit(
+    dsn: str,
+    plan: Plan,
+    name: str,
+    brokers: int,
+    body: Body,
+    backlog: int = 0,
+    workers: Workers | None = None,
+) -> Result:
+    workers = workers or Workers.demo(plan)
     with scratch_schema(dsn, f"bench_{os.getpid()}_{name}") as schema:
         if backlog:
             fill_backlog(dsn, schema, backlog, plan.payload)
         began = time.monotonic()
-        cluster = BenchCluster(dsn, schema, plan, brokers)
+        cluster = BenchCluster(dsn, schema, workers, brokers)
         try:
             # Every broker's gossip endpoint given, so the producer spreads its submits over all
             # of them (a Client otherwise asks only the first broker that answers for its gossip).
@@ -254,23 +309,22 @@ def run_conduit(dsn: str, plan: Plan, name: str, brokers: int, body: Body, backl
                 Client(cluster.endpoints, gossip=gossip) as client,
                 Store.open(dsn, schema=schema) as store,
             ):
-                wait_ready(client, brokers, plan.workers)
-                progress(
-                    f"  {brokers} broker(s) and {plan.workers} workers up in {time.monotonic() - began:.1f} s"
-                )
+                wait_ready(client, brokers, workers.count)
+                up = time.monotonic() - began
+                progress(f"  {brokers} broker(s) and {workers.count} workers up in {up:.1f} s")
                 brokers_pids = [p.pid for p in cluster.brokers]
                 workers_pids = [p.pid for p in cluster.procs if p not in cluster.brokers]
                 with (
                     RssSampler(brokers_pids) as rss,
                     CpuMeter({"brokers": brokers_pids, "workers": workers_pids}) as cpu,
                 ):
-                    figures, note = body(PayloadClient(client, plan.payload), store)
-                note = "; ".join(filter(None, [note, redeliveries(store)]))
+                    measured = body(PayloadClient(client, plan.payload), store, workers_pids)
+                note = "; ".join(filter(None, [measured.note, redeliveries(store)]))
         finally:
             began = time.monotonic()
             cluster.close()
             progress(f"  stopped in {time.monotonic() - began:.1f} s")
-    return Result(name, figures, rss.peak_mb, cpu.seconds, note)
+    return Result(name, measured.figures, rss.peak_mb, cpu.seconds, note, measured.detail)
 
 
 def gossip_endpoints(endpoints: Sequence[str]) -> list[str]:
@@ -337,15 +391,15 @@ def fill_backlog(dsn: str, schema: str, tasks: int, payload: bytes) -> None:
 
 
 def burst(plan: Plan) -> Body:
-    def body(client: Any, store: Store) -> tuple[demo.Figures, str]:
-        return demo.burst(client, store, plan.tasks, plan.batch, plan.producers), ""
+    def body(client: Any, store: Store, _: list[int]) -> Measured:
+        return Measured(demo.burst(client, store, plan.tasks, plan.batch, plan.producers))
 
     return body
 
 
 def sync_match(plan: Plan) -> Body:
-    def body(client: Any, store: Store) -> tuple[demo.Figures, str]:
-        return demo.sync_match(client, store, plan.single), ""
+    def body(client: Any, store: Store, _: list[int]) -> Measured:
+        return Measured(demo.sync_match(client, store, plan.single))
 
     return body
 
@@ -355,7 +409,7 @@ def steady(plan: Plan) -> Body:
     task's latency counts from when the schedule said to send it, so a producer that falls
     behind (a slow submit) adds its delay to every task after it (no coordinated omission)."""
 
-    def body(client: Any, store: Store) -> tuple[demo.Figures, str]:
+    def body(client: Any, store: Store, _: list[int]) -> Measured:
         tasks = max(1, int(plan.rate * plan.steady_seconds))
         sent_at: dict[int, float] = {}
         producers = plan.steady_producers
@@ -395,19 +449,132 @@ def steady(plan: Plan) -> Body:
                 " (more than the producers could send one at a time: latency includes their own"
                 " queueing; lower --rate or raise --steady-producers)"
             )
-        return figures, note
+        return Measured(figures, note)
 
     return body
 
 
-def wait_done(store: Store, done_before: int, tasks: int) -> None:
+def wait_done(store: Store, done_before: int, tasks: int, until: float = math.inf) -> None:
+    """Until `tasks` more have completed, or the wall clock passes `until`."""
     with click.progressbar(length=tasks, label="running", file=sys.stderr) as bar:
         seen = 0
-        while seen < tasks:
+        while seen < tasks and time.time() < until:
             time.sleep(0.05)
             now_done = demo._completed(store) - done_before
             bar.update(now_done - seen)
             seen = now_done
+
+
+def paced(plan: Plan) -> Body:
+    """Batches of `paced_batch` tasks at `paced_rate` a second, below capacity, each task sleeping
+    0-20 ms. The question is not capacity but whether every worker keeps up with its share all
+    along: a worker whose loop is no longer woken by finishing handlers (issue 12's lost wake-up
+    ran `concurrency` tasks per 100 ms poll tick) falls behind and sits on its tasks, which a
+    saturated burst never shows (a stream of deliveries wakes every worker)."""
+
+    def body(client: Any, store: Store, workers: list[int]) -> Measured:
+        interval = plan.paced_batch / plan.paced_rate
+        batches = max(1, round(plan.paced_seconds / interval))
+        rng = random.Random(12)  # the same load every run
+        sent_at: dict[int, float] = {}
+        behind = 0.0
+        done_before = demo._completed(store)
+        began = time.time() + 0.05
+        label = f"{plan.paced_rate:,.0f} a second in batches of {plan.paced_batch}"
+        with click.progressbar(range(batches), label=label, file=sys.stderr) as bar:
+            for k in bar:
+                naps = [rng.uniform(0, PACED_SLEEP) for _ in range(plan.paced_batch)]
+                specs = [TaskSpec(demo.QUEUE, paced_worker.payload(t, len(plan.payload))) for t in naps]
+                due = began + k * interval
+                if (wait := due - time.time()) > 0:
+                    time.sleep(wait)
+                else:
+                    behind = max(behind, -wait)
+                # The raw client: PayloadClient would replace the payloads that say how long to sleep.
+                sent_at.update(dict.fromkeys(client.client.submit_many(specs), due))
+        last = time.time()
+        wait_done(store, done_before, len(sent_at), until=last + PACED_DRAIN)
+        runs = paced_runs(store, list(sent_at))
+        if not runs:
+            raise click.ClickException("paced: no task completed")
+        times = {i: (started, finished) for i, (_, started, finished) in runs.items()}
+        figures = demo._figures(sent_at, times, max(f for _, f in times.values()) - began)
+        detail = paced_detail(plan, workers, sent_at, runs, began, last)
+        note = (
+            f"offered {plan.paced_rate:,.0f}/s; the producer fell behind by {behind * 1000:,.1f} ms at most"
+        )
+        if len(runs) < len(sent_at):
+            note += f"; {len(sent_at) - len(runs):,} tasks not done {PACED_DRAIN:.0f} s after the last submit"
+        return Measured(figures, note, detail)
+
+    return body
+
+
+def paced_runs(store: Store, ids: list[int]) -> dict[int, tuple[int, float, float]]:
+    """Completed tasks: (pid of the worker that ran it, started, finished) wall times."""
+    runs = {}
+    for start in range(0, len(ids), 5000):
+        for info in store.lookup(ids[start : start + 5000]):
+            if info.state == "completed" and info.result and info.finished_at:
+                started, pid = paced_worker.RESULT.unpack(info.result)
+                runs[info.id] = (pid, started, info.finished_at.timestamp())
+    return runs
+
+
+def paced_detail(
+    plan: Plan,
+    workers: list[int],
+    sent_at: dict[int, float],
+    runs: dict[int, tuple[int, float, float]],
+    began: float,
+    last: float,
+) -> dict[str, Any]:
+    """Per worker, completions in each window of the offered span as a ratio of its fair share
+    (the offered rate over the workers), and the lag: tasks not done PACED_LAG s after the last
+    submit. A worker that ran nothing is listed all the same."""
+    offered = len(sent_at)
+    span = offered / plan.paced_rate
+    window = float(max(1, math.ceil(span / 20)))  # at most about 20 windows
+    windows = max(1, math.ceil(round(span / window, 6)))
+    fair = plan.paced_rate / len(workers)
+    not_done = offered - sum(finished <= last + PACED_LAG for _, _, finished in runs.values())
+    per_worker = []
+    for n, pid in enumerate(workers + sorted({r[0] for r in runs.values()} - set(workers)), 1):
+        mine = [(i, started, finished) for i, (p, started, finished) in runs.items() if p == pid]
+        counts = [0] * windows
+        for _, _, finished in mine:
+            if 0 <= (k := int((finished - began) // window)) < windows:
+                counts[k] += 1
+        ratios = [round(c / (fair * window), 2) for c in counts]
+        starts = [(started - sent_at[i]) * 1000 for i, started, _ in mine]
+        per_worker.append(
+            {
+                "worker": n,
+                "pid": pid,
+                "tasks": len(mine),
+                "share": round(len(mine) / (offered / len(workers)), 2),
+                "window_ratio": {"min": min(ratios), "p50": statistics.median(ratios), "max": max(ratios)},
+                "stalled_windows": sum(r < PACED_STALLED for r in ratios),
+                "windows": ratios,
+                "start_latency_ms": {k: round(v, 1) for k, v in demo.percentiles(starts or [0.0]).items()},
+            }
+        )
+    return {
+        "offered_per_s": plan.paced_rate,
+        "offered_tasks": offered,
+        "batch": plan.paced_batch,
+        "seconds": round(span, 1),
+        "handler_sleep_ms": [0, PACED_SLEEP * 1000],
+        "workers": len(workers),
+        "concurrency": plan.paced_concurrency,
+        "fair_share_per_s": round(fair, 1),
+        "window_s": window,
+        "not_done_after_s": PACED_LAG,
+        "not_done": not_done,
+        "not_done_ratio": round(not_done / offered, 3),
+        "stalled_below": PACED_STALLED,
+        "per_worker": per_worker,
+    }
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -459,6 +626,7 @@ def run(dsn: str, plan: Plan) -> dict[str, Any]:
         ("burst", lambda: run_conduit(dsn, plan, "burst", 1, burst(plan))),
         ("steady", lambda: run_conduit(dsn, plan, "steady", 1, steady(plan))),
         ("sync_match", lambda: run_conduit(dsn, plan, "sync_match", 1, sync_match(plan))),
+        ("paced", lambda: run_conduit(dsn, plan, "paced", 1, paced(plan), workers=Workers.paced(plan))),
         (
             "deep_backlog",
             lambda: run_conduit(dsn, plan, "deep_backlog", 1, burst(plan), backlog=plan.backlog),
@@ -492,6 +660,8 @@ def document(measured: dict[str, Any]) -> dict[str, Any]:
             entry["broker_rss_mb"] = result.rss_mb
         per_task = {role: round(s / result.figures.tasks * 1e6, 1) for role, s in result.cpu_s.items()}
         entry["cpu_us_per_task"] = {**per_task, "total": round(sum(per_task.values()), 1)}
+        if result.detail:
+            entry[result.name] = result.detail
         scenarios.append(entry)
     info = measured["machine"]
     return {
@@ -552,16 +722,57 @@ def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
     ]
     for s in doc["scenarios"]:
         c = s["cpu_us_per_task"]
-        paced = s["name"] in ("steady", "sync_match")  # idle between tasks: no CPU bound to speak of
+        paced = s["name"] in ("steady", "sync_match", "paced")  # idle between tasks: no CPU bound
         bound = f"{cores * 1e6 / c['total']:>10,.0f}" if c["total"] and not paced else f"{'paced':>10}"
         lines.append(
             f"{s['name']:<14}{c['brokers']:>9.1f}{c['workers']:>9.1f}{c['bench_process']:>9.1f}"
             f"{c['postgres']:>9.1f}{c['total']:>9.1f}{bound}"
         )
+    for s in doc["scenarios"]:
+        if "paced" in s:
+            lines += ["", *paced_table(s["paced"])]
     notes = [f"{r.name}: {r.note}" for r in measured.values() if isinstance(r, Result) and r.note]
     if plan.backlog:
         notes.append(f"deep_backlog: {plan.backlog:,} pending tasks in another queue of the same table")
     return "\n".join([*lines, "", *notes])
+
+
+SPARK = "▁▂▃▄▅▆▇█"  # a window's ratio to the fair share, to the nearest quarter: ▅ is 1.0
+
+
+def paced_table(p: dict[str, Any]) -> list[str]:
+    """Each paced worker's share over time, and a verdict a reader need not work out."""
+    window = f"{p['window_s']:.0f}-s"
+    lines = [
+        f"paced: {p['offered_per_s']:,.0f} tasks/s offered in batches of {p['batch']} for "
+        f"{p['seconds']:.0f} s to {p['workers']} workers of concurrency {p['concurrency']} (prefetch as "
+        f"much), handlers sleeping {p['handler_sleep_ms'][0]:.0f}-{p['handler_sleep_ms'][1]:.0f} ms: "
+        f"fair share {p['fair_share_per_s']:,.0f}/s a worker",
+        f"not done {p['not_done_after_s']:.0f} s after the last submit: {p['not_done']:,} of "
+        f"{p['offered_tasks']:,} ({100 * p['not_done_ratio']:.1f}%)",
+        f"completions per {window} window over the fair share (1.00 = {p['fair_share_per_s']:,.0f}/s); "
+        f"a window under {p['stalled_below']:.2f} is a stall",
+        f"{'worker':<8}{'pid':>8}{'tasks':>8}{'share':>7}{'min':>6}{'p50':>6}{'max':>6}{'stalled':>9}"
+        f"{'start p50 / p99 ms':>20}  over time (▁ 0, ▅ 1.0, █ 1.75+)",
+    ]
+    stalled = []
+    for w in p["per_worker"]:
+        st, n = w["start_latency_ms"], len(w["windows"])
+        spark = "".join(SPARK[min(len(SPARK) - 1, round(x * 4))] for x in w["windows"])
+        ratios = "".join(f"{w['window_ratio'][k]:>6.2f}" for k in ("min", "p50", "max"))
+        lines.append(
+            f"{w['worker']:<8}{w['pid']:>8}{w['tasks']:>8,}{w['share']:>7.2f}{ratios}"
+            f"{w['stalled_windows']:>6}/{n:<2}{ms(st['p50']):>11} / {ms(st['p99']):<6}  {spark}"
+        )
+        if w["stalled_windows"]:
+            stalled.append(f"worker {w['worker']} in {w['stalled_windows']} of {n} windows")
+    if stalled or p["not_done"]:
+        who = ", ".join(stalled) or "no single worker"
+        late = f"{p['not_done']:,} tasks not done in time" if p["not_done"] else "others did it all in time"
+        lines.append(f"verdict: STALLED: {who}; {late}")
+    else:
+        lines.append("verdict: no worker stalled, and every task was done in time")
+    return lines
 
 
 def plot(path: Path, doc: dict[str, Any]) -> None:
@@ -571,7 +782,10 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = doc["scenarios"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 10), height_ratios=[1, 1.1])
+    paced = next((s["paced"] for s in scenarios if "paced" in s), None)
+    rows = 3 if paced else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 5 * rows), height_ratios=[1, 1.1, 0.8][:rows])
+    top, bottom = axes[0], axes[1]
     m = doc["machine"]
     fig.suptitle(
         f"Conduit throughput benchmark: {m['cores']} cores, PostgreSQL {m['postgres_version']}, "
@@ -579,7 +793,11 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
     )
 
     fetch_one = doc["baseline"]["fetch_one_tasks_per_s"]
-    kinds = {"steady": "steady (rate set by --rate)", "sync_match": "sync_match (one at a time)"}
+    kinds = {
+        "steady": "steady (rate set by --rate)",
+        "sync_match": "sync_match (one at a time)",
+        "paced": "paced (rate set by --paced-rate)",
+    }
     bars = [(kinds.get(s["name"], s["name"]), s["tasks_per_s"], "tab:blue") for s in scenarios] + [
         ("baseline: fetch one", fetch_one, "tab:gray"),
         ("baseline: batch 100", doc["baseline"]["batch_100_tasks_per_s"], "tab:gray"),
@@ -619,14 +837,37 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
     )
     bottom.grid(axis="y", which="major", alpha=0.3)
     bottom.legend(fontsize=8, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    if paced:
+        paced_plot(axes[2], paced)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def paced_plot(ax: Any, p: dict[str, Any]) -> None:
+    """One line per paced worker: its completions per window over its fair share, over time."""
+    window = p["window_s"]
+    for w in p["per_worker"]:
+        xs = [window * (k + 0.5) for k in range(len(w["windows"]))]
+        ax.plot(xs, w["windows"], marker="o", ms=3, label=f"worker {w['worker']} (pid {w['pid']})")
+    ax.axhline(1.0, color="gray", ls="--", lw=1, label="fair share")
+    ax.axhline(p["stalled_below"], color="tab:red", ls=":", lw=1, label="stalled below")
+    top = max(x for w in p["per_worker"] for x in w["windows"])
+    ax.set_ylim(0, max(1.25, top * 1.1))
+    ax.set_xlabel("seconds since the first batch")
+    ax.set_ylabel("completions / fair share")
+    ax.set_title(
+        f"paced: each worker's completions per {window:.0f}-s window over its fair share "
+        f"({p['fair_share_per_s']:,.0f}/s)\n{p['not_done']:,} of {p['offered_tasks']:,} tasks not done "
+        f"{p['not_done_after_s']:.0f} s after the last submit",
+        fontsize=11,
+    )
+    ax.legend(fontsize=8, ncols=6, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+
+
 def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="Sizes: defaults about two minutes, --quick under one."
+        description=__doc__.split("\n\n")[0], epilog="Sizes: defaults about two minutes, --quick about one."
     )
     parser.add_argument("--dsn", help="PostgreSQL DSN (default: CONDUIT_DSN, else the embedded server)")
     parser.add_argument(
@@ -676,6 +917,23 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         help="steady: threads submitting one task at a time (16)",
     )
     parser.add_argument(
+        "--paced-rate", type=float, metavar="N", default=600.0, help="paced: tasks offered a second (600)"
+    )
+    parser.add_argument(
+        "--paced-batch", type=int, metavar="N", default=300, help="paced: tasks per submit (300)"
+    )
+    parser.add_argument("--paced-seconds", type=float, metavar="N", help="paced: how long (20)")
+    parser.add_argument(
+        "--paced-workers", type=int, metavar="N", default=3, help="paced: worker processes (3)"
+    )
+    parser.add_argument(
+        "--paced-concurrency",
+        type=int,
+        metavar="N",
+        default=4,
+        help="paced: handlers at once in a worker, and tasks prefetched (4)",
+    )
+    parser.add_argument(
         "--baseline-tasks",
         type=int,
         metavar="N",
@@ -700,11 +958,16 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         ("steady-producers", args.steady_producers),
         ("workers", args.workers),
         ("batch", args.batch),
+        ("paced-batch", args.paced_batch),
+        ("paced-workers", args.paced_workers),
+        ("paced-concurrency", args.paced_concurrency),
     ]:
         if value < 1:
             parser.error(f"--{name} must be at least 1")
     if min(brokers) < 1 or sizes["tasks"] < 1 or sizes["rate"] <= 0 or args.concurrency < 1:
         parser.error("broker counts, --tasks, --rate and --concurrency must be positive")
+    if args.paced_rate <= 0 or sizes["paced_seconds"] <= 0:
+        parser.error("--paced-rate and --paced-seconds must be positive")
     plan = Plan(
         payload=b"x" * args.payload_bytes,
         producers=args.producers,
@@ -714,6 +977,10 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         prefetch=args.prefetch,
         brokers=brokers,
         batch=args.batch,
+        paced_rate=args.paced_rate,
+        paced_batch=args.paced_batch,
+        paced_workers=args.paced_workers,
+        paced_concurrency=args.paced_concurrency,
         **sizes,
     )
     return args, plan
