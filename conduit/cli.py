@@ -113,11 +113,20 @@ def status(
     dsn: str | None, data_dir: Path | None, schema: str | None, gossip: tuple[str, ...], as_json: bool
 ) -> None:
     """Per-queue task counts by state, from counters (cheap on any backlog), and with --gossip
-    the live brokers with their buffered tasks and waiting polls per queue."""
+    the live brokers with their buffered tasks and waiting polls per queue.
+
+    A task a broker handed to a worker stays `buffered` in the database until the worker's first
+    heartbeat; the live brokers' gossip says how many, and they are counted as running."""
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     with Store.open(dsn_for(settings), schema=settings.schema) as store:
         stats = store.queue_stats()
-    brokers = _listen_to_gossip(list(gossip)) if gossip else []
+        live = store.live_brokers()
+    brokers = _listen_to_gossip(list(gossip) or _gossip_endpoints(live), len(live))
+    for queue, counts in stats.items():
+        delivered = min(counts.get("buffered", 0), sum(b.delivered(queue) for b in brokers))
+        if delivered:
+            counts["buffered"] -= delivered
+            counts["running"] = counts.get("running", 0) + delivered
     if as_json:
         mesh = {b.broker: {"endpoint": b.endpoint, "queues": b.queues} for b in brokers}
         click.echo(json.dumps({"queues": stats, "brokers": mesh}, sort_keys=True))
@@ -129,21 +138,45 @@ def status(
     if gossip:
         click.echo(f"\n{'broker':<20}{'endpoint':<28}{'queue':<24}{'buffered':>10}{'polls':>8}")
         for b in sorted(brokers, key=lambda b: b.broker):
-            for queue, (buffered, polls) in sorted(b.queues.items()) or [("-", (0, 0))]:
-                click.echo(f"{b.broker:<20}{b.endpoint:<28}{queue:<24}{buffered:>10}{polls:>8}")
+            for queue, counts in sorted(b.queues.items()) or [("-", [0, 0])]:
+                click.echo(f"{b.broker:<20}{b.endpoint:<28}{queue:<24}{counts[0]:>10}{counts[1]:>8}")
 
 
-def _listen_to_gossip(endpoints: list[str], seconds: float = 1.5) -> list[Any]:
-    """Brokers heard within a few gossip intervals (slow joiners hear the next round)."""
+def _gossip_endpoints(brokers: list[str]) -> list[str]:
+    """Ask each live broker where it gossips (PING's `pub`); one that does not answer is skipped."""
+    import zmq
+
+    from conduit.client.channel import Channel
+    from conduit.wire import Command
+
+    ctx = zmq.Context()
+    found = []
+    for endpoint in brokers:
+        channel = Channel(ctx, endpoint)
+        try:
+            found.append(str(channel.request(Command.PING, {}, 0.5).body.get("pub") or ""))
+        except ConduitError:
+            pass
+        finally:
+            channel.close()
+    ctx.term()
+    return [pub for pub in found if pub]
+
+
+def _listen_to_gossip(endpoints: list[str], expect: int = 0, seconds: float = 1.5) -> list[Any]:
+    """Brokers heard within a few gossip intervals (slow joiners hear the next round); done as
+    soon as `expect` brokers are heard."""
     import zmq
 
     from conduit.client.mesh import Mesh
 
+    if not endpoints:
+        return []
     ctx = zmq.Context()
     mesh = Mesh(ctx, [], endpoints)
     try:
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (expect and len(mesh.brokers) >= expect):
             mesh.sub.poll(100)
             mesh.update()
         return mesh.live()

@@ -135,7 +135,7 @@ def test_poll_reads_a_batch_and_delivers_from_the_buffer() -> None:
     assert len(sent(actions, WORKER)[0][1]["tasks"]) == 38
     assert of(actions, core.Lease) == []  # one read at a time
     c.handle(Leased("q", [task(i) for i in range(101, 201)], None, 0.5))
-    assert c.depths()["q"] == (100, 0)
+    assert c.depths()["q"] == (100, 0, 100)  # 100 buffered; 100 delivered, not yet heard of
     assert of(c.handle(Tick(5.0)), core.Lease) == []  # no poll for a while: no more reads
 
 
@@ -357,6 +357,33 @@ def test_shutdown_answers_polls_releases_the_buffer_and_stops_after_the_last_com
     assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped
 
 
+def test_a_stopping_broker_says_so_at_once_and_answers_everyone_until_it_exits() -> None:
+    """Nobody waits on a stopping broker: gossip says `stopping` at once; after its last commit
+    it writes nothing more but answers every request (PONG, or shutting_down) for a linger."""
+    c = make_core(pub_endpoint="tcp://x:2", stop_linger=0.5)
+    c.handle(Tick(0.0))
+    actions = c.handle(Shutdown(0.1))
+    (told,) = gossip(actions)  # not on the next interval: now
+    assert told["stopping"] is True
+    assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped  # nothing left to commit
+    assert not c.finished(0.55)
+    for command, body in [
+        ("HEARTBEAT", {"tasks": [[1, 1]]}),
+        ("COMPLETE", {"tasks": [[1, 1, None]]}),
+        ("SUBMIT", {"tasks": [{"queue": "q", "payload": b""}]}),
+        ("POLL", {"worker": "w", "queues": ["q"], "max": 1, "timeout": 5}),
+        ("RESULT", {"ids": [1]}),
+    ]:
+        actions = request(c, WORKER, command, 0.3, rid=7, **body)
+        ((reply, error),) = sent(actions)
+        assert (reply, error["rid"], error["code"]) == ("ERROR", 7, "shutting_down")
+        assert not of(actions, core.Write) and not of(actions, core.Lookup)
+    assert sent(request(c, WORKER, "PING", 0.4, rid=8))[0][0] == "PONG"
+    assert c.handle(Leased("q", [task(1)], None, 0.4)) == []  # a late read changes nothing now
+    (still,) = gossip(c.handle(Tick(0.61)))
+    assert still["stopping"] is True and c.finished(0.65)
+
+
 def test_a_delivery_stays_tracked_until_its_report_commits() -> None:
     """Regression: a heartbeat whose commit failed must not stop the delivery from expiring."""
     c = make_core()
@@ -405,10 +432,10 @@ def test_gossip_every_interval_and_at_once_on_a_big_change() -> None:
     assert first["broker"] == "b1" and first["pub"] == "tcp://x:2" and first["queues"] == {}
     assert gossip(c.handle(Tick(0.2))) == []
     (polled,) = gossip(poll(c, now=0.3) + c.handle(Tick(0.3)))  # a queue gained a poll: at once
-    assert polled["queues"] == {"q": [0, 1]} and polled["seq"] == 2
+    assert polled["queues"] == {"q": [0, 1, 0]} and polled["seq"] == 2
     assert gossip(c.handle(Tick(0.35))) == []
     (periodic,) = gossip(c.handle(Tick(0.85)))
-    assert periodic["queues"] == {"q": [0, 1]}
+    assert periodic["queues"] == {"q": [0, 1, 0]}
 
 
 def test_unpolled_buffer_goes_back_and_submits_wake_other_brokers() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +63,7 @@ class Config:
     pub_endpoint: str = ""  # where this broker's gossip is published ("" for none)
     gossip_every: float = 0.5
     idle_release: float = 2.0  # a buffer nobody polled for this long goes back to the database
+    stop_linger: float = 0.5  # after the last commit of a stop, answer everyone this long, then exit
 
 
 DEMAND_MEMORY = 1.0  # seconds a served poll counts as demand, so prefetch continues between polls
@@ -187,7 +188,7 @@ class Core:
         # Tasks handed out from the buffer stay 'buffered' under the broker lease (no write per
         # delivery): a heartbeat, complete or fail settles them; if none comes within the task's
         # lease timeout, they are expired as failed runs.
-        self._delivered: dict[int, tuple[int, str, float]] = {}  # id -> attempt, worker, deadline
+        self._delivered: dict[int, tuple[int, str, float, str]] = {}  # id -> attempt, worker, deadline, queue
         self._next_expiry = math.inf  # no delivery's deadline is earlier: ticks skip the scan till then
         self._writing: WriteBatch | None = None
         self._next_renew = 0.0
@@ -195,7 +196,7 @@ class Core:
         self._next_reap = 0.0
         self._next_compact = 0.0
         self._stopping = False
-        self._stopped = False
+        self._stopped_at: float | None = None  # the last commit of a stop is done: nothing more is written
         self._notified_at: dict[str, float] = {}
         self._gossip_seq = 0
         self._next_gossip = 0.0
@@ -206,6 +207,9 @@ class Core:
 
     def handle(self, event: Event) -> list[Action]:
         out: list[Action] = []
+        if self._stopped_at is not None:
+            self._after_stop(event, out)
+            return out
         match event:
             case Received(peer, frames, now):
                 self._on_message(peer, frames, now, out)
@@ -263,11 +267,11 @@ class Core:
             body = {"rid": rid, "broker": self.config.broker_id, "pub": self.config.pub_endpoint or None}
             out.append(Send(peer, encode(Command.PONG, body)))
             return
+        if (self._stopping and msg.command in (Command.SUBMIT, Command.POLL)) or self._stopped_at is not None:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down; use another", rid)
         if msg.command is Command.RESULT:
             out.append(Lookup(peer, rid, parse_ids(msg)))
             return
-        if self._stopping and msg.command in (Command.SUBMIT, Command.POLL):
-            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down; use another", rid)
         if msg.command is Command.POLL:
             self._on_poll(peer, rid, parse_poll(msg), now, out)
             return
@@ -353,7 +357,7 @@ class Core:
             for name in waiter.poll.queues:
                 self._queue(name).wanted_until = now + DEMAND_MEMORY
             for t in tasks:
-                self._delivered[t.id] = (t.attempt, waiter.poll.worker, now + t.lease_timeout)
+                self._delivered[t.id] = (t.attempt, waiter.poll.worker, now + t.lease_timeout, t.queue)
                 self._next_expiry = min(self._next_expiry, now + t.lease_timeout)
             self._finish(waiter, [_delivery(t, self.config.broker_id) for t in tasks], out)
 
@@ -432,8 +436,8 @@ class Core:
                     if key in self._waiters:
                         self._waiters[key].sealed = True
             out.append(Write(self._writing))
-        elif self._stopping and not self._stopped and self._writing is None and not self._waiters:
-            self._stopped = True
+        elif self._stopping and self._writing is None and not self._waiters:
+            self._stopped_at = self._clock
             out.append(Stop(self.owner))
 
     def _on_written(
@@ -528,12 +532,12 @@ class Core:
         for waiter in [w for w in self._waiters.values() if w.deadline <= now and not w.reserved]:
             self._finish(waiter, [], out)
         if now >= self._next_expiry:
-            expired = [task_id for task_id, (_, _, deadline) in self._delivered.items() if deadline <= now]
+            expired = [task_id for task_id, (_, _, deadline, _) in self._delivered.items() if deadline <= now]
             for task_id in expired:
-                attempt, _, _ = self._delivered.pop(task_id)
+                attempt, _, _, _ = self._delivered.pop(task_id)
                 self._pending.expiries.append(Ack(task_id, attempt))
             self._next_expiry = min(
-                (deadline for _, _, deadline in self._delivered.values()), default=math.inf
+                (deadline for _, _, deadline, _ in self._delivered.values()), default=math.inf
             )
         if self.owner is not None and not self._renewing and now >= self._next_renew:
             self._renewing = True
@@ -563,7 +567,7 @@ class Core:
         if not self.config.pub_endpoint:
             return
         depths = self.depths()
-        active = frozenset(name for name, (buffered, polls) in depths.items() if buffered or polls)
+        active = frozenset(name for name, (buffered, polls, _) in depths.items() if buffered or polls)
         changed = active != self._gossiped and now - self._last_gossip >= GOSSIP_SOONEST
         if now < self._next_gossip and not changed:
             return
@@ -577,7 +581,7 @@ class Core:
             "interval": self.config.gossip_every,
             "seq": self._gossip_seq,
             "stopping": self._stopping,
-            "queues": {name: list(d) for name, d in depths.items() if name in active},
+            "queues": {name: list(d) for name, d in depths.items() if name in active or d[2]},
         }
         out.append(Publish(encode(Command.GOSSIP, body)))
 
@@ -620,12 +624,30 @@ class Core:
             self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
             q.buffer.clear()
         # Deliveries outlive this broker as task leases, kept by heartbeats through other brokers.
-        self._pending.starts.extend((Ack(i, a), worker) for i, (a, worker, _) in self._delivered.items())
+        self._pending.starts.extend((Ack(i, a), w) for i, (a, w, _, _) in self._delivered.items())
         self._delivered.clear()
+        self._next_gossip = now  # everyone hears at once that we are stopping
+        self._gossip(now, out)
+
+    def _after_stop(self, event: Event, out: list[Action]) -> None:
+        """Stopped, nothing more is written; until the shell exits, every request is answered
+        (PONG, or shutting_down: nothing was done, go elsewhere) so that no peer waits on us, and
+        gossip still says we are stopping. Database results still arriving are dropped: what they
+        held is released by lease expiry, as after a crash."""
+        match event:
+            case Received(peer, frames, now):
+                self._on_message(peer, frames, now, out)
+            case Tick(now):
+                self._clock = now
+                self._gossip(now, out)
 
     @property
     def stopped(self) -> bool:
-        return self._stopped
+        return self._stopped_at is not None
+
+    def finished(self, now: float) -> bool:
+        """Stopped, and lingered long enough for peers to hear of it: the shell may exit."""
+        return self._stopped_at is not None and now >= self._stopped_at + self.config.stop_linger
 
     def _queue(self, name: str) -> _Queue:
         q = self.queues.get(name)
@@ -633,10 +655,12 @@ class Core:
             q = self.queues[name] = _Queue()
         return q
 
-    def depths(self) -> dict[str, tuple[int, int]]:
-        """Per queue: tasks buffered, polls waiting (for gossip and status)."""
+    def depths(self) -> dict[str, tuple[int, int, int]]:
+        """Per queue: tasks buffered, polls waiting, and tasks delivered that the database still
+        holds as buffered until their first heartbeat (for gossip, and so for status)."""
+        delivered = Counter(queue for _, _, _, queue in self._delivered.values())
         return {
-            name: (len(q.buffer), sum(1 for key in q.waiters if key in self._waiters))
+            name: (len(q.buffer), sum(1 for key in q.waiters if key in self._waiters), delivered[name])
             for name, q in self.queues.items()
         }
 

@@ -208,7 +208,7 @@ class Broker:
         self._apply(self.core.handle(Acquired(self.owner, time.monotonic())))
         next_tick = 0.0
         try:
-            while not self.core.stopped:
+            while not self.core.finished(time.monotonic()):
                 ready = dict(poller.poll(max(0, round((next_tick - time.monotonic()) * 1000))))
                 if self.router in ready:
                     self._receive()

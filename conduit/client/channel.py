@@ -2,6 +2,8 @@
 
 Replies to requests that timed out are told apart by rid and dropped; after a timeout the socket
 is rebuilt (the Lazy Pirate pattern), so nothing queued for a dead broker is delivered later.
+A broker that goes quiet is given up on after two liveness intervals (conduit.client.link), not
+at the request's timeout, so a paused broker costs a caller about 2 s.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 
 import zmq
 
+from conduit.client.link import LIVENESS, Link
 from conduit.errors import ConduitError
-from conduit.wire import MAX_MESSAGE_BYTES, REPLIES, Command, Message, ProtocolError, decode, encode
+from conduit.wire import REPLIES, Command, Message, ProtocolError, decode, encode
 
 
 class BrokerError(ConduitError):
@@ -25,20 +28,11 @@ class BrokerError(ConduitError):
 
 
 class BrokerTimeout(ConduitError):
-    """No broker answered in time."""
+    """No broker answered in time, or the one asked went quiet."""
 
 
 class NotConnected(BrokerTimeout):
     """No connection to the broker could be made: the request was never sent."""
-
-
-def dealer(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a broker that is not connected
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
-    sock.connect(endpoint)
-    return sock
 
 
 class Channel:
@@ -46,27 +40,35 @@ class Channel:
 
     _rids = itertools.count(int(time.time() * 1000) % 2**32)
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, liveness: float = LIVENESS) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
-        self.sock = dealer(ctx, endpoint)
+        self.liveness = liveness
+        self.link = Link(ctx, endpoint, liveness)
 
     def request(self, command: Command, body: dict[str, Any], timeout: float) -> Message:
         rid = next(self._rids)
         deadline = time.monotonic() + timeout
-        if not self.sock.poll(round(timeout * 1000), zmq.POLLOUT):  # IMMEDIATE: writable once connected
+        connect = min(timeout, 2 * self.liveness)  # IMMEDIATE: writable once connected
+        if not self.link.sock.poll(round(connect * 1000), zmq.POLLOUT):
             self.reset()
-            raise NotConnected(f"no connection to the broker at {self.endpoint} within {timeout:g}s")
-        self.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
-        while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(round(left * 1000)):
-                break
+            raise NotConnected(f"no connection to the broker at {self.endpoint} within {connect:g}s")
+        self.link.begin(time.monotonic())
+        self.link.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
+        while (left := deadline - (now := time.monotonic())) > 0:
+            if why := self.link.gone(now):
+                self.reset()
+                raise BrokerTimeout(f"broker at {self.endpoint} is gone: {why}")
+            if not self.link.sock.poll(round(min(left, 0.1) * 1000)):
+                continue
+            frames = self.link.sock.recv_multipart()
+            self.link.heard(time.monotonic())
             try:
-                reply = decode(self.sock.recv_multipart(), allowed=REPLIES)
+                reply = decode(frames, allowed=REPLIES)
             except ProtocolError:
                 continue  # a garbled reply is no answer
             if reply.rid != rid and not (reply.command is Command.ERROR and reply.rid == -1):
-                continue  # a late reply to an earlier request (an ERROR without rid is about ours)
+                continue  # a PONG, or a late reply to an earlier request (an ERROR without rid is ours)
             if reply.command is Command.ERROR:
                 raise BrokerError(str(reply.body.get("code")), str(reply.body.get("message")))
             return reply
@@ -74,8 +76,8 @@ class Channel:
         raise BrokerTimeout(f"broker at {self.endpoint} did not answer within {timeout:g}s")
 
     def reset(self) -> None:
-        self.sock.close(linger=0)
-        self.sock = dealer(self.ctx, self.endpoint)
+        self.link.close()
+        self.link = Link(self.ctx, self.endpoint, self.liveness)
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        self.link.close()

@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 
 from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
+from conduit.client.link import LIVENESS
 from conduit.client.mesh import BrokerView, Mesh
 from conduit.errors import ConduitError
 from conduit.task import TaskSpec
@@ -42,16 +43,20 @@ class Client:
         timeout: float = 10.0,
         gossip: Sequence[str] = (),
         retry_submits: bool = True,
+        liveness: float = LIVENESS,
     ) -> None:
         """`endpoints`: brokers to start from; with gossip (given, or advertised by the brokers)
         the client spreads requests over the live brokers it hears of. `retry_submits`: name each
         submit with a random key, so one that timed out can be retried on another broker without
-        creating a duplicate (a batch costs one key row; a lone task gets a task key instead)."""
+        creating a duplicate (a batch costs one key row; a lone task gets a task key instead).
+        `timeout` bounds a request; a broker that goes quiet for two `liveness` intervals (or
+        drops the connection) is given up on sooner, and a keyed request goes to the next."""
         self._ctx = zmq.Context()
         self._endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self._endpoints:
             raise ValueError("give at least one broker endpoint")
         self._timeout = timeout
+        self._liveness = liveness
         self._retry_submits = retry_submits
         self._local = threading.local()
         self._all: list[Channel] = []
@@ -62,7 +67,7 @@ class Client:
     def _channel(self, endpoint: str) -> Channel:
         channels: dict[str, Channel] = self._local.__dict__.setdefault("channels", {})
         if endpoint not in channels:
-            channels[endpoint] = Channel(self._ctx, endpoint)
+            channels[endpoint] = Channel(self._ctx, endpoint, self._liveness)
             with self._lock:
                 self._all.append(channels[endpoint])
         return channels[endpoint]
@@ -104,6 +109,8 @@ class Client:
                 reply = channel.request(command, body, self._timeout).body
             except BrokerTimeout as exc:
                 errors.append(str(exc))
+                with self._lock:
+                    self._mesh.suspect(endpoint)
                 if not retry_safe and not isinstance(exc, NotConnected):  # unsent: safe to move on
                     raise BrokerTimeout(
                         f"{exc}; the request may or may not have been carried out "
@@ -116,6 +123,9 @@ class Client:
                 ):
                     raise
                 errors.append(str(exc))
+                if exc.code == "shutting_down":
+                    with self._lock:
+                        self._mesh.suspect(endpoint)
             else:
                 if not self._asked_pub:  # brokers name their gossip endpoints: join them
                     self._learn_gossip()

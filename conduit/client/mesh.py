@@ -18,13 +18,14 @@ import zmq
 from conduit.wire import Command, ProtocolError, decode
 
 STALE_AFTER = 3  # gossip intervals
+SUSPECT_FOR = 10.0  # seconds a broker found gone is tried last, unless its gossip is heard again
 
 
 @dataclass(frozen=True)
 class BrokerView:
     broker: str
     endpoint: str
-    queues: dict[str, list[int]]  # queue -> [buffered, polls waiting]
+    queues: dict[str, list[int]]  # queue -> [buffered, polls waiting, delivered]
     interval: float
     seen: float
     stopping: bool
@@ -34,6 +35,11 @@ class BrokerView:
 
     def polls(self, queues: list[str]) -> int:
         return sum(self.queues.get(q, [0, 0])[1] for q in queues)
+
+    def delivered(self, queue: str) -> int:
+        """Tasks handed to workers that the database holds as buffered until their first heartbeat."""
+        counts = self.queues.get(queue, [])
+        return counts[2] if len(counts) > 2 else 0
 
 
 class Mesh:
@@ -46,6 +52,7 @@ class Mesh:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.subscribed: set[str] = set()
         self.brokers: dict[str, BrokerView] = {}
+        self.suspects: dict[str, float] = {}  # endpoint -> when it was found gone
         for endpoint in gossip or []:
             self.subscribe(endpoint)
 
@@ -67,7 +74,7 @@ class Mesh:
                 view = BrokerView(
                     str(body["broker"]),
                     str(body["endpoint"]),
-                    {str(q): [int(d[0]), int(d[1])] for q, d in dict(body.get("queues", {})).items()},
+                    {str(q): _counts(d) for q, d in dict(body.get("queues", {})).items()},
                     float(body.get("interval", 1.0)),
                     now,
                     bool(body.get("stopping", False)),
@@ -75,10 +82,18 @@ class Mesh:
             except (ProtocolError, KeyError, TypeError, ValueError, IndexError):
                 continue  # gossip that cannot be read is gossip not heard
             self.brokers[view.broker] = view
+            self.suspects.pop(view.endpoint, None)  # heard again: it is back
             self.subscribe(str(body.get("pub") or ""))  # brokers advertise their own gossip endpoint
         for broker, view in list(self.brokers.items()):
             if now - view.seen > STALE_AFTER * view.interval:
                 del self.brokers[broker]
+        self.suspects = {e: t for e, t in self.suspects.items() if now - t < SUSPECT_FOR}
+
+    def suspect(self, endpoint: str) -> None:
+        """The broker there went quiet or dropped us: forget its gossip and try it last, until it
+        is heard again (gossip older than the failure would still rank it first)."""
+        self.suspects[endpoint] = time.monotonic()
+        self.brokers = {b: v for b, v in self.brokers.items() if v.endpoint != endpoint}
 
     def live(self) -> list[BrokerView]:
         return [v for v in self.brokers.values() if not v.stopping]
@@ -86,14 +101,22 @@ class Mesh:
     def rank(self, queues: list[str], avoid: str | None = None) -> list[str]:
         """Endpoints to poll, best first: the deepest buffer for these queues; among brokers with
         nothing buffered, fewer waiting polls first (random among equals), so idle workers spread
-        instead of piling on one broker; `avoid` (just polled empty) last among the empty ones."""
+        instead of piling on one broker; `avoid` (just polled empty) last among the empty ones.
+        Brokers found gone lately come last of all."""
         live = self.live()
-        if not live:
-            return list(self.endpoints)
         shuffled = random.sample(live, len(live))
         ordered = sorted(shuffled, key=lambda v: (-v.buffered(queues), v.endpoint == avoid, v.polls(queues)))
         ranked = [v.endpoint for v in ordered]
-        return ranked + [e for e in self.endpoints if e not in ranked]
+        ranked += [e for e in self.endpoints if e not in ranked]
+        return sorted(ranked, key=lambda e: e in self.suspects)  # stable: the order above holds
 
     def close(self) -> None:
         self.sub.close(linger=0)
+
+
+def _counts(raw: Any) -> list[int]:
+    """[buffered, polls] and, from brokers that send it, delivered; more is ignored."""
+    counts = [int(n) for n in list(raw)[:3]]
+    if len(counts) < 2:
+        raise ValueError(f"queue depths {raw!r} need at least two numbers")
+    return counts

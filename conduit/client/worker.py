@@ -21,8 +21,8 @@ from typing import Any
 
 import zmq
 
-from conduit.client.channel import dealer
 from conduit.client.context import Handler, Outcome, TaskContext
+from conduit.client.link import LIVENESS, Link
 from conduit.client.mesh import Mesh
 from conduit.client.runners import ProcessRunner, ThreadRunner
 from conduit.client.wakeup import Wakeup
@@ -49,7 +49,10 @@ class Worker:
         heartbeat_interval: float = 2.5,
         worker_id: str | None = None,
         gossip: Sequence[str] = (),
+        liveness: float = LIVENESS,
     ) -> None:
+        """`heartbeat_interval` keeps task leases alive (a database write); `liveness` is how
+        soon a quiet broker is PINGed, and twice it how soon it is left for another."""
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         self.gossip = list(gossip)  # gossip endpoints; brokers also advertise theirs
         self.concurrency = concurrency
@@ -57,6 +60,7 @@ class Worker:
         self.pool = pool
         self.poll_timeout = poll_timeout
         self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.handlers: dict[str, Handler] = {}
         self._stop = threading.Event()
@@ -110,7 +114,7 @@ class _Loop:
         self.poller.register(worker._wakeup.fd, zmq.POLLIN)
         self.mesh = Mesh(ctx, worker.endpoints, worker.gossip)
         self.poller.register(self.mesh.sub, zmq.POLLIN)
-        self.socks: dict[str, zmq.Socket[Any]] = {}  # one DEALER per broker used
+        self.links: dict[str, Link] = {}  # one DEALER per broker used
         self.current = worker.endpoints[0]  # where polls, heartbeats and reports go
         self.last_poll_empty = False
         self.rids = iter(range(1, 2**63))
@@ -132,18 +136,21 @@ class _Loop:
         for endpoint in worker.endpoints:  # ask each broker where it gossips
             self.send(Command.PING, {}, endpoint, wait=False)
 
-    def sock(self, endpoint: str) -> zmq.Socket[Any]:
-        if endpoint not in self.socks:
-            self.socks[endpoint] = dealer(self.ctx, endpoint)
-            self.poller.register(self.socks[endpoint], zmq.POLLIN)
-        return self.socks[endpoint]
+    def link(self, endpoint: str) -> Link:
+        if endpoint not in self.links:
+            self.links[endpoint] = Link(self.ctx, endpoint, self.w.liveness)
+            self.poller.register(self.links[endpoint].sock, zmq.POLLIN)
+        return self.links[endpoint]
 
     def send(
         self, command: Command, body: dict[str, Any], endpoint: str | None = None, wait: bool = True
     ) -> int | None:
         """Send (to the current broker by default), waiting up to 1 s for a connection if `wait`;
         None if there is none (the caller tries again)."""
-        sock = self.sock(endpoint or self.current)
+        link = self.link(endpoint or self.current)
+        if link.endpoint == self.current and not self.waiting():
+            link.begin(time.monotonic())
+        sock = link.sock
         rid = next(self.rids)
         frames = encode(command, {**body, "rid": rid})
         try:
@@ -173,8 +180,8 @@ class _Loop:
         try:
             self.loop()
         finally:  # sockets closed even on an error, so the context can terminate
-            for sock in self.socks.values():
-                sock.close(linger=0)
+            for link in self.links.values():
+                link.close()
             self.mesh.close()
 
     def loop(self) -> None:
@@ -195,10 +202,14 @@ class _Loop:
                 self.w._wakeup.drain()  # then collect: an outcome racing the drain is seen below
             if self.mesh.sub in ready:
                 self.mesh.update()
-            for sock in [s for s in self.socks.values() if s in ready]:
-                self.receive(sock)
+            for link in [link for link in self.links.values() if link.sock in ready]:
+                self.receive(link)
             self.collect()
-            if self.poll_rid is not None and time.monotonic() > self.poll_deadline:
+            now = time.monotonic()
+            if self.waiting() and (why := self.link(self.current).gone(now)):
+                log(logger, "warning", "broker_gone", endpoint=self.current, why=why)
+                self.failover()
+            elif self.poll_rid is not None and now > self.poll_deadline:
                 self.failover()
 
     def step_out(self) -> None:
@@ -240,6 +251,10 @@ class _Loop:
                 if now - sent > RESEND_AFTER:
                     self.requeue(rid)
 
+    def waiting(self) -> bool:
+        """Something sent to the current broker awaits its answer: its silence counts."""
+        return self.poll_rid is not None or bool(self.unacked) or bool(self.heartbeats)
+
     def pending_reports(self) -> bool:
         return bool(self.unacked) or any(self.outbox.values())
 
@@ -269,16 +284,23 @@ class _Loop:
             ranked = ranked[i + 1 :] + ranked[: i + 1]
         self.current = ranked[0]
 
-    def receive(self, sock: zmq.Socket[Any]) -> None:
+    def receive(self, link: Link) -> None:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = link.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            link.heard(time.monotonic())
             try:
-                self.on_reply(decode(frames, allowed=REPLIES))
+                msg = decode(frames, allowed=REPLIES)
             except ProtocolError as exc:
                 log(logger, "warning", "bad_reply", error=str(exc))
+                continue
+            self.on_reply(msg)
+            if msg.command is Command.ERROR and msg.body.get("code") == "shutting_down":
+                if link.endpoint == self.current:  # what it refused goes to another broker now
+                    self.failover()
+                return  # its socket may be closed now
 
     def on_reply(self, msg: Message) -> None:
         if msg.command is Command.PONG:
@@ -329,7 +351,14 @@ class _Loop:
         """Tasks a heartbeat was refused for (stale, finished, cancelled, unknown): another delivery
         or nobody holds them now, and every report would be refused too. A prefetched one is not
         run; a running one is no longer heartbeated, and its outcome is dropped."""
-        refused = [(tuple(row), o) for row, o in zip(rows, outcomes, strict=False) if o != "ok"]
+        # Only tasks still held: one finished since the heartbeat left (its COMPLETE committed
+        # first) is refused as finished, and that is no news.
+        held = {(t.id, t.attempt) for t in (*self.running.values(), *self.prefetched)}
+        refused = [
+            (task, o)
+            for row, o in zip(rows, outcomes, strict=False)
+            if o != "ok" and (task := tuple(row)) in held
+        ]
         if not refused:
             return
         lost = {task for task, _ in refused}
@@ -343,11 +372,13 @@ class _Loop:
         later), move to the next broker, and send everything unacknowledged again there (reports
         are fenced, so a repeat is harmless; task leases are renewed through any broker)."""
         log(logger, "warning", "failover", endpoint=self.current)
-        sock = self.socks.pop(self.current, None)
-        if sock is not None:
-            self.poller.unregister(sock)
-            sock.close(linger=0)
+        link = self.links.pop(self.current, None)
+        if link is not None:
+            self.poller.unregister(link.sock)
+            link.close()
         self.poll_rid = None
+        self.heartbeats = {}  # its answer would come on the socket just closed
+        self.next_heartbeat = 0.0  # keep the task leases alive through the next broker at once
         self.mesh.brokers = {b: v for b, v in self.mesh.brokers.items() if v.endpoint != self.current}
         self.last_poll_empty = True
         self.choose_broker()  # away from this broker, at once: reports and heartbeats follow

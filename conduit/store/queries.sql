@@ -302,3 +302,6 @@ SELECT 1 FROM brokers WHERE id = %(id)s AND epoch = %(epoch)s AND expires_at > n
 
 -- name: drop_broker
 DELETE FROM brokers WHERE id = %(id)s AND epoch = %(epoch)s;
+
+-- name: live_brokers
+SELECT endpoint FROM brokers WHERE expires_at > now() ORDER BY id;

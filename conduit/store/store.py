@@ -235,6 +235,10 @@ class Store:
     def drop_broker(self, owner: BrokerLease) -> None:
         self.conn.execute(QUERIES["drop_broker"], {"id": owner.broker_id, "epoch": owner.epoch})
 
+    def live_brokers(self) -> list[str]:
+        """ROUTER endpoints of the brokers whose lease is live."""
+        return [endpoint for (endpoint,) in self._rows("live_brokers")]
+
     # -- leasing and fenced writes ------------------------------------------------------------
 
     def lease(self, owner: BrokerLease, queue: str, limit: int) -> list[LeasedTask]:

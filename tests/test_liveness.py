@@ -1,0 +1,91 @@
+"""Nobody waits long on a broker that stops, pauses or dies (docs/PROTOCOL.md §11): a stopping
+broker says so at once and answers every request until it exits; peers give a quiet broker up
+after two liveness intervals and move."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import zmq
+from test_e2e import wait_for
+
+from conduit.client import BrokerError, BrokerTimeout, Client, TaskContext, Worker
+from conduit.client.channel import Channel
+from conduit.client.mesh import Mesh
+from conduit.wire import Command
+
+
+def test_a_stopping_broker_says_so_and_answers_every_request_until_it_exits(start_broker) -> None:
+    broker = start_broker("--pub", "tcp://127.0.0.1:0")
+    ctx = zmq.Context()
+    mesh = Mesh(ctx, [], [broker.pub])
+    channel = Channel(ctx, broker.endpoint)
+    try:
+        wait_for(lambda: mesh.update() or mesh.brokers, what="the broker's gossip")
+        broker.proc.send_signal(signal.SIGTERM)
+        outcomes: list[tuple[str, float]] = []
+        requests = [
+            (Command.PING, {}),
+            (Command.SUBMIT, {"tasks": [{"queue": "q", "payload": b""}]}),
+            (Command.RESULT, {"ids": [1]}),
+            (Command.HEARTBEAT, {"tasks": [[1, 1]]}),
+        ]
+        while broker.proc.poll() is None and len(outcomes) < 1000:
+            command, body = requests[len(outcomes) % len(requests)]
+            sent = time.monotonic()
+            try:
+                channel.request(command, body, timeout=10.0)
+                outcome = "answered"
+            except BrokerError as exc:
+                outcome = exc.code
+            except BrokerTimeout as exc:  # gone: its connection dropped as it exited
+                outcome = str(exc)
+            outcomes.append((outcome, time.monotonic() - sent))
+        broker.proc.wait(10)
+        mesh.update()
+        (view,) = mesh.brokers.values()
+    finally:
+        channel.close()
+        mesh.close()
+        ctx.term()
+    assert view.stopping, "no GOSSIP with stopping: true was heard before the broker exited"
+    slow = [(o, round(s, 2)) for o, s in outcomes if s > 1.0]
+    assert not slow, f"requests left waiting during the stop: {slow}"
+    assert "shutting_down" in {o for o, _ in outcomes}  # it answered while it lingered
+
+
+def test_an_idle_workers_poll_moves_at_once_from_a_stopping_broker(start_broker) -> None:
+    stopping = start_broker("--pub", "tcp://127.0.0.1:0", broker_id="stopping")
+    other = start_broker(broker_id="other")
+    worker = Worker([stopping.endpoint, other.endpoint], concurrency=1, poll_timeout=5.0)
+    started: list[float] = []
+
+    @worker.handler("moved")
+    def moved(task: TaskContext) -> bytes:
+        started.append(time.monotonic())
+        return b""
+
+    ctx = zmq.Context()
+    mesh = Mesh(ctx, [], [stopping.pub])
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        # Its first poll goes to its first endpoint and waits there: nothing is due anywhere.
+        wait_for(
+            lambda: mesh.update() or any(v.polls(["moved"]) for v in mesh.brokers.values()), what="a poll"
+        )
+        stopped_at = time.monotonic()
+        stopping.proc.send_signal(signal.SIGTERM)
+        with Client([other.endpoint]) as client:
+            client.submit("moved", b"")
+            wait_for(lambda: started, timeout=10, what="the task on the other broker")
+    finally:
+        worker.stop()
+        thread.join(30)
+        mesh.close()
+        ctx.term()
+    # Its poll is answered empty at once, the next gets shutting_down (or finds the broker gone):
+    # it moves, pauses 0.1 s and polls the other broker, well before its 5 s poll would end.
+    assert started[0] - stopped_at < 1.5

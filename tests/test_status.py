@@ -1,0 +1,47 @@
+"""`conduit status` against a live broker: what the database holds as buffered until a worker's
+first heartbeat is shown as running, from the brokers' gossip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+from test_e2e import wait_for
+
+from conduit.client import Client, TaskContext, Worker
+
+
+def test_status_counts_delivered_tasks_as_running(start_broker, db) -> None:
+    broker = start_broker("--pub", "tcp://127.0.0.1:0")
+    release = threading.Event()
+    # No heartbeat for 30 s: the database keeps the task as buffered while it runs.
+    worker = Worker(broker.endpoint, concurrency=1, prefetch=0, heartbeat_interval=30.0, poll_timeout=1.0)
+
+    @worker.handler("held")
+    def held(task: TaskContext) -> bytes:
+        release.wait(30)
+        return b""
+
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        with Client(broker.endpoint) as client:
+            task_id = client.submit("held", b"")
+            wait_for(lambda: client.lookup([task_id])[0].state == "buffered", what="the delivery")
+            client.submit("held", b"")  # no room at the worker: it waits in the broker's buffer
+        assert db.query("SELECT state, count(*) FROM tasks GROUP BY state") == [("buffered", 2)]
+        out = subprocess.run(
+            [sys.executable, "-m", "conduit", "status", "--json", "--dsn", db.dsn, "--schema", db.schema],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        counts = json.loads(out)["queues"]["held"]
+        assert (counts.get("running"), counts.get("buffered")) == (1, 1)
+    finally:
+        release.set()
+        worker.stop()
+        thread.join(30)
