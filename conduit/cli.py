@@ -15,6 +15,7 @@ from conduit.config import Settings
 from conduit.errors import ConduitError
 from conduit.store import Store, describe_dsn, dsn_for, init_schema
 from conduit.store.embedded import embedded_for, stop_server
+from conduit.store.queries import SCHEMA_VERSION
 from conduit.task import Completion, TaskSpec
 
 
@@ -57,8 +58,10 @@ def db_init(dsn: str | None, data_dir: Path | None, schema: str | None) -> None:
     """Create Conduit's schema (idempotent)."""
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     url = dsn_for(settings)
-    created = init_schema(url, settings.schema)
-    state = "created" if created else "already up to date"
+    done = init_schema(url, settings.schema)
+    state = {"migrated": f"migrated to version {SCHEMA_VERSION}", "current": "already up to date"}.get(
+        done, done
+    )
     click.echo(f"schema {settings.schema!r} {state} on {describe_dsn(url)}")
 
 

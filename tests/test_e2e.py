@@ -17,6 +17,7 @@ import zmq
 
 from conduit.client import Client, PermanentError, TaskContext, Worker
 from conduit.client.channel import BrokerError, Channel
+from conduit.client.mesh import Mesh
 from conduit.task import TaskSpec
 from conduit.wire import PROTOCOL, Command
 
@@ -44,10 +45,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _ledger_lines(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def ledger_runs(path: Path) -> list[tuple[int, int, int]]:
-    if not path.exists():
-        return []
-    return [tuple(int(x) for x in line.split()) for line in path.read_text().splitlines() if line]
+    """(task, attempt, pid) of every run so far; fields after the third are ignored."""
+    return [(int(f[0]), int(f[1]), int(f[2])) for f in _ledger_lines(path)]
+
+
+def run_starts(path: Path) -> dict[tuple[int, int], float]:
+    """When each (task, attempt) started, in wall-clock seconds (handlers that record it)."""
+    return {(int(f[0]), int(f[1])): float(f[3]) for f in _ledger_lines(path)}
 
 
 def spawn_worker(processes, endpoint: str, ledger: Path, concurrency: int = 2):
@@ -129,24 +138,47 @@ def test_a_worker_drops_tasks_whose_lease_a_heartbeat_says_is_lost(start_broker,
         assert {i.state for i in client.lookup([running_id, held_id])} == {"cancelled"}
 
 
+def polls_waiting(pub: str, queue: str, count: int) -> None:
+    """Wait until a broker's gossip shows `count` polls waiting on `queue`: its workers are ready."""
+    ctx = zmq.Context()
+    mesh = Mesh(ctx, [], [pub])
+
+    def enough() -> bool:
+        mesh.update()
+        return any(v.polls([queue]) >= count for v in mesh.live())
+
+    try:
+        wait_for(enough, what=f"{count} polls waiting on {queue}")
+    finally:
+        mesh.close()
+        ctx.term()
+
+
 def test_killed_worker_task_is_redelivered_after_its_lease_and_completed_once(
     start_broker, processes, db, tmp_path: Path
 ) -> None:
-    broker = start_broker()
+    broker = start_broker("--pub", "tcp://127.0.0.1:*")
     ledger = tmp_path / "ledger"
-    first = spawn_worker(processes, broker.endpoint, ledger)
+    workers = {w.proc.pid: w for w in (spawn_worker(processes, broker.endpoint, ledger) for _ in range(2))}
+    polls_waiting(broker.pub, "sleepy", 2)  # the survivor is ready: only the lease delays the rerun
     with Client(broker.endpoint) as client:
-        task_id = client.submit("sleepy", b"1.0", lease_timeout=2.0)
-        wait_for(lambda: ledger_runs(ledger), what="the first run")
-        first.kill()  # SIGKILL mid-task: no complete, no more heartbeats
-        killed_at = time.monotonic()
-        spawn_worker(processes, broker.endpoint, ledger)
+        task_id = client.submit("sleepy", b"1.0", lease_timeout=2.0, backoff_base=0)
+
+        def lease_expiry() -> float | None:
+            rows = db.query("SELECT extract(epoch FROM lease_expires_at) FROM tasks WHERE state = 'running'")
+            return float(rows[0][0]) if rows else None
+
+        wait_for(lambda: ledger_runs(ledger) and lease_expiry(), what="the first run, under a task lease")
+        expires = lease_expiry()  # read before the kill: a heartbeat since can only have extended it
+        assert expires is not None
+        first = ledger_runs(ledger)[0][2]
+        workers[first].kill()  # SIGKILL mid-task: no complete, no more heartbeats
         result = client.result(task_id, timeout=60)
     runs = ledger_runs(ledger)
     assert [(t, a) for t, a, _ in runs] == [(task_id, 1), (task_id, 2)]
-    assert runs[0][2] != runs[1][2]  # another process ran it
+    assert runs[1][2] in workers and runs[1][2] != first  # the other worker ran it
     assert (result.state, result.result, result.attempt) == ("completed", b"slept 2", 2)
-    assert time.monotonic() - killed_at >= 1.0  # not before the lease could expire
+    assert run_starts(ledger)[(task_id, 2)] >= expires  # not before the lease could have expired
     assert db.query("SELECT failures FROM results WHERE id = %s", (task_id,)) == [(1,)]
 
 

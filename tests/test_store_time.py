@@ -114,3 +114,21 @@ def test_expired_leases_count_toward_max_attempts(store: Store) -> None:
         assert store.reap().running == 1
     info = store.lookup([sub.id])[0]
     assert info.state == "dead" and "lease expired" in (info.error or "")
+
+
+def test_run_at_orders_within_a_priority_and_id_breaks_ties(store: Store, db) -> None:
+    """(priority, run_at, id): of equal priority, the task due longest goes first whatever its id;
+    priority still comes before run_at, and equal run_at goes by id. Leased two at a time, so the
+    statement's own order picks each batch, and each batch comes back in that order."""
+    owner = store.acquire_broker("a", "tcp://a", 30)
+    priorities = (0, 0, 0, 1, 0, 0)
+    ids = [s.id for s in store.enqueue([TaskSpec("q", b"x", priority=p) for p in priorities])]
+    overdue = [20, 30, 10, 40, 5, 5]  # seconds; the last two are due at the same instant
+    db.query(
+        "UPDATE tasks t SET run_at = now() - v.s * interval '1 second'"
+        " FROM unnest(%s::bigint[], %s::int[]) AS v(id, s) WHERE t.id = v.id RETURNING t.id",
+        (ids, overdue),
+    )
+    batches = [[t.id for t in store.lease(owner, "q", 2)] for _ in range(3)]
+    assert batches == [[ids[1], ids[0]], [ids[2], ids[4]], [ids[5], ids[3]]]
+    assert store.lease(owner, "q", 2) == []

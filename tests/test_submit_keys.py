@@ -99,8 +99,8 @@ def test_a_version_1_schema_migrates_to_what_init_creates(server_dsn: str) -> No
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(old)))
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(old)))
             conn.execute(version_1.encode())
-        assert init_schema(server_dsn, old) is False  # migrated, not created
-        assert init_schema(server_dsn, new) is True
+        assert init_schema(server_dsn, old) == "migrated"
+        assert init_schema(server_dsn, new) == "created"
         assert _shape(server_dsn, old) == _shape(server_dsn, new)
         with Store.open(server_dsn, schema=old):
             pass  # the version check passes

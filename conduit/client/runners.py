@@ -11,6 +11,7 @@ import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 
 from conduit.client.context import Handler, Outcome, TaskContext, invoke
 
@@ -43,11 +44,17 @@ class ThreadRunner:
 
 class ProcessRunner:
     def __init__(self, size: int, done: Done) -> None:
+        self._size = size
         self._pool = concurrent.futures.ProcessPoolExecutor(size)
         self._done = done
 
     def submit(self, handler: Handler, task: TaskContext) -> None:
-        future = self._pool.submit(invoke, handler, task)
+        try:
+            future = self._pool.submit(invoke, handler, task)
+        except BrokenProcessPool:  # a handler process died: the pool takes nothing more
+            self._pool.shutdown(wait=False)  # its tasks have failed through their futures
+            self._pool = concurrent.futures.ProcessPoolExecutor(self._size)
+            future = self._pool.submit(invoke, handler, task)
         future.add_done_callback(lambda f: self._finished(f, task))
 
     def _finished(self, future: concurrent.futures.Future[Outcome], task: TaskContext) -> None:

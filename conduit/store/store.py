@@ -73,20 +73,20 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}{f':{port}' if port else ''}/{info.get('dbname') or info.get('user') or ''}"
 
 
-def init_schema(dsn: str, schema: str) -> bool:
-    """Create Conduit's schema if absent, or migrate an older one; True if it was created.
-    Safe to run concurrently."""
+def init_schema(dsn: str, schema: str) -> str:
+    """Create Conduit's schema if absent, or migrate an older one; says which it did: "created",
+    "migrated" or "current". Safe to run concurrently."""
     with connect(dsn, schema) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('conduit schema ' || %s))", (schema,))
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         version = _schema_version(conn)
         if version is None:
             conn.execute(SCHEMA.encode())
-            return True
+            return "created"
         for step in range(version + 1, SCHEMA_VERSION + 1):  # migrate, in the same transaction
             conn.execute(QUERIES[f"migrate_to_{step}"].encode())
         _check_version(conn, schema)
-        return False
+        return "migrated" if version < SCHEMA_VERSION else "current"
 
 
 def _schema_version(conn: psycopg.Connection[Any]) -> int | None:

@@ -1,7 +1,9 @@
 """Workers that end-to-end tests run as separate processes (`conduit worker handlers:worker`).
 
 Each execution is appended to the ledger file named by CONDUIT_TEST_LEDGER before the handler
-works, so a test can count runs even of handlers whose process was killed mid-task.
+works ("id attempt pid start", the start in wall-clock seconds, the clock PostgreSQL's now() reads
+on this host), so a test can count runs even of handlers whose process was killed mid-task, and
+bound when a rerun started.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ worker = Worker(
 
 def record(task: TaskContext) -> None:
     with open(os.environ["CONDUIT_TEST_LEDGER"], "a") as ledger:
-        ledger.write(f"{task.id} {task.attempt} {os.getpid()}\n")
+        ledger.write(f"{task.id} {task.attempt} {os.getpid()} {time.time():.6f}\n")
         ledger.flush()
 
 
