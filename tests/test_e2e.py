@@ -25,11 +25,12 @@ SUPPORT = Path(__file__).parent / "e2e_support"
 
 
 @contextmanager
-def running(worker: Worker) -> Iterator[Worker]:
+def running(worker: Worker) -> Iterator[threading.Thread]:
+    """The worker running in a thread (which a test can watch for dying), stopped at the end."""
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        yield worker
+        yield thread
     finally:
         worker.stop()
         thread.join(30)

@@ -5,11 +5,10 @@ after two liveness intervals and move."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import zmq
-from test_e2e import wait_for
+from test_e2e import running, wait_for
 
 from conduit.client import BrokerError, BrokerTimeout, Client, TaskContext, Worker
 from conduit.client.channel import Channel
@@ -69,21 +68,15 @@ def test_an_idle_workers_poll_moves_at_once_from_a_stopping_broker(start_broker)
 
     ctx = zmq.Context()
     mesh = Mesh(ctx, [], [stopping.pub])
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
     try:
-        # Its first poll goes to its first endpoint and waits there: nothing is due anywhere.
-        wait_for(
-            lambda: mesh.update() or any(v.polls(["moved"]) for v in mesh.brokers.values()), what="a poll"
-        )
-        stopped_at = time.monotonic()
-        stopping.proc.send_signal(signal.SIGTERM)
-        with Client([other.endpoint]) as client:
+        with running(worker), Client([other.endpoint]) as client:
+            # Its first poll goes to its first endpoint and waits there: nothing is due anywhere.
+            wait_for(lambda: mesh.update() or [v for v in mesh.live() if v.polls(["moved"])], what="a poll")
+            stopped_at = time.monotonic()
+            stopping.proc.send_signal(signal.SIGTERM)
             client.submit("moved", b"")
             wait_for(lambda: started, timeout=10, what="the task on the other broker")
     finally:
-        worker.stop()
-        thread.join(30)
         mesh.close()
         ctx.term()
     # Its poll is answered empty at once, the next gets shutting_down (or finds the broker gone):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 
-from test_e2e import wait_for
+from test_e2e import running, wait_for
 
 from conduit.client import Client, TaskContext, Worker
 
@@ -24,24 +24,22 @@ def test_status_counts_delivered_tasks_as_running(start_broker, db) -> None:
         release.wait(30)
         return b""
 
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        with Client(broker.endpoint) as client:
-            task_id = client.submit("held", b"")
-            wait_for(lambda: client.lookup([task_id])[0].state == "buffered", what="the delivery")
-            client.submit("held", b"")  # no room at the worker: it waits in the broker's buffer
-        assert db.query("SELECT state, count(*) FROM tasks GROUP BY state") == [("buffered", 2)]
-        out = subprocess.run(
-            [sys.executable, "-m", "conduit", "status", "--json", "--dsn", db.dsn, "--schema", db.schema],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        counts = json.loads(out)["queues"]["held"]
-        assert (counts.get("running"), counts.get("buffered")) == (1, 1)
-    finally:
-        release.set()
-        worker.stop()
-        thread.join(30)
+    with running(worker):
+        try:
+            with Client(broker.endpoint) as client:
+                task_id = client.submit("held", b"")
+                wait_for(lambda: client.lookup([task_id])[0].state == "buffered", what="the delivery")
+                client.submit("held", b"")  # no room at the worker: it waits in the broker's buffer
+            assert db.query("SELECT state, count(*) FROM tasks GROUP BY state") == [("buffered", 2)]
+            command = ["status", "--json", "--dsn", db.dsn, "--schema", db.schema]
+            out = subprocess.run(
+                [sys.executable, "-m", "conduit", *command],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+        finally:
+            release.set()  # before the worker stops: it waits for its handler
+    counts = json.loads(out)["queues"]["held"]
+    assert (counts.get("running"), counts.get("buffered")) == (1, 1)

@@ -7,8 +7,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from test_e2e import running, wait_for
@@ -64,18 +62,6 @@ def test_process_pool_runs_handlers_in_other_processes(start_broker, db) -> None
     assert db.query("SELECT failures FROM results WHERE id = %s", (dead,)) == [(1,)]  # not retried
 
 
-@contextmanager
-def serving(worker: Worker) -> Iterator[threading.Thread]:
-    """The worker running in a thread, which a test can watch for dying."""
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        worker.stop()
-        thread.join(30)
-
-
 def outcome_while_serving(client: Client, task_id: int, thread: threading.Thread) -> TaskResult:
     """How the task ended; fails at once if the worker stops serving rather than at a timeout."""
     deadline = time.monotonic() + 30
@@ -89,7 +75,7 @@ def outcome_while_serving(client: Client, task_id: int, thread: threading.Thread
 @pytest.mark.parametrize("queue", ["exit", "signal"])
 def test_a_handler_process_that_dies_fails_its_task_for_a_retry(start_broker, db, queue: str) -> None:
     broker = start_broker()
-    with Client(broker.endpoint) as client, serving(process_worker(broker.endpoint)):
+    with Client(broker.endpoint) as client, running(process_worker(broker.endpoint)):
         doomed = client.submit(queue, b"", backoff_base=0)
 
         def failed_by_the_death() -> list[tuple[object, ...]]:
@@ -108,7 +94,7 @@ def test_a_handler_process_that_dies_fails_its_task_for_a_retry(start_broker, db
 @pytest.mark.parametrize("queue", ["exit", "signal"])
 def test_after_a_handler_process_died_the_worker_serves_on(start_broker, db, queue: str) -> None:
     broker = start_broker()
-    with Client(broker.endpoint) as client, serving(process_worker(broker.endpoint)) as thread:
+    with Client(broker.endpoint) as client, running(process_worker(broker.endpoint)) as thread:
         doomed = client.submit(queue, b"", backoff_base=0)
         done = outcome_while_serving(client, doomed, thread)
         assert (done.state, done.attempt) == ("completed", 2), done
