@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -145,24 +146,35 @@ def status(
                 click.echo(f"{b.broker:<20}{b.endpoint:<28}{queue:<24}{counts[0]:>10}{counts[1]:>8}")
 
 
-def _gossip_endpoints(brokers: list[str]) -> list[str]:
-    """Ask each live broker where it gossips (PING's `pub`); one that does not answer is skipped."""
+def _gossip_endpoints(brokers: list[str], seconds: float = 0.5) -> list[str]:
+    """Ask every live broker at once where it gossips (PING's `pub`); one that does not answer
+    within `seconds` is left out."""
     import zmq
 
-    from conduit.client.channel import Channel
-    from conduit.wire import Command
+    from conduit.client.link import dealer
+    from conduit.wire import REPLIES, Command, ProtocolError, decode, encode
 
     ctx = zmq.Context()
-    found = []
-    for endpoint in brokers:
-        channel = Channel(ctx, endpoint)
-        try:
-            found.append(str(channel.request(Command.PING, {}, 0.5).body.get("pub") or ""))
-        except ConduitError:
-            pass
-        finally:
-            channel.close()
-    ctx.term()
+    socks = [dealer(ctx, endpoint) for endpoint in brokers]
+    poller = zmq.Poller()
+    found: list[str] = []
+    for sock in socks:
+        poller.register(sock, zmq.POLLOUT)  # writable once connected (IMMEDIATE)
+    try:
+        deadline = time.monotonic() + seconds
+        while poller.sockets and (left := deadline - time.monotonic()) > 0:
+            for sock, event in poller.poll(round(left * 1000)):
+                if event & zmq.POLLOUT:
+                    sock.send_multipart(encode(Command.PING, {"rid": 1}), zmq.NOBLOCK)
+                    poller.modify(sock, zmq.POLLIN)
+                    continue
+                poller.unregister(sock)
+                with contextlib.suppress(ProtocolError):
+                    found.append(str(decode(sock.recv_multipart(), allowed=REPLIES).body.get("pub") or ""))
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        ctx.term()
     return [pub for pub in found if pub]
 
 

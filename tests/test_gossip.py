@@ -132,3 +132,24 @@ def test_a_broker_unheard_for_three_of_its_intervals_is_dropped(ctx) -> None:
         slow.close()
         fast.close()
         mesh.close()
+
+
+def test_a_broker_found_gone_is_tried_last_though_its_old_gossip_is_still_queued(ctx) -> None:
+    gone = Broker(ctx, "gone", {"q": [50, 0]})  # the deepest, so first, until it goes quiet
+    other = Broker(ctx, "other", {"q": [1, 0]})
+    mesh = Mesh(ctx, [], [gone.pub, other.pub])
+    try:
+        hear(mesh, [gone, other], lambda: {"gone", "other"} <= set(mesh.brokers))
+        assert mesh.rank(["q"])[0] == gone.endpoint
+        gone.say()  # sent before it died, read only after the peer found it gone
+        time.sleep(0.05)
+        mesh.suspect(gone.endpoint)
+        mesh.update()
+        assert mesh.rank(["q"])[0] == other.endpoint and gone.endpoint in mesh.suspects
+        time.sleep(gone.body["interval"])
+        hear(mesh, [gone], lambda: gone.endpoint not in mesh.suspects)  # heard anew: back
+        assert mesh.rank(["q"])[0] == gone.endpoint
+    finally:
+        gone.close()
+        other.close()
+        mesh.close()

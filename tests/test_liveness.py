@@ -82,3 +82,20 @@ def test_an_idle_workers_poll_moves_at_once_from_a_stopping_broker(start_broker)
     # Its poll is answered empty at once, the next gets shutting_down (or finds the broker gone):
     # it moves, pauses 0.1 s and polls the other broker, well before its 5 s poll would end.
     assert started[0] - stopped_at < 1.5
+
+
+def test_a_submit_to_a_killed_broker_goes_elsewhere_at_once(start_broker) -> None:
+    """A killed broker's connection drops: nothing waits out the liveness bound for it."""
+    dead, live = start_broker(broker_id="dead"), start_broker(broker_id="live")
+    with Client([dead.endpoint, live.endpoint]) as client:  # no gossip: tried in this order
+        assert client.ping() == "dead"
+        dead.kill()
+        time.sleep(0.2)  # ZeroMQ sees the connection drop and its reconnects refused
+        began = time.monotonic()
+        client.submit("anywhere", b"")
+        took = time.monotonic() - began
+        began = time.monotonic()
+        client.submit("anywhere", b"")  # the dead one is now tried last
+        again = time.monotonic() - began
+    assert took < 1.0, f"the first submit after the kill took {took:.2f} s"
+    assert again < 0.5, f"the next submit took {again:.2f} s"

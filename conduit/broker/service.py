@@ -47,8 +47,6 @@ from conduit.store import BrokerLease, Store
 from conduit.wire import MAX_MESSAGE_BYTES
 
 logger = logging.getLogger("conduit.broker")
-# Every database thread and the listener retry while the database is down: one line per outage.
-_DATABASE = Outage(logger, "database")
 TICK = 0.05
 
 Job = Callable[[Store], Event | None]
@@ -57,10 +55,13 @@ Job = Callable[[Store], Event | None]
 class _DatabaseThread(threading.Thread):
     """Runs jobs against its own connection, reconnecting after a failure; posts events back."""
 
-    def __init__(self, name: str, open_store: Callable[[], Store], post: Callable[[Event], None]) -> None:
+    def __init__(
+        self, name: str, open_store: Callable[[], Store], post: Callable[[Event], None], outage: Outage
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self._open_store = open_store
         self._post = post
+        self._outage = outage
         self._jobs: queue.Queue[tuple[Job, Callable[[str], Event | None], bool] | None] = queue.Queue()
         self._store: Store | None = None
 
@@ -81,6 +82,7 @@ class _DatabaseThread(threading.Thread):
                     if self._store is None:
                         self._store = self._open_store()
                     event = job(self._store)
+                    self._outage.over()  # the database answered: an outage, if any, is over
                 except (ConduitError, psycopg.Error) as exc:
                     broken = self._store is not None and self._store.conn.broken
                     if broken:
@@ -99,10 +101,13 @@ class _DatabaseThread(threading.Thread):
 class _Listener(threading.Thread):
     """LISTENs for other brokers' wake-ups and posts them; reconnects after a failure."""
 
-    def __init__(self, open_store: Callable[[], Store], post: Callable[[Event], None]) -> None:
+    def __init__(
+        self, open_store: Callable[[], Store], post: Callable[[Event], None], outage: Outage
+    ) -> None:
         super().__init__(name="listener", daemon=True)
         self._open_store = open_store
         self._post = post
+        self._outage = outage
         self._halt = threading.Event()
 
     def stop(self) -> None:
@@ -113,11 +118,12 @@ class _Listener(threading.Thread):
             try:
                 with self._open_store() as store:
                     store.listen()
+                    self._outage.over()
                     while not self._halt.is_set():
                         for note in store.conn.notifies(timeout=0.5):
                             self._post(Notified(note.payload, time.monotonic()))
             except (ConduitError, psycopg.Error) as exc:
-                _DATABASE.failed("listen_failed", "warning", error=str(exc).splitlines()[0])
+                self._outage.failed("listen_failed", "warning", error=str(exc).splitlines()[0])
                 self._halt.wait(1.0)
 
 
@@ -135,13 +141,13 @@ class Broker:
         """`ensure_database` runs before every new connection: the embedded server's restart if it
         vanished, so the broker resumes on its own instead of retrying until someone starts it."""
         self.config = config
+        # Every database thread and the listener retry while the database is down: one line an outage.
+        self._outage = Outage(logger, "database")
 
         def open_store() -> Store:
             if ensure_database is not None:
                 ensure_database()
-            store = Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
-            _DATABASE.over()  # a thread reconnected: an outage, if any, is over
-            return store
+            return Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
 
         self._open_store = open_store
         self._ctx = zmq.Context()
@@ -166,10 +172,10 @@ class Broker:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._threads = {
-            name: _DatabaseThread(name, self._open_store, self._post)
+            name: _DatabaseThread(name, self._open_store, self._post, self._outage)
             for name in ("writer", "reader", "keeper")
         }
-        self._listener = _Listener(self._open_store, self._post)
+        self._listener = _Listener(self._open_store, self._post, self._outage)
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
             self.owner: BrokerLease = store.acquire_broker(config.broker_id, self.endpoint, config.lease_term)
 
@@ -280,7 +286,7 @@ class Broker:
                 case core.Reacquire():
                     self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
                 case core.Reap(compact):
-                    self._threads["keeper"].submit(partial(self._reap, compact), _log_error("reap"))
+                    self._threads["keeper"].submit(partial(self._reap, compact), self._log_error("reap"))
                 case core.Publish(frames):
                     if self.publisher is not None:
                         with contextlib.suppress(zmq.Again):  # gossip is periodic: a drop is harmless
@@ -290,7 +296,7 @@ class Broker:
                     log(logger, level, event, **{"broker": self.config.broker_id, **fields})
                 case core.Stop(owner):
                     if owner is not None:
-                        self._threads["keeper"].submit(partial(_drop, owner), _log_error("drop"))
+                        self._threads["keeper"].submit(partial(_drop, owner), self._log_error("drop"))
 
     def _write(self, batch: WriteBatch, store: Store) -> Event:
         return Written(batch, execute(store, batch, self.owner), None, time.monotonic())
@@ -311,8 +317,11 @@ class Broker:
             time.monotonic(),
         )
 
+    def _log_error(self, what: str) -> Callable[[str], None]:
+        return lambda error: self._outage.failed(f"{what}_failed", error=error)
+
     def _retry_reacquire(self, error: str) -> Event | None:
-        _DATABASE.failed("reacquire_failed", error=error)
+        self._outage.failed("reacquire_failed", error=error)
         time.sleep(1)
         self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
         return None
@@ -347,7 +356,3 @@ def _renew_failed(started: float, error: str) -> Event:
 
 def _drop(owner: BrokerLease, store: Store) -> None:
     store.drop_broker(owner)
-
-
-def _log_error(what: str) -> Callable[[str], None]:
-    return lambda error: _DATABASE.failed(f"{what}_failed", error=error)

@@ -49,12 +49,16 @@ class Channel:
     def request(self, command: Command, body: dict[str, Any], timeout: float) -> Message:
         rid = next(self._rids)
         deadline = time.monotonic() + timeout
-        connect = min(timeout, 2 * self.liveness)  # IMMEDIATE: writable once connected
-        if not self.link.sock.poll(round(connect * 1000), zmq.POLLOUT):
-            self.reset()
-            raise NotConnected(f"no connection to the broker at {self.endpoint} within {connect:g}s")
+        connect = min(timeout, 2 * self.liveness)
         self.link.begin(time.monotonic())
-        self.link.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
+        try:
+            if not self.link.writable(connect):
+                raise zmq.Again
+            self.link.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
+        except zmq.Again:
+            down = "it refuses connections or dropped ours" if self.link.down else f"none within {connect:g}s"
+            self.reset()
+            raise NotConnected(f"no connection to the broker at {self.endpoint}: {down}") from None
         while (left := deadline - (now := time.monotonic())) > 0:
             if why := self.link.gone(now):
                 self.reset()

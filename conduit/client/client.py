@@ -101,7 +101,8 @@ class Client:
         self.close()
 
     def _request(self, command: Command, body: dict[str, Any], *, retry_safe: bool) -> dict[str, Any]:
-        """Ask the brokers in turn; move on after a timeout only when repeating cannot duplicate."""
+        """Ask the brokers in turn, each within the timeout; move on after a timeout only when
+        repeating cannot duplicate."""
         errors = []
         for endpoint in self._order():
             channel = self._channel(endpoint)

@@ -4,8 +4,9 @@ A broker is alive while a peer hears from it. Silence counts only while the peer
 something (a reply, a DELIVER, an ACK): having heard nothing for one interval, the peer sends a
 PING, which the broker answers at once from its socket loop, without the database; after two
 intervals of silence the broker is gone, paused or cut off. A connection that ZeroMQ reports
-dropped, or a PING that cannot be sent for want of one, means the same at once: a reply comes
-back only on the connection that carried its request, so whatever was sent on it is lost.
+dropped means the same at once: a reply comes back only on the connection that carried its
+request, so whatever was sent on it is lost. A socket monitor tells drops, refused connection
+attempts and completed handshakes, so a peer also knows when there is no broker to send to.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from conduit.wire import MAX_MESSAGE_BYTES, Command, encode
 
 LIVENESS = 1.0  # seconds of silence before a PING; twice this and the broker is gone
+RECONNECT_GRACE = 0.3  # a broker seen refusing or dropping connections gets this long to be back
+_DOWN = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+_UP = zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 
 def dealer(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
@@ -32,8 +37,8 @@ def dealer(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
 
 
 class Link:
-    """Not thread-safe: one owner. Call `begin` before sending when nothing was awaited, `heard`
-    for every message received on `sock`, and `gone` while something is awaited."""
+    """Not thread-safe: one owner. Call `begin` before sending when nothing was awaited from this
+    broker, `heard` for every message received on `sock`, and `gone` while something is awaited."""
 
     _ping_rids = itertools.count(2**62)  # apart from the owners' request ids
 
@@ -41,22 +46,44 @@ class Link:
         self.endpoint = endpoint
         self.liveness = liveness
         self.sock = dealer(ctx, endpoint)
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self.sock.get_monitor_socket(_DOWN | _UP)
         self._heard = time.monotonic()
         self._pinged = -math.inf
+        self._drops = 0  # connections dropped so far
+        self._drops_seen = 0  # ... of which before the current wait began
+        self.down = False  # the last attempt failed or the connection dropped, none made since
 
     def begin(self, now: float) -> None:
         """Silence counts from now; a connection dropped before now lost nothing we wait for."""
-        self._dropped()
+        self._events()
+        self._drops_seen = self._drops
         self._heard = now
 
     def heard(self, now: float) -> None:
         self._heard = now
 
+    def writable(self, timeout: float) -> bool:
+        """Wait up to `timeout` for a connection to send on (IMMEDIATE: writable once connected),
+        but only a moment when the broker is known to be down: refusing or dropping connections
+        (ZeroMQ retries every 0.1 s, so a broker restarting on its endpoint is soon back)."""
+        start = time.monotonic()
+        while True:
+            if self.sock.poll(0, zmq.POLLOUT):
+                return True
+            self._events()
+            now = time.monotonic()
+            left = start + (min(timeout, RECONNECT_GRACE) if self.down else timeout) - now
+            if left <= 0:
+                return False
+            self.sock.poll(round(min(left, 0.01) * 1000), zmq.POLLOUT)
+
     def gone(self, now: float) -> str | None:
         """Why the broker is gone for what we wait on, or None; PINGs it when it has been quiet."""
-        if self._dropped():
+        self._events()
+        if self._drops > self._drops_seen:
             return "its connection dropped"
+        if self.sock.poll(0):
+            return None  # heard: messages arrived that the owner has yet to read
         silent = now - self._heard
         if silent >= 2 * self.liveness:
             return f"silent for {silent:.1f}s"
@@ -68,14 +95,14 @@ class Link:
                 return "no connection for a PING"
         return None
 
-    def _dropped(self) -> bool:
-        dropped = False
+    def _events(self) -> None:
         while True:
             try:
-                self._monitor.recv_multipart(zmq.NOBLOCK)
+                kind = int(parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))["event"])
             except zmq.Again:
-                return dropped
-            dropped = True
+                return
+            self._drops += kind == zmq.EVENT_DISCONNECTED
+            self.down = bool(kind & _DOWN)
 
     def close(self) -> None:
         self.sock.disable_monitor()

@@ -82,7 +82,8 @@ class Mesh:
             except (ProtocolError, KeyError, TypeError, ValueError, IndexError):
                 continue  # gossip that cannot be read is gossip not heard
             self.brokers[view.broker] = view
-            self.suspects.pop(view.endpoint, None)  # heard again: it is back
+            if now - self.suspects.get(view.endpoint, now) >= view.interval:
+                del self.suspects[view.endpoint]  # heard again, an interval after: it is back
             self.subscribe(str(body.get("pub") or ""))  # brokers advertise their own gossip endpoint
         for broker, view in list(self.brokers.items()):
             if now - view.seen > STALE_AFTER * view.interval:
@@ -91,7 +92,9 @@ class Mesh:
 
     def suspect(self, endpoint: str) -> None:
         """The broker there went quiet or dropped us: forget its gossip and try it last, until it
-        is heard again (gossip older than the failure would still rank it first)."""
+        is heard again (gossip older than the failure would still rank it first). Gossip it sent
+        before, still queued here, is read now; what arrives within an interval proves nothing."""
+        self.update()
         self.suspects[endpoint] = time.monotonic()
         self.brokers = {b: v for b, v in self.brokers.items() if v.endpoint != endpoint}
 

@@ -54,7 +54,11 @@ class ProcessRunner:
         except BrokenProcessPool:  # a handler process died: the pool takes nothing more
             self._pool.shutdown(wait=False)  # its tasks have failed through their futures
             self._pool = concurrent.futures.ProcessPoolExecutor(self._size)
-            future = self._pool.submit(invoke, handler, task)
+            try:
+                future = self._pool.submit(invoke, handler, task)
+            except RuntimeError as exc:  # no process can be started: fail this task, not the worker
+                self._done(Outcome(task, ok=False, error=f"no handler process: {exc!r}"))
+                return
         future.add_done_callback(lambda f: self._finished(f, task))
 
     def _finished(self, future: concurrent.futures.Future[Outcome], task: TaskContext) -> None:
