@@ -226,11 +226,13 @@ class Loop:
             if self.heartbeat_misses >= 2:
                 self.heartbeat_misses = 0
                 self.failover()
-            self.heartbeats = {}
             if held:  # one that cannot even be sent (no connection) counts as unanswered
+                # Sent while the last is still awaited: an unanswered one keeps the silence going.
                 rid = self.send(Command.HEARTBEAT, {"worker": self.w.worker_id, "tasks": held}, wait=False)
                 self.heartbeats = {rid if rid is not None else -next(self.rids): held}
                 self.heartbeat_to = self.current
+            else:
+                self.heartbeats = {}
             for rid, (_, _, sent, _) in list(self.unacked.items()):
                 if now - sent > RESEND_AFTER:
                     self.requeue(rid)

@@ -1,8 +1,9 @@
 """The conformance handlers for the Python Worker; clients/node/test/conformance-worker.js has the
 same ones for Node. Run as `conduit worker handlers:worker` with this folder on PYTHONPATH.
 
-Each run is appended to the ledger file (CONDUIT_TEST_LEDGER) before the handler works, so a test
-counts runs even of a process killed mid-task.
+Each run is appended to the ledger file (CONDUIT_TEST_LEDGER) before the handler works, as
+"id attempt pid start" (the start in wall-clock seconds, the clock PostgreSQL's now() reads on this
+host), so a test counts runs even of a process killed mid-task, and bounds when a run began.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ worker = Worker(
 def record(task: TaskContext) -> None:
     if "CONDUIT_TEST_LEDGER" in env:
         with open(env["CONDUIT_TEST_LEDGER"], "a") as ledger:
-            ledger.write(f"{task.id} {task.attempt} {os.getpid()}\n")
+            ledger.write(f"{task.id} {task.attempt} {os.getpid()} {time.time():.6f}\n")
 
 
 @worker.handler("echo")
@@ -59,6 +60,16 @@ def sleepy(task: TaskContext) -> bytes:
     record(task)
     time.sleep(float(task.payload))
     return b"slept %d" % task.attempt
+
+
+@worker.handler("gated")
+def gated(task: TaskContext) -> bytes:
+    """Runs until the file its payload names exists: a test ends the run when it has seen enough."""
+    record(task)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(task.payload) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return b"opened %d" % task.attempt
 
 
 @worker.handler("noop")

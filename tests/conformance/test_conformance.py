@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from conftest import Process
-from test_e2e import ledger_runs, wait_for
+from test_e2e import ledger_runs, run_starts, wait_for
 
 from conduit.client import Client
+from conduit.client.mesh import Mesh
 from conduit.task import TaskSpec
 
 HERE = Path(__file__).parent
@@ -82,6 +84,12 @@ def spawn(processes: list, ledger: Path) -> Callable[..., Process]:
     return start
 
 
+def lease_expiry(db: Any, task_id: int) -> float | None:
+    """When the task's lease expires (epoch seconds, database clock), once a heartbeat made one."""
+    rows = db.query("SELECT extract(epoch FROM lease_expires_at) FROM tasks WHERE id = %s", (task_id,))
+    return float(rows[0][0]) if rows and rows[0][0] is not None else None  # type: ignore[arg-type]
+
+
 @contextmanager
 def logs_on_failure(*procs: Any) -> Iterator[None]:
     """Print the processes' logs when the block fails: what a flaky run in CI needs to be read."""
@@ -131,21 +139,23 @@ def test_retry_then_success_and_permanent_failure(impl, start_broker, spawn, db,
 
 
 def test_lease_expiry_and_redelivery(impl, start_broker, spawn, db, ledger) -> None:
-    """A worker killed mid-task stops heartbeating; after the lease the task runs again, once."""
+    """A worker killed mid-task stops heartbeating; after the lease the task runs again, once, and
+    not before that lease could have expired."""
     broker = start_broker()
     first = spawn(impl, [broker.endpoint])
     with Client(broker.endpoint) as client:
-        task_id = client.submit("sleepy", b"1.0", lease_timeout=2.0, backoff_base=0)
-        wait_for(lambda: ledger_runs(ledger), what="the first run")
+        task_id = client.submit("sleepy", b"2.0", lease_timeout=2.0, backoff_base=0)
+        wait_for(lambda: ledger_runs(ledger) and lease_expiry(db, task_id), what="the first run, leased")
+        expires = lease_expiry(db, task_id)  # read before the kill: a later heartbeat only extends it
+        assert expires is not None
         first.kill()  # SIGKILL mid-task: no complete, no more heartbeats
-        killed_at = time.monotonic()
         second = spawn(impl, [broker.endpoint])
         result = client.result(task_id, timeout=60)
-    assert time.monotonic() - killed_at >= 1.0  # not before the lease could expire
     assert (result.state, result.attempt, result.result) == ("completed", 2, b"slept 2")
     (_, _, pid1), (_, _, pid2) = ledger_runs(ledger)
     assert [(t, a) for t, a, _ in ledger_runs(ledger)] == [(task_id, 1), (task_id, 2)]
     assert (pid1, pid2) == (first.proc.pid, second.proc.pid)
+    assert run_starts(ledger)[(task_id, 2)] >= expires  # the rerun began once the lease had lapsed
     assert db.query("SELECT failures FROM results WHERE id = %s", (task_id,)) == [(1,)]
     assert second.stop() == 0
 
@@ -207,27 +217,148 @@ def test_broker_failover(impl, start_broker, spawn, db, ledger) -> None:
     assert worker.stop() == 0
 
 
+# Liveness (docs/PROTOCOL.md §11): a worker waiting on a broker leaves it after two liveness
+# intervals of silence (1 s each), and at once when its connection drops or the broker answers
+# shutting_down. Its poll timeout is 10 s here, so a worker that waited for an unanswered poll to
+# be lost (10 s + 5 s) would fail the bounds for a killed or paused broker many times over. Each
+# bound runs from the fault to what the product promises: a run's start in the ledger, or a task
+# lease renewed through the other broker in the database; never a process start-up.
+LIVENESS = 1.0
+
+
+def two_brokers(start_broker) -> dict[str, Any]:
+    """Two brokers that gossip, so the worker knows both and learns when one is stopping."""
+    return {b: start_broker("--pub", "tcp://127.0.0.1:*", broker_id=b) for b in ("b1", "b2")}
+
+
+def polled(brokers: dict[str, Any], queue: str) -> str:
+    """The broker whose gossip shows a poll waiting on `queue`: the one the worker waits on."""
+    ctx = zmq.Context()
+    mesh = Mesh(ctx, [], [b.pub for b in brokers.values()])
+    found: list[str] = []
+
+    def look() -> list[str]:
+        mesh.update()
+        found[:] = [v.broker for v in mesh.live() if v.polls([queue])]
+        return found
+
+    try:
+        wait_for(look, timeout=15, what=f"a poll waiting on {queue}")
+    finally:
+        mesh.close()
+        ctx.term()
+    return found[0]
+
+
+def first_start(ledger: Path, ids: list[int]) -> float:
+    starts = run_starts(ledger)
+    return min(t for (task, _), t in starts.items() if task in ids)
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_dead_or_stopping_broker_is_left_at_once(impl, fault, start_broker, spawn, db, ledger) -> None:
+    """SIGKILL: the connection drops, and the worker gets work from the other broker within 2 s.
+    SIGTERM while the worker polls it: its poll is answered empty (or refused, shutting_down) and
+    GOSSIP says stopping, so the worker moves within 1 s."""
+    brokers = two_brokers(start_broker)
+    worker = spawn(impl, [brokers["b1"].endpoint, brokers["b2"].endpoint], poll_timeout="10")
+    waited_on = polled(brokers, "whoami")
+    (other,) = set(brokers) - {waited_on}
+    with logs_on_failure(worker, *brokers.values()), Client(brokers[other].endpoint) as client:
+        client.ping()  # connected before the fault: the submit below takes milliseconds
+        faulted_at = time.time()
+        if fault == "kill":
+            brokers[waited_on].kill()
+        else:
+            brokers[waited_on].proc.send_signal(signal.SIGTERM)
+        ids = client.submit_many([TaskSpec("whoami", b"") for _ in range(5)])
+        assert {client.result(i, timeout=30).result for i in ids} == {f"{impl} {other} 1".encode()}
+        moved = first_start(ledger, ids) - faulted_at
+        bound = 2.0 if fault == "kill" else 1.0
+        assert moved < bound, f"work from {other} began {moved:.2f}s after the {fault}"
+        if fault == "stop":
+            assert brokers[waited_on].proc.wait(10) == 0
+    assert worker.proc.poll() is None  # still at work (a stop would wait out its 10 s poll)
+
+
+@pytest.mark.parametrize("waiting_for", ["poll", "heartbeat"])
+def test_a_paused_broker_is_left_within_two_liveness_intervals(
+    impl, waiting_for, start_broker, spawn, db, ledger, tmp_path: Path
+) -> None:
+    """SIGSTOP the broker the worker waits on. Its connection stays up, so only silence shows it:
+    the worker PINGs it after one liveness interval and leaves it after two. Waiting on a poll, it
+    starts work from the other broker within ~3 s of the pause. Running a task with no room to
+    poll, it waits only on the ACK of each heartbeat (every 2.5 s, the default): the first one
+    unanswered begins the wait, so it renews the lease through the other broker within one
+    heartbeat and two liveness intervals (two missed heartbeats would take 5 to 7.5 s), and the
+    task completes once, attempt 1, though the paused broker never answers again."""
+    brokers = two_brokers(start_broker)
+    endpoints = [brokers["b1"].endpoint, brokers["b2"].endpoint]
+    heartbeat = 2.5
+    settings = {"concurrency": "1", "prefetch": "0", "heartbeat": str(heartbeat)}
+    worker = spawn(impl, endpoints, poll_timeout="10", **(settings if waiting_for == "heartbeat" else {}))
+    waited_on = polled(brokers, "whoami")
+    (other,) = set(brokers) - {waited_on}
+    long_id = None
+    gate = tmp_path / "gate"  # the long task runs until this exists
+    if waiting_for == "heartbeat":  # submitted where the worker polls: it runs there, heartbeated there
+        with Client(brokers[waited_on].endpoint) as client:
+            # The lease outlasts the worst case below: renewed at most a heartbeat before the pause.
+            long_id = client.submit("gated", str(gate).encode(), lease_timeout=8.0)
+        wait_for(lambda: lease_expiry(db, long_id) and ledger_runs(ledger), what="the long task running")
+
+    def renewed_elsewhere() -> bool:
+        return db.query("SELECT broker FROM tasks WHERE id = %s", (long_id,)) == [(other,)]
+
+    try:
+        with logs_on_failure(worker, *brokers.values()), Client(brokers[other].endpoint) as client:
+            client.ping()
+            paused_at = time.time()
+            brokers[waited_on].proc.send_signal(signal.SIGSTOP)
+            if long_id is not None:
+                wait_for(renewed_elsewhere, timeout=10, what=f"a lease renewal through {other}")
+                moved = time.time() - paused_at  # at worst the next heartbeat, 2 intervals, a commit
+                assert moved < heartbeat + 2 * LIVENESS + 1.0, f"the lease moved {moved:.2f}s after the pause"
+                gate.touch()
+                done = client.result(long_id, timeout=30)
+                assert (done.state, done.attempt, done.result) == ("completed", 1, b"opened 1")
+                assert [a for t, a, _ in ledger_runs(ledger) if t == long_id] == [1]  # it ran once
+            ids = client.submit_many([TaskSpec("whoami", b"") for _ in range(5)])
+            assert {client.result(i, timeout=30).result for i in ids} == {f"{impl} {other} 1".encode()}
+            if long_id is None:
+                moved = first_start(ledger, ids) - paused_at  # two intervals, then a poll elsewhere
+                assert moved < 2 * LIVENESS + 1.0, f"work from {other} began {moved:.2f}s after the pause"
+            assert "event=failover" in worker.log()
+    finally:
+        brokers[waited_on].kill()  # never resumed: whatever it holds is the others' to take over
+    assert worker.proc.poll() is None
+
+
 def test_graceful_stop_releases_prefetched_tasks(impl, start_broker, spawn, db, ledger) -> None:
     """SIGTERM: the running task finishes and is reported, prefetched ones are released (not
-    left to expire, no failure counted), and the process exits 0."""
+    run, not left to expire, no failure counted), and the process exits 0."""
     broker = start_broker()
     worker = spawn(impl, [broker.endpoint], concurrency="1", prefetch="5")
     with Client(broker.endpoint) as client:
-        busy = client.submit("sleepy", b"2.0")
+        busy = client.submit("sleepy", b"3.0")
         wait_for(lambda: ledger_runs(ledger), what="the first run")
-        # The worker polls for 5 more while it runs one: these go to it and wait, prefetched.
+        # The worker polls for 5 more while it runs one: these go to it and wait, prefetched. Its
+        # heartbeats cover what it holds, so once all 5 are running in the database it holds them.
         ids = client.submit_many([TaskSpec("echo", b"later", lease_timeout=30) for _ in range(5)])
-        time.sleep(0.5)
+        held = "SELECT count(*) FROM tasks WHERE id = ANY(%s) AND state = 'running' AND attempt = 1"
+        wait_for(lambda: db.query(held, (ids,)) == [(5,)], timeout=10, what="the 5 tasks prefetched")
+        assert [t for t, _, _ in ledger_runs(ledger)] == [busy]  # held, not started: one runs at a time
         assert worker.stop() == 0
         assert client.result(busy, timeout=5).state == "completed"
-        assert [t for t, _, _ in ledger_runs(ledger)] == [busy]
-        # Released, they are pending again at once (a broker with recent polls may buffer them
-        # again): a new worker runs them now, not after their 30 s leases.
-        began = time.monotonic()
+        assert [t for t, _, _ in ledger_runs(ledger)] == [busy]  # the prefetched ones never ran
+        # Released: pending again at once, no failure counted (a broker with recent polls may
+        # buffer them again), where a lease left to expire would be running for 30 s more.
+        released = db.query("SELECT state, failures FROM tasks WHERE id = ANY(%s)", (ids,))
+        assert len(released) == 5 and all(state != "running" and f == 0 for state, f in released)
         spawn(impl, [broker.endpoint])
         assert all(client.result(i, timeout=20).state == "completed" for i in ids)
-        assert time.monotonic() - began < 10
     assert db.query("SELECT DISTINCT failures FROM results WHERE id = ANY(%s)", (ids,)) == [(0,)]
+    assert all(a >= 2 for (a,) in db.query("SELECT attempt FROM results WHERE id = ANY(%s)", (ids,)))
 
 
 def test_python_and_node_workers_share_a_queue(start_broker, spawn, db, ledger) -> None:

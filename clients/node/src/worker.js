@@ -5,17 +5,15 @@
 import { hostname } from "node:os";
 import { randomBytes } from "node:crypto";
 
-import { Dealer } from "zeromq";
-
+import { LIVENESS, Link } from "./link.js";
 import { logfmt } from "./log.js";
 import { Gossip, MeshTable } from "./mesh.js";
-import { MAX_BATCH, MAX_FRAME_BYTES, ProtocolError, checkQueueName, decode, delivery, encode, errorText, resultBytes } from "./wire.js";
+import { MAX_BATCH, ProtocolError, checkQueueName, decode, delivery, encode, errorText, resultBytes } from "./wire.js";
 
 const RESEND_AFTER = 5000; // ms without an ACK before a COMPLETE/FAIL/RELEASE is sent again (§9.6)
 const MAX_UNACKED = 2; // report messages awaiting their ACK; later outcomes wait and go together
 const REFUSED_PAUSE = 100; // ms to wait after an ERROR to a report (busy, unavailable)
 const STOP_GRACE = 30_000; // ms a stopping worker keeps resending unacknowledged reports
-const CONNECT_WAIT = 1000; // ms a send waits for a connection (IMMEDIATE) before giving up
 const TICK = 100; // ms between bookkeeping passes when nothing else happens
 
 /** Raise from a handler to fail the task without retries (FAIL with retry false: dead at once). */
@@ -44,7 +42,9 @@ export class PermanentError extends Error {
  * @property {number} [concurrency] handlers running at once (4)
  * @property {number} [prefetch] tasks held beyond the running ones (= concurrency)
  * @property {number} [pollTimeout] seconds a POLL may wait at the broker (5)
- * @property {number} [heartbeatInterval] seconds between heartbeats (2.5)
+ * @property {number} [heartbeatInterval] seconds between heartbeats, which keep task leases alive (2.5)
+ * @property {number} [liveness] seconds of silence from a broker waited on before it is PINGed;
+ *   twice this and it is left for another (1)
  * @property {string} [workerId] default: hostname-pid-random
  * @property {ReturnType<typeof logfmt>} [log]
  */
@@ -60,6 +60,7 @@ export class Worker {
     this.prefetch = options.prefetch ?? this.concurrency;
     this.pollTimeout = options.pollTimeout ?? 5;
     this.heartbeatInterval = (options.heartbeatInterval ?? 2.5) * 1000;
+    this.liveness = options.liveness === undefined ? LIVENESS : options.liveness * 1000;
     this.workerId = options.workerId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
     this.log = options.log ?? logfmt("conduit.worker");
     /** @type {Map<string, Handler>} */
@@ -107,12 +108,13 @@ class Loop {
     this.table = new MeshTable(worker.endpoints);
     this.gossip = new Gossip(this.table, this.log);
     for (const endpoint of worker.gossipEndpoints) this.gossip.subscribe(endpoint);
-    /** @type {Map<string, {sock: Dealer, chain: Promise<void>, closed: boolean}>} one DEALER per broker used */
-    this.conns = new Map();
+    /** @type {Map<string, Link>} one DEALER per broker used */
+    this.links = new Map();
     this.current = worker.endpoints[0]; // where polls, heartbeats and reports go
     this.nextRid = 1;
     /** @type {number | null} */
     this.pollRid = null;
+    this.pollAt = this.current;
     this.pollDeadline = 0;
     this.pollHoldUntil = 0;
     this.lastPollEmpty = false;
@@ -122,7 +124,7 @@ class Loop {
     this.active = new Map();
     /** @type {Set<string>} deliveries a heartbeat told us we no longer hold */
     this.lost = new Set();
-    /** @type {Map<number, {command: Report, rows: unknown[][], sent: number}>} */
+    /** @type {Map<number, {command: Report, rows: unknown[][], sent: number, endpoint: string}>} */
     this.unacked = new Map();
     /** @type {Record<Report, unknown[][]>} */
     this.outbox = { COMPLETE: [], FAIL: [], RELEASE: [] };
@@ -130,6 +132,7 @@ class Loop {
     this.nextHeartbeat = 0;
     /** @type {Map<number, unknown[][]>} the last heartbeat's rid and rows, until answered */
     this.heartbeats = new Map();
+    this.heartbeatsAt = this.current;
     this.heartbeatMisses = 0;
     this.kicked = false;
     this.stopBy = 0;
@@ -142,12 +145,12 @@ class Loop {
     return new Promise((resolve, reject) => {
       this.finish = () => {
         clearInterval(this.timer);
-        for (const conn of this.conns.values()) this.close(conn);
+        for (const link of this.links.values()) link.close();
         this.gossip.close();
         resolve();
       };
       this.fail = reject;
-      for (const endpoint of this.w.endpoints) this.send("PING", {}, endpoint); // learn gossip endpoints
+      for (const endpoint of this.w.endpoints) this.send("PING", {}, endpoint, false); // learn gossip endpoints
       this.timer = setInterval(() => this.tick(), TICK);
       this.kick();
     });
@@ -177,7 +180,13 @@ class Loop {
       }
       this.stepOut(now);
       this.flush(now);
-      if (this.pollRid !== null && now > this.pollDeadline) {
+      // A wait ends once nothing sent to that broker awaits its answer; silence counts only within one.
+      for (const [endpoint, link] of this.links) if (!this.awaits(endpoint)) link.idle();
+      const why = this.links.get(this.current)?.gone(now);
+      if (why) {
+        this.log("warning", "broker_gone", { endpoint: this.current, why });
+        this.failover();
+      } else if (this.pollRid !== null && now > this.pollDeadline) {
         this.log("warning", "poll_lost", { endpoint: this.current });
         this.failover();
       }
@@ -190,41 +199,38 @@ class Loop {
   // -- sockets ------------------------------------------------------------------------------
 
   /** @param {string} endpoint */
-  conn(endpoint) {
-    let conn = this.conns.get(endpoint);
-    if (!conn) {
-      // §2: LINGER 0 (closing never flushes stale requests), IMMEDIATE (queue nothing for a
-      // broker not connected), the protocol's frame limit; sends wait at most CONNECT_WAIT.
-      const sock = new Dealer({ linger: 0, immediate: true, maxMessageSize: MAX_FRAME_BYTES, sendTimeout: CONNECT_WAIT });
-      sock.connect(endpoint);
-      conn = { sock, chain: Promise.resolve(), closed: false };
-      this.conns.set(endpoint, conn);
-      this.receive(conn);
+  link(endpoint) {
+    let link = this.links.get(endpoint);
+    if (!link) {
+      link = new Link(endpoint, this.w.liveness, () => this.kick());
+      this.links.set(endpoint, link);
+      this.receive(link);
     }
-    return conn;
+    return link;
   }
 
-  /** @param {{sock: Dealer, chain: Promise<void>, closed: boolean}} conn */
-  close(conn) {
-    conn.closed = true;
-    conn.sock.close();
-  }
-
-  /** @param {{sock: Dealer, chain: Promise<void>, closed: boolean}} conn */
-  async receive(conn) {
+  /** @param {Link} link */
+  async receive(link) {
     try {
-      for await (const frames of conn.sock) {
-        if (conn.closed) return; // replies to a socket given up on are never matched (§11)
+      for await (const frames of link.sock) {
+        if (link.closed) return; // replies to a socket given up on are never matched (§11)
+        link.heard(performance.now());
+        /** @type {import("./wire.js").Message | null} */
+        let msg = null;
         try {
-          this.onReply(decode(frames));
+          msg = decode(frames);
+          this.onReply(msg);
         } catch (err) {
           if (!(err instanceof ProtocolError)) throw err; // a bug here: fail run(), not go deaf
           this.log("warning", "bad_reply", { error: err.message });
         }
+        if (msg?.command === "ERROR" && msg.body.code === "shutting_down" && this.links.get(this.current) === link) {
+          this.failover(); // it is stopping: what it refused, and everything else, goes elsewhere now
+        }
         this.kick();
       }
     } catch (err) {
-      if (conn.closed) return;
+      if (link.closed) return;
       this.log("error", "receive_error", { error: String(err) });
       clearInterval(this.timer);
       this.fail?.(err);
@@ -232,33 +238,39 @@ class Loop {
   }
 
   /**
-   * Send a request (to the current broker by default) and return its rid at once. zeromq.js
-   * allows one send in flight per socket, so sends on a socket are chained; a send that finds
-   * no connection within CONNECT_WAIT is reported to sendFailed.
+   * Send a request (to the current broker by default) and return its rid at once; `awaited`
+   * says its answer will be waited for, so the broker's silence counts from now (§11). A send
+   * that finds no connection within the link's wait is reported to sendFailed.
    * @param {string} command
    * @param {Record<string, unknown>} body
    * @param {string} endpoint
+   * @param {boolean} awaited
    */
-  send(command, body, endpoint = this.current) {
+  send(command, body, endpoint = this.current, awaited = true) {
     const rid = this.nextRid++;
-    const conn = this.conn(endpoint);
-    const frames = encode(command, { ...body, rid });
-    conn.chain = conn.chain.then(() =>
-      conn.closed ? undefined : conn.sock.send(frames).catch((err) => this.sendFailed(rid, endpoint, conn, err)),
-    );
+    const link = this.link(endpoint);
+    if (awaited) link.expect(performance.now());
+    link.send(encode(command, { ...body, rid }), (err) => this.sendFailed(rid, link, err));
     return rid;
   }
 
   /**
    * No connection: a poll moves on to the next broker; an unsent heartbeat counts as
    * unanswered; an unsent report is resent after RESEND_AFTER or at the failover.
-   * @param {number} rid @param {string} endpoint @param {{closed: boolean}} conn @param {unknown} err
+   * @param {number} rid @param {Link} link @param {unknown} err
    */
-  sendFailed(rid, endpoint, conn, err) {
-    if (conn.closed) return;
-    this.log("info", "send_failed", { endpoint, rid, error: String(err) });
-    if (rid === this.pollRid && endpoint === this.current) this.failover();
+  sendFailed(rid, link, err) {
+    this.log("info", "send_failed", { endpoint: link.endpoint, rid, error: String(err) });
+    if (rid === this.pollRid && this.links.get(this.current) === link) this.failover();
     this.kick();
+  }
+
+  /** Something sent to this broker still awaits its answer, so its silence counts. @param {string} endpoint */
+  awaits(endpoint) {
+    if (this.pollRid !== null && this.pollAt === endpoint) return true;
+    if (this.heartbeats.size > 0 && this.heartbeatsAt === endpoint) return true;
+    for (const sent of this.unacked.values()) if (sent.endpoint === endpoint) return true;
+    return false;
   }
 
   // -- the exchange -------------------------------------------------------------------------
@@ -277,6 +289,7 @@ class Loop {
     if (this.pollRid === null && room > 0 && !w.stopping && now >= this.pollHoldUntil) {
       this.chooseBroker();
       const max = Math.min(room, MAX_BATCH);
+      this.pollAt = this.current;
       this.pollRid = this.send("POLL", { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout });
       this.pollDeadline = now + w.pollTimeout * 1000 + 5000; // §11: unanswered timeout + 5 s: gone
     }
@@ -293,6 +306,7 @@ class Loop {
       const held = [...[...this.active.values()].map((a) => a.task), ...this.prefetched]
         .filter((t) => !this.lost.has(key(t)))
         .map((t) => [t.id, t.attempt]);
+      this.heartbeatsAt = this.current;
       for (let i = 0; i < held.length; i += MAX_BATCH) {
         const rows = held.slice(i, i + MAX_BATCH);
         this.heartbeats.set(this.send("HEARTBEAT", { worker: w.workerId, tasks: rows }), rows);
@@ -363,7 +377,7 @@ class Loop {
       const rows = this.outbox[command];
       while (rows.length > 0 && this.unacked.size < MAX_UNACKED && now >= this.holdUntil) {
         const batch = rows.splice(0, MAX_BATCH);
-        this.unacked.set(this.send(command, { tasks: batch }), { command, rows: batch, sent: now });
+        this.unacked.set(this.send(command, { tasks: batch }), { command, rows: batch, sent: now, endpoint: this.current });
       }
     }
   }
@@ -485,10 +499,10 @@ class Loop {
    */
   failover() {
     this.log("warning", "failover", { endpoint: this.current });
-    const conn = this.conns.get(this.current);
-    if (conn) {
-      this.conns.delete(this.current);
-      this.close(conn);
+    const link = this.links.get(this.current);
+    if (link) {
+      this.links.delete(this.current);
+      link.close();
     }
     this.pollRid = null;
     this.table.forget(this.current);

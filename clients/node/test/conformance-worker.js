@@ -1,9 +1,10 @@
 // The conformance handlers (tests/conformance/handlers.py has the same ones in Python), run as
 // a process: `node test/conformance-worker.js`. Configured by the environment:
 //   CONDUIT_TEST_ENDPOINT   broker endpoints, space separated
-//   CONDUIT_TEST_LEDGER     file to append "id attempt pid" to at the start of every run
+//   CONDUIT_TEST_LEDGER     file to append "id attempt pid start" to at the start of every run
+//                           (start: wall-clock seconds, as the Python handlers write it)
 //   CONDUIT_TEST_CONCURRENCY, CONDUIT_TEST_PREFETCH, CONDUIT_TEST_POLL_TIMEOUT, CONDUIT_TEST_HEARTBEAT
-import { appendFileSync } from "node:fs";
+import { appendFileSync, existsSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 
 import { PermanentError, Worker, logfmt } from "../src/index.js";
@@ -20,7 +21,9 @@ const worker = new Worker({
 
 /** Record a run before working, so a test counts runs even of a process killed mid-task. */
 function record(task) {
-  if (env.CONDUIT_TEST_LEDGER) appendFileSync(env.CONDUIT_TEST_LEDGER, `${task.id} ${task.attempt} ${process.pid}\n`);
+  if (!env.CONDUIT_TEST_LEDGER) return;
+  const start = ((performance.timeOrigin + performance.now()) / 1000).toFixed(6);
+  appendFileSync(env.CONDUIT_TEST_LEDGER, `${task.id} ${task.attempt} ${process.pid} ${start}\n`);
 }
 
 worker
@@ -45,6 +48,12 @@ worker
     record(task);
     await sleep(Number(task.payload.toString()) * 1000);
     return `slept ${task.attempt}`;
+  })
+  .handle("gated", async (task) => {
+    record(task); // runs until the file its payload names exists: the test ends it
+    const deadline = performance.now() + 60_000;
+    while (!existsSync(task.payload.toString()) && performance.now() < deadline) await sleep(50);
+    return `opened ${task.attempt}`;
   })
   .handle("noop", () => null);
 
