@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ class Scheduler(threading.Thread):
         self.skipped = [k for k in KINDS if k not in self.kinds]
         self.faults: list[Fault] = []
         self.errors: list[str] = []
+        self.missed: Counter[str] = Counter()  # injections that hit nothing, so were not faults
         self._halt = threading.Event()
         self._txn_threads: list[threading.Thread] = []
 
@@ -75,11 +77,17 @@ class Scheduler(threading.Thread):
         first = list(self.kinds)
         self.rng.shuffle(first)
         while not self._halt.wait(self.rng.uniform(*self.gap)):
+            from_first = bool(first)
             kind = first.pop(0) if first else self.rng.choice(self.kinds)
             try:
                 fault = getattr(self, kind)()
             except Exception as exc:
                 self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+                continue
+            if fault is None:  # it hit nothing: not a fault; the first round tries it again later
+                self.missed[kind] += 1
+                if from_first:
+                    first.append(kind)
                 continue
             self.faults.append(fault)
             self.progress(f"fault {kind} {fault.target} {fault.detail}".rstrip())
@@ -90,42 +98,29 @@ class Scheduler(threading.Thread):
     # The faults. Durations straddle the interesting limits: the brokers' 3 s lease term and the
     # tasks' lease timeout, so some pauses outlive a lease and some do not.
     def broker_kill(self) -> Fault:
-        return self._kill("broker_kill", self.cluster.brokers, 3.0)
+        return kill(
+            self.cluster, "broker_kill", self.rng.choice(self.cluster.brokers), self.rng.uniform(0.2, 3.0)
+        )
 
     def broker_pause(self) -> Fault:
-        return self._pause("broker_pause", self.cluster.brokers, 6.0)
+        return pause(
+            self.cluster, "broker_pause", self.rng.choice(self.cluster.brokers), self.rng.uniform(0.5, 6.0)
+        )
 
     def worker_kill(self) -> Fault:
-        return self._kill("worker_kill", self.cluster.workers, 2.0)
+        return kill(
+            self.cluster, "worker_kill", self.rng.choice(self.cluster.workers), self.rng.uniform(0.2, 2.0)
+        )
 
     def worker_pause(self) -> Fault:
-        return self._pause("worker_pause", self.cluster.workers, 9.0)
+        return pause(
+            self.cluster, "worker_pause", self.rng.choice(self.cluster.workers), self.rng.uniform(0.5, 9.0)
+        )
 
-    def _kill(self, kind: str, members: list[Member], longest: float) -> Fault:
-        """SIGKILL one of `members`, and start it again after a while."""
-        member = self.rng.choice(members)
-        down = self.rng.uniform(0.2, longest)
-        fault = Fault(kind, member.name, time.time(), detail=f"down {down:.1f}s")
-        fault.pids.append(self.cluster.kill(member))
-        time.sleep(down)
-        self.cluster.start(member)
-        fault.end = time.time()
-        return fault
-
-    def _pause(self, kind: str, members: list[Member], longest: float) -> Fault:
-        """SIGSTOP one of `members` (it hangs rather than dies), then SIGCONT."""
-        member = self.rng.choice(members)
-        pause = self.rng.uniform(0.5, longest)
-        fault = Fault(kind, member.name, time.time(), detail=f"stopped {pause:.1f}s")
-        fault.pids.append(self.cluster.pause(member))
-        time.sleep(pause)
-        self.cluster.resume(member)
-        fault.end = time.time()
-        return fault
-
-    def db_terminate(self) -> Fault:
+    def db_terminate(self) -> Fault | None:
         """Drop the mesh's database connections (ours only, by application_name): all of them,
-        or one at random, so that one thread of one broker loses its connection alone."""
+        or one at random, so that one thread of one broker loses its connection alone. None if
+        no connection was there to drop (the brokers were reconnecting): nothing was injected."""
         which = self.rng.choice(["all", "one"])
         fault = Fault("db_terminate", which, time.time())
         with self.cluster.connect("faults") as conn:
@@ -141,7 +136,10 @@ class Scheduler(threading.Thread):
             ended = conn.execute(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(p)) FROM unnest(%s::int[]) p", (pids,)
             )
-            fault.detail = f"{ended.fetchone()[0]} backends"  # type: ignore[index]
+            (hit,) = ended.fetchone()  # type: ignore[misc]
+        if not hit:
+            return None
+        fault.detail = f"{hit} backends"
         fault.end = time.time()
         return fault
 
@@ -160,11 +158,11 @@ class Scheduler(threading.Thread):
     def pg_pause(self) -> Fault:
         """SIGSTOP every PostgreSQL process: connections hang instead of failing; SIGCONT after."""
         assert self.postgres is not None
-        pause = self.rng.uniform(0.5, 5.0)
-        fault = Fault("pg_pause", "server", time.time(), detail=f"stopped {pause:.1f}s")
+        seconds = self.rng.uniform(0.5, 5.0)
+        fault = Fault("pg_pause", "server", time.time(), detail=f"stopped {seconds:.1f}s")
         pids = self.postgres.pause()
         try:
-            time.sleep(pause)
+            time.sleep(seconds)
         finally:
             self.postgres.resume(pids)
         fault.end = time.time()
@@ -190,3 +188,25 @@ class Scheduler(threading.Thread):
         self._txn_threads.append(thread)
         thread.start()
         return fault
+
+
+def kill(cluster: Cluster, kind: str, member: Member, down: float) -> Fault:
+    """SIGKILL `member`, and start it again (same id and ports) `down` seconds later."""
+    fault = Fault(kind, member.name, time.time(), detail=f"down {down:.1f}s")
+    fault.pids.append(cluster.kill(member))
+    time.sleep(down)
+    cluster.start(member)
+    fault.end = time.time()
+    return fault
+
+
+def pause(cluster: Cluster, kind: str, member: Member, seconds: float) -> Fault:
+    """SIGSTOP `member` (it hangs rather than dies) for `seconds`, then SIGCONT."""
+    fault = Fault(kind, member.name, time.time(), detail=f"stopped {seconds:.1f}s")
+    fault.pids.append(cluster.pause(member))
+    try:
+        time.sleep(seconds)
+    finally:
+        cluster.resume(member)
+    fault.end = time.time()
+    return fault

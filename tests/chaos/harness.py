@@ -1,7 +1,7 @@
 """One chaos run: set up the database and the mesh, load it, inject faults, drain, check.
 
-run.py is the command line around `run`; the pytest test calls the command line, so what CI
-proves is what a developer runs."""
+run.py is the command line around `run` (random faults) and scenarios.py (fixed schedules); the
+pytest tests call the command line, so what CI proves is what a developer runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import psycopg
@@ -21,13 +23,15 @@ from psycopg import sql
 
 from chaos.cluster import Cluster
 from chaos.faults import Fault, Scheduler
-from chaos.invariants import FINAL, Truth, check
-from chaos.ledger import read_ledger
+from chaos.invariants import FINAL, Truth, Verdict, check
+from chaos.ledger import Execution, read_ledger
+from chaos.liveness import longest_gap
 from chaos.load import Producer
 from chaos.pg import PrivatePostgres
 from conduit.store import describe_dsn
 
 QUEUES = ("chaos.a", "chaos.b")
+SLOW_SUBMIT = 1.0  # seconds: submits slower than this are listed in the summary, as evidence
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Options:
     drain_timeout: float = 300.0
     rss_limit_mb: int = 300
     workdir: Path | None = None  # keep logs and ledger there (default: a temporary folder, removed)
+    scenario: str = "random"  # or one of scenarios.SCENARIOS: a fixed schedule instead of `duration`
 
 
 class _Monitor(threading.Thread):
@@ -81,140 +86,240 @@ def _unfinished(cluster: Cluster, ids: list[int]) -> int | None:
     return len(ids) - int(done)
 
 
-def run(opts: Options, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Run the chaos; return the summary (with "violations" and "ok")."""
-    folder = opts.workdir or Path(tempfile.mkdtemp(prefix="conduit-chaos-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    postgres: PrivatePostgres | None = None
-    if opts.dsn:
-        dsn, schema, backend = opts.dsn, f"chaos_{uuid.uuid4().hex[:10]}", f"server {describe_dsn(opts.dsn)}"
-    else:
-        (folder / "pg").mkdir(exist_ok=True)
-        postgres = PrivatePostgres(folder / "pg")
-        dsn, schema, backend = postgres.dsn, "conduit", "embedded (private, restartable)"
-    progress(f"chaos: seed {opts.seed}, {opts.duration:g}s, {backend}, schema {schema}, folder {folder}")
-    cluster: Cluster | None = None
-    keep = opts.workdir is not None
-    try:
-        Cluster.prepare(dsn, schema)
-        cluster = Cluster(
-            dsn,
-            schema,
-            folder,
+class Session:
+    """What every chaos run shares: a database (a private server, or a schema of the given one),
+    the mesh, its monitor and producers; `audit` checks the invariants, and leaving the `with`
+    stops everything started and removes what it made, unless it is evidence of a failure."""
+
+    def __init__(self, opts: Options, progress: Callable[[str], None], *, steady: bool = False) -> None:
+        self.opts, self.progress, self.steady = opts, progress, steady
+        self.folder = opts.workdir or Path(tempfile.mkdtemp(prefix="conduit-chaos-"))
+        self.keep = opts.workdir is not None
+        self.postgres: PrivatePostgres | None = None
+        self.cluster: Cluster | None = None
+        self.producers: list[Producer] = []
+        if opts.dsn:
+            self.dsn, self.schema = opts.dsn, f"chaos_{uuid.uuid4().hex[:10]}"
+            self.backend = f"server {describe_dsn(opts.dsn)}"
+
+    def __enter__(self) -> Session:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        opts = self.opts
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not opts.dsn:
+            (self.folder / "pg").mkdir(exist_ok=True)
+            self.postgres = PrivatePostgres(self.folder / "pg")
+            self.dsn, self.schema, self.backend = (
+                self.postgres.dsn,
+                "conduit",
+                "embedded (private, restartable)",
+            )
+        what = opts.scenario if opts.scenario != "random" else f"{opts.duration:g}s of random faults"
+        self.progress(
+            f"chaos: {what}, seed {opts.seed}, {self.backend}, schema {self.schema}, folder {self.folder}"
+        )
+        Cluster.prepare(self.dsn, self.schema)
+        self.cluster = Cluster(
+            self.dsn,
+            self.schema,
+            self.folder,
             brokers=opts.brokers,
             workers=opts.workers,
             concurrency=opts.concurrency,
             queues=QUEUES,
         )
-        cluster.start_all()
-        monitor = _Monitor(cluster)
-        monitor.start()
-        producers = [
+        self.cluster.start_all()
+        self.monitor = _Monitor(self.cluster)
+        self.monitor.start()
+        self.producers = [
             Producer(
                 f"p{i}",
-                cluster.endpoints,
+                self.cluster.endpoints,
                 random.Random(f"{opts.seed}-p{i}"),
                 opts.rate / opts.producers,
                 QUEUES,
+                steady=self.steady,
             )
             for i in range(opts.producers)
         ]
-        scheduler = Scheduler(
-            cluster, random.Random(f"{opts.seed}-faults"), postgres=postgres, progress=progress
-        )
-        for p in producers:
+        for p in self.producers:
             p.start()
-        scheduler.start()
-        began, t0 = time.monotonic(), time.time()
-        while (left := opts.duration - (time.monotonic() - began)) > 0:
-            time.sleep(min(10.0, left))
-            acked = sum(t.id is not None for p in producers for t in p.tasks)
-            progress(
-                f"t={time.monotonic() - began:4.0f}s acknowledged {acked}, faults {len(scheduler.faults)}"
-            )
-        progress("chaos: fault phase over; recovering the last fault and stopping the producers")
-        scheduler.stop()
-        for p in producers:
-            p.stop()
-        tasks = [t for p in producers for t in p.tasks]
 
-        # Drain: every acknowledged task (and any committed without an ack) must end.
+    def mesh(self) -> Cluster:
+        assert self.cluster is not None
+        return self.cluster
+
+    def warm(self, timeout: float = 120.0) -> float:
+        """Wait until every worker has started a task and every producer has had a submit
+        acknowledged; returns that wall-clock time. Liveness is measured from here, so process
+        start-up and first connections are not counted against the product."""
+        cluster = self.mesh()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            started = {r.pid for r in read_ledger(cluster.ledger_dir)}
+            if all(w.alive() and w.pid in started for w in cluster.workers) and all(
+                p.latencies for p in self.producers
+            ):
+                return time.time()
+            time.sleep(0.2)
+        raise RuntimeError(f"the mesh did not warm up within {timeout:g}s; see the logs in {self.folder}")
+
+    def acknowledged(self) -> int:
+        return sum(t.id is not None for p in self.producers for t in p.tasks)
+
+    def stop_load(self) -> float:
+        """Stop the producers; returns when the load ended (wall clock)."""
+        for p in self.producers:
+            p.stop()
+        return time.time()
+
+    def drain(self) -> float:
+        """Wait until every acknowledged task (and any committed without an ack) has ended."""
+        cluster = self.mesh()
         with cluster.connect("checker") as conn:
             keys = {k: i for k, i in conn.execute("SELECT key, task_id FROM idempotency_keys")}
+        tasks = [t for p in self.producers for t in p.tasks]
         ids = [t.id if t.id is not None else keys[t.key] for t in tasks if t.id is not None or t.key in keys]
-        drain_began = time.monotonic()
+        began = time.monotonic()
         left_over = _unfinished(cluster, ids)
-        while left_over != 0 and time.monotonic() - drain_began < opts.drain_timeout:
-            progress(f"chaos: draining, {left_over} tasks not finished yet")
+        while left_over != 0 and time.monotonic() - began < self.opts.drain_timeout:
+            self.progress(f"chaos: draining, {left_over} tasks not finished yet")
             time.sleep(2.0)
             left_over = _unfinished(cluster, ids)
-        drained = time.monotonic() - drain_began
-        progress(f"chaos: drained in {drained:.1f}s; stopping the mesh")
-        monitor.stop()
-        exit_codes = cluster.stop_all()
+        drained = time.monotonic() - began
+        self.progress(f"chaos: drained in {drained:.1f}s; stopping the mesh")
+        return drained
 
+    def audit(
+        self, faults: list[Fault], t0: float, load_end: float
+    ) -> tuple[dict[str, Any], Verdict, list[Execution]]:
+        """Stop the mesh and check everything; returns the summary so far, the verdict (to which
+        a caller may add violations before `conclude`) and the ledger's runs."""
+        cluster = self.mesh()
+        self.monitor.stop()
+        exit_codes = cluster.stop_all()
         with cluster.connect("checker") as conn:
             truth = Truth.read(conn)
         runs = read_ledger(cluster.ledger_dir)
+        tasks = [t for p in self.producers for t in p.tasks]
         verdict = check(
             tasks,
             truth,
             runs,
             # A crash (itself a violation) also explains the re-executions that follow it.
-            [
-                *scheduler.faults,
-                *(Fault("crash", n, at, at, [pid]) for at, n, pid, _ in cluster.unexpected_exits),
-            ],
-            broker_rss_max_kb=monitor.rss_max_kb,
-            rss_limit_kb=opts.rss_limit_mb * 1024,
+            [*faults, *(Fault("crash", n, at, at, [pid]) for at, n, pid, _ in cluster.unexpected_exits)],
+            broker_rss_max_kb=self.monitor.rss_max_kb,
+            rss_limit_kb=self.opts.rss_limit_mb * 1024,
             unexpected_exits=cluster.unexpected_exits,
         )
-        for error in scheduler.errors:
-            verdict.violate(f"fault injection failed: {error}")
-        for error in monitor.errors:
+        for error in self.monitor.errors:
             verdict.violate(f"restarting a crashed process failed: {error}")
         unstopped = [name for name, code in exit_codes.items() if code is None]
         if unstopped:
             verdict.violate(f"did not stop on SIGTERM within 60 s: {', '.join(unstopped)}")
+        latencies = [b for p in self.producers for b in p.latencies if t0 <= b.sent <= load_end]
+        slowest = max(latencies, key=lambda b: b.seconds, default=None)
+        gap, gap_at = longest_gap((r.start for r in runs), t0, load_end)
         summary: dict[str, Any] = {
-            "seed": opts.seed,
-            "duration_s": opts.duration,
-            "backend": backend,
-            "brokers": opts.brokers,
-            "workers": opts.workers,
+            "scenario": self.opts.scenario,
+            "seed": self.opts.seed,
+            "backend": self.backend,
+            "brokers": self.opts.brokers,
+            "workers": self.opts.workers,
             **verdict.counts,
-            "faults": scheduler.counts(),
-            "faults_total": len(scheduler.faults),
-            "faults_skipped": {
-                k: "needs a server of the harness's own (no --dsn)" for k in scheduler.skipped
-            },
             "re_executions_by_cause": dict(verdict.explained),
-            "submit_attempts": sum(p.attempts for p in producers),
-            "submit_errors": sum(len(p.failures) for p in producers),
-            "drain_s": round(drained, 1),
-            "broker_rss_max_mb": {k: round(v / 1024, 1) for k, v in sorted(monitor.rss_max_kb.items())},
-            "violations": verdict.violations[:100],
-            "violation_count": len(verdict.violations),
+            "submit_attempts": sum(p.attempts for p in self.producers),
+            "submit_errors": sum(len(p.failures) for p in self.producers),
+            "broker_rss_max_mb": {k: round(v / 1024, 1) for k, v in sorted(self.monitor.rss_max_kb.items())},
+            # Measured from the warm mesh (t0; the logs' clock is UTC) to the end of the load, in
+            # seconds after t0.
+            "t0_utc": datetime.fromtimestamp(t0, UTC).isoformat(timespec="milliseconds"),
+            "measured_s": round(load_end - t0, 1),
+            "max_submit_latency_s": round(slowest.seconds, 3) if slowest else None,
+            "max_submit_latency_at": round(slowest.sent - t0, 1) if slowest else None,
+            "slow_submits": [
+                {"producer": b.producer, "at": round(b.sent - t0, 3), "seconds": round(b.seconds, 3)}
+                for b in sorted(latencies, key=lambda b: b.sent)
+                if b.seconds > SLOW_SUBMIT
+            ],
+            "longest_start_gap_s": round(gap, 3),
+            "longest_start_gap_at": round(gap_at - t0, 1),
             "fault_log": [
                 {"kind": f.kind, "target": f.target, "at": round(f.start - t0, 1), "detail": f.detail}
-                for f in scheduler.faults
+                for f in faults
             ],
         }
+        return summary, verdict, runs
+
+    def conclude(self, summary: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+        summary["violations"] = verdict.violations[:100]
+        summary["violation_count"] = len(verdict.violations)
         summary["ok"] = not verdict.violations
         if not summary["ok"]:
-            keep = True  # the logs and the ledger are the evidence
-            summary["workdir"] = str(folder)
+            self.keep = True  # the logs and the ledger are the evidence
+            summary["workdir"] = str(self.folder)
         return summary
-    finally:
-        if cluster is not None:
-            cluster.kill_all()
-        if opts.dsn:
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for p in self.producers:
+            p.stop()
+        if self.cluster is not None:
+            self.cluster.kill_all()
+        if self.opts.dsn:
             try:
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-            except psycopg.Error as exc:
-                progress(f"chaos: could not drop schema {schema}: {exc}")
-        if postgres is not None:
-            postgres.close()
-        if not keep:
-            shutil.rmtree(folder, ignore_errors=True)
+                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                    conn.execute(
+                        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema))
+                    )
+            except psycopg.Error as error:
+                self.progress(f"chaos: could not drop schema {self.schema}: {error}")
+        if self.postgres is not None:
+            self.postgres.close()
+        if not self.keep:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run(opts: Options, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Random faults for `opts.duration` seconds; returns the summary (with "violations", "ok").
+    Liveness figures are reported, not bounded: database faults legitimately stall everything."""
+    with Session(opts, progress) as session:
+        t0 = session.warm()
+        scheduler = Scheduler(
+            session.mesh(), random.Random(f"{opts.seed}-faults"), postgres=session.postgres, progress=progress
+        )
+        scheduler.start()
+        began = time.monotonic()
+        while (left := opts.duration - (time.monotonic() - began)) > 0:
+            time.sleep(min(10.0, left))
+            progress(
+                f"t={time.monotonic() - began:4.0f}s acknowledged {session.acknowledged()}, "
+                f"faults {len(scheduler.faults)}"
+            )
+        progress("chaos: fault phase over; recovering the last fault and stopping the producers")
+        scheduler.stop()
+        load_end = session.stop_load()
+        drained = session.drain()
+        summary, verdict, _ = session.audit(scheduler.faults, t0, load_end)
+        for error in scheduler.errors:
+            verdict.violate(f"fault injection failed: {error}")
+        summary.update(
+            duration_s=opts.duration,
+            drain_s=round(drained, 1),
+            faults=scheduler.counts(),
+            faults_total=len(scheduler.faults),
+            faults_missed=dict(scheduler.missed),
+            faults_skipped={k: "needs a server of the harness's own (no --dsn)" for k in scheduler.skipped},
+        )
+        return session.conclude(summary, verdict)

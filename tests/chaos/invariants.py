@@ -16,9 +16,14 @@ from chaos.load import Submitted
 FINAL = ("completed", "dead", "cancelled")
 WORKER_FAULTS = ("worker_kill", "worker_pause", "crash")
 MESH_FAULTS = ("broker_kill", "broker_pause", "db_terminate", "pg_restart", "pg_pause", "crash")
-# A fault of the mesh or database is felt after it ends too: a broker learns that its lease
-# renewal failed up to a lease term (3 s) later and fences what it delivered, and a task lease
-# (6 s) that could not be renewed meanwhile runs out after it.
+LEASE_TERM = 3.0  # the brokers' lease term in a chaos run (Cluster's default)
+# A run is in hand from its start to its end, or until the run after it started if it never
+# ended; its report can still be lost for up to a lease term after that (its broker pauses, and
+# past its term another takes its buffer over), so the window to explain a re-execution ends
+# there. It begins earlier: a fault is felt after it is over, as a broker learns that its lease
+# renewal failed up to a lease term later and fences what it delivered meanwhile, and a delivery
+# may wait in a worker's prefetch behind long tasks (4 s at most) before it runs. A fault that
+# ended more than this before the run started explains nothing.
 AFTERMATH = 10.0
 CLOCK_SLACK = 0.005  # seconds: time.time() rounding between processes on one machine
 
@@ -126,33 +131,31 @@ def check(
                 wrong += 1
                 v.violate(f"task {task_id} completed at attempt {attempt} with result {result!r}")
         elif state == "dead":
-            t = by_id.get(task_id)
-            if not (t is not None and t.mode == 2) and failures < max_attempts:
+            sub = by_id.get(task_id)
+            if not (sub is not None and sub.mode == 2) and failures < max_attempts:
                 v.violate(f"task {task_id} dead after {failures} of {max_attempts} failures, not on purpose")
     v.counts["wrong_results"] = wrong
 
     # Time: no run before run_at (which is no earlier than the submit's send time plus its delay).
     early = 0
     for run in runs:
-        t = by_id.get(run.task)
-        if t is not None and t.delay and run.start < t.sent + t.delay - CLOCK_SLACK:
+        sub = by_id.get(run.task)
+        if sub is not None and sub.delay and run.start < sub.sent + sub.delay - CLOCK_SLACK:
             early += 1
-            v.violate(f"task {t.id} ran {t.sent + t.delay - run.start:.3f}s before its run_at")
+            v.violate(f"task {sub.id} ran {sub.sent + sub.delay - run.start:.3f}s before its run_at")
     v.counts["ran_before_run_at"] = early
 
-    # At-least-once, with a cause: a run beyond the first follows a failure on purpose, a fault
-    # on a process that ran it, or a fault of the mesh or database while it was in hand. The
-    # same attempt never runs twice (a delivery is never duplicated).
+    # At-least-once, with a cause: a run beyond the first follows the failure on purpose of the
+    # run before it, or a fault, on its process or of the mesh or database, while that run was in
+    # hand. The same attempt never runs twice (a delivery is never duplicated).
     re_executions = unexplained = 0
     for task_id, task_runs in runs_by_task.items():
         attempts = [r.attempt for r in task_runs]
         if len(attempts) != len(set(attempts)):
             v.violate(f"task {task_id}: one attempt ran twice: {[(r.attempt, r.pid) for r in task_runs]}")
-        t = by_id.get(task_id)
-        since = t.sent if t is not None else task_runs[0].start - 60
         for j in range(1, len(task_runs)):
             re_executions += 1
-            cause = _cause(task_runs[:j], task_runs[j], faults, since)
+            cause = _cause(task_runs[j - 1], task_runs[j], faults)
             if cause is None:
                 unexplained += 1
                 v.violate(
@@ -175,15 +178,29 @@ def check(
     return v
 
 
-def _cause(before: list[Execution], again: Execution, faults: list[Fault], since: float) -> str | None:
-    """Why `again` ran although `before` had run; None if nothing explains it."""
-    if any(r.outcome == "fail" for r in before):
+def _cause(before: Execution, again: Execution, faults: list[Fault]) -> str | None:
+    """Why `again` ran after `before` (the run of the task that started last before it); None if
+    nothing explains it. A worker fault counts on the process that ran `before` while it was in
+    hand, or on the one that runs `again` (a paused worker runs a delivery it lost, late, when it
+    resumes); a mesh fault counts while `before` was in hand."""
+    if before.outcome == "fail":
         return "handler_failure"
-    pids = {r.pid for r in before} | {again.pid}  # a paused worker may run a delivery it lost
+    held = (before.start - AFTERMATH, (before.end if before.end is not None else again.start) + LEASE_TERM)
+    late = (again.start - AFTERMATH, again.start)
     for f in faults:
-        if f.kind in WORKER_FAULTS and pids & set(f.pids) and f.start <= again.start:
+        if f.start > again.start:
+            continue
+        end = f.end or f.start
+        if f.kind in WORKER_FAULTS and (
+            (before.pid in f.pids and _overlap(f.start, end, *held))
+            or (again.pid in f.pids and _overlap(f.start, end, *late))
+        ):
             return f.kind
     for f in faults:
-        if f.kind in MESH_FAULTS and since <= (f.end or f.start) + AFTERMATH and f.start <= again.start:
+        if f.kind in MESH_FAULTS and f.start <= again.start and _overlap(f.start, f.end or f.start, *held):
             return f.kind
     return None
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> bool:
+    return a0 <= b1 and b0 <= a1

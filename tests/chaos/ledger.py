@@ -8,13 +8,14 @@ from pathlib import Path
 
 @dataclass
 class Execution:
-    """One run of a handler: started at `start` (wall clock); `end`/`outcome` None if it never
-    finished (its process was killed)."""
+    """One run of a handler: started at `start` (wall clock) on a delivery from `broker`;
+    `end`/`outcome` None if it never finished (its process was killed)."""
 
     task: int
     attempt: int
     pid: int
     start: float
+    broker: str = ""
     end: float | None = None
     outcome: str | None = None
 
@@ -37,7 +38,7 @@ def read_ledger(folder: Path) -> list[Execution]:
             )
             key = (task, attempt, pid)
             if kind == "S":
-                open_runs[key] = Execution(task, attempt, pid, at)
+                open_runs[key] = Execution(task, attempt, pid, at, parts[5] if len(parts) > 5 else "")
                 runs.append(open_runs[key])
             elif kind == "E" and key in open_runs:
                 run = open_runs.pop(key)

@@ -32,8 +32,19 @@ class Submitted:
     id: int | None = None  # set once a submit of it was acknowledged
 
 
+@dataclass(frozen=True)
+class Latency:
+    """How long one batch took from its first try to its acknowledgment, retries included: the
+    wait a producer's caller sees."""
+
+    producer: str
+    sent: float  # wall clock of the first try
+    seconds: float
+
+
 class Producer(threading.Thread):
-    """Submits batches of 1..max_batch tasks at about `rate` tasks a second."""
+    """Submits batches of 1..max_batch tasks at about `rate` tasks a second: at random intervals,
+    or, `steady`, one batch every mean interval after the last was acknowledged."""
 
     def __init__(
         self,
@@ -43,11 +54,13 @@ class Producer(threading.Thread):
         rate: float,
         queues: tuple[str, ...],
         max_batch: int = 8,
+        steady: bool = False,
     ) -> None:
         super().__init__(name=label, daemon=True)
         self.label, self.endpoints, self.rng = label, endpoints, rng
-        self.rate, self.queues, self.max_batch = rate, queues, max_batch
+        self.rate, self.queues, self.max_batch, self.steady = rate, queues, max_batch, steady
         self.tasks: list[Submitted] = []
+        self.latencies: list[Latency] = []  # acknowledged batches only
         self.attempts = 0
         self.failures: list[str] = []
         self._halt = threading.Event()
@@ -98,7 +111,11 @@ class Producer(threading.Thread):
                         if self._halt.wait(0.5 * (attempt + 1)):
                             break
                         continue
+                    self.latencies.append(Latency(self.label, batch[0].sent, time.time() - batch[0].sent))
                     for t, task_id in zip(batch, ids, strict=True):
                         t.id = task_id
                     break
-                self._halt.wait(self.rng.expovariate(self.rate / ((self.max_batch + 1) / 2)))
+                batches_per_second = self.rate / ((self.max_batch + 1) / 2)
+                self._halt.wait(
+                    1 / batches_per_second if self.steady else self.rng.expovariate(batches_per_second)
+                )

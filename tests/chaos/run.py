@@ -3,6 +3,10 @@
 are injected; then the durability invariants are checked against the database and the ledger.
 
     python tests/chaos/run.py --duration 120 --seed 7 --json chaos.json
+    python tests/chaos/run.py --scenario broker_pause --seed 3
+
+A scenario is a fixed schedule (see tests/chaos/scenarios.py) whose liveness is bounded too:
+submit latency, the longest gap in task starts, and how soon workers get new work after a fault.
 
 Exit codes: 0 every invariant held, 1 a violation (listed), 2 the harness itself failed.
 Progress goes to stderr, the summary table to stdout.
@@ -21,13 +25,48 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `chaos` is tests/chaos
 
 from chaos.harness import Options, run
+from chaos.scenarios import SCENARIOS, run_scenario
+
+
+def _seconds(value: float | None, at: float | None) -> str:
+    return "none" if value is None else f"{value:.2f} s (at t={at} s)"
 
 
 def _table(s: dict[str, Any]) -> str:
+    if s["scenario"] == "random":
+        phase = [
+            ("duration (fault phase)", f"{s['duration_s']:g} s, drained in {s['drain_s']} s"),
+        ]
+        faults = [
+            ("faults injected", s["faults_total"]),
+            *((f"  {k}", n) for k, n in s["faults"].items()),
+            *((f"  {k}", f"skipped: {why}") for k, why in s["faults_skipped"].items()),
+            *((f"  {k} that hit nothing (not counted)", n) for k, n in s["faults_missed"].items()),
+        ]
+        back: list[tuple[str, Any]] = []
+    else:
+        phase = [
+            ("scenario", s["scenario"]),
+            ("measured (warm mesh, under load)", f"{s['measured_s']} s, drained in {s['drain_s']} s"),
+        ]
+        faults = [
+            (f"fault at t={f['at']} s", f"{f['kind']} {f['target']} {f['detail']}") for f in s["fault_log"]
+        ]
+        back = [
+            (
+                f"  {row['worker']} after {row['fault']}"
+                + (" (its broker)" if row["was_served_by_it"] else ""),
+                ("never" if row["seconds"] is None else f"{row['seconds']:.2f} s")
+                + (f" after {row['busy_s']:.2f} s with old work" if row["busy_s"] else ""),
+            )
+            for row in s["back_to_work"]
+        ]
+        if back:
+            back.insert(0, ("new work after the fault", ""))
     rows = [
         ("seed", s["seed"]),
         ("backend", s["backend"]),
-        ("duration (fault phase)", f"{s['duration_s']:g} s, drained in {s['drain_s']} s"),
+        *phase,
         ("submits acknowledged", s["submitted_acknowledged"]),
         (
             "tasks not acknowledged",
@@ -40,9 +79,15 @@ def _table(s: dict[str, Any]) -> str:
         ("re-executions", s["re_executions"]),
         *((f"  after {k}", n) for k, n in sorted(s["re_executions_by_cause"].items())),
         ("  unexplained", s["unexplained_re_executions"]),
-        ("faults injected", s["faults_total"]),
-        *((f"  {k}", n) for k, n in s["faults"].items()),
-        *((f"  {k}", f"skipped: {why}") for k, why in s["faults_skipped"].items()),
+        *faults,
+        ("slowest submit", _seconds(s["max_submit_latency_s"], s["max_submit_latency_at"])),
+        (
+            "submits over 1 s",
+            ", ".join(f"{b['producer']} {b['seconds']:.2f} s at t={b['at']:.1f}" for b in s["slow_submits"])
+            or "none",
+        ),
+        ("longest gap in task starts", _seconds(s["longest_start_gap_s"], s["longest_start_gap_at"])),
+        *back,
         ("broker RSS max (MB)", ", ".join(f"{k} {v}" for k, v in s["broker_rss_max_mb"].items())),
         ("ran before run_at", s["ran_before_run_at"]),
         ("results not from the lease holder", s["wrong_results"]),
@@ -60,7 +105,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--duration", type=float, default=120.0, help="seconds of faults under load (default 120)"
+        "--duration", type=float, default=120.0, help="seconds of random faults under load (default 120)"
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=["random", *SCENARIOS],
+        default="random",
+        help="a fixed liveness schedule instead of random faults (--duration does not apply)",
     )
     parser.add_argument(
         "--seed", type=int, default=1, help="seeds the fault schedule and the load (default 1)"
@@ -97,9 +148,10 @@ def main() -> int:
         drain_timeout=args.drain_timeout,
         rss_limit_mb=args.rss_limit_mb,
         workdir=args.workdir,
+        scenario=args.scenario,
     )
     try:
-        summary = run(opts, progress)
+        summary = run(opts, progress) if opts.scenario == "random" else run_scenario(opts, progress)
     except KeyboardInterrupt:
         progress("chaos: interrupted; everything started was stopped")
         return 2
