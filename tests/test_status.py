@@ -29,8 +29,7 @@ def test_status_counts_delivered_tasks_as_running(start_broker, db) -> None:
             with Client(broker.endpoint) as client:
                 task_id = client.submit("held", b"")
                 wait_for(lambda: client.lookup([task_id])[0].state == "buffered", what="the delivery")
-                client.submit("held", b"")  # no room at the worker: it waits in the broker's buffer
-            assert db.query("SELECT state, count(*) FROM tasks GROUP BY state") == [("buffered", 2)]
+            assert db.query("SELECT state, count(*) FROM tasks GROUP BY state") == [("buffered", 1)]
             command = ["status", "--json", "--dsn", db.dsn, "--schema", db.schema]
             out = subprocess.run(
                 [sys.executable, "-m", "conduit", *command],
@@ -42,4 +41,4 @@ def test_status_counts_delivered_tasks_as_running(start_broker, db) -> None:
         finally:
             release.set()  # before the worker stops: it waits for its handler
     counts = json.loads(out)["queues"]["held"]
-    assert (counts.get("running"), counts.get("buffered")) == (1, 1)
+    assert (counts.get("running"), counts.get("buffered", 0)) == (1, 0)
