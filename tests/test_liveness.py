@@ -8,7 +8,7 @@ import signal
 import time
 
 import zmq
-from test_e2e import running, wait_for
+from test_e2e import polls_waiting, running, wait_for
 
 from conduit.client import BrokerError, BrokerTimeout, Client, TaskContext, Worker
 from conduit.client.channel import Channel
@@ -66,19 +66,12 @@ def test_an_idle_workers_poll_moves_at_once_from_a_stopping_broker(start_broker)
         started.append(time.monotonic())
         return b""
 
-    ctx = zmq.Context()
-    mesh = Mesh(ctx, [], [stopping.pub])
-    try:
-        with running(worker), Client([other.endpoint]) as client:
-            # Its first poll goes to its first endpoint and waits there: nothing is due anywhere.
-            wait_for(lambda: mesh.update() or [v for v in mesh.live() if v.polls(["moved"])], what="a poll")
-            stopped_at = time.monotonic()
-            stopping.proc.send_signal(signal.SIGTERM)
-            client.submit("moved", b"")
-            wait_for(lambda: started, timeout=10, what="the task on the other broker")
-    finally:
-        mesh.close()
-        ctx.term()
+    with running(worker), Client([other.endpoint]) as client:
+        polls_waiting(stopping.pub, "moved", 1)  # its first poll waits at its first endpoint
+        stopped_at = time.monotonic()
+        stopping.proc.send_signal(signal.SIGTERM)
+        client.submit("moved", b"")
+        wait_for(lambda: started, timeout=10, what="the task on the other broker")
     # Its poll is answered empty at once, the next gets shutting_down (or finds the broker gone):
     # it moves, pauses 0.1 s and polls the other broker, well before its 5 s poll would end.
     assert started[0] - stopped_at < 1.5
