@@ -53,10 +53,18 @@ def db() -> None:
     """Set up and check the database."""
 
 
+_RETENTION = click.option(
+    "--retention-days",
+    type=click.FloatRange(min=1),
+    help="Keep finished tasks (and idempotency and submit keys) this many days (default 7).",
+)
+
+
 @db.command("init")
 @_db_options
-def db_init(dsn: str | None, data_dir: Path | None, schema: str | None) -> None:
-    """Create Conduit's schema (idempotent)."""
+@_RETENTION
+def db_init(dsn: str | None, data_dir: Path | None, schema: str | None, retention_days: float | None) -> None:
+    """Create Conduit's schema, or migrate an older one (idempotent)."""
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     url = dsn_for(settings)
     done = init_schema(url, settings.schema)
@@ -64,6 +72,35 @@ def db_init(dsn: str | None, data_dir: Path | None, schema: str | None) -> None:
         done, done
     )
     click.echo(f"schema {settings.schema!r} {state} on {describe_dsn(url)}")
+    if retention_days is not None:
+        with Store.open(url, schema=settings.schema) as store:
+            store.set_retention(retention_days)
+        click.echo(f"finished tasks are kept {retention_days:g} days")
+
+
+@db.command("prune")
+@_db_options
+@_RETENTION
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def db_prune(
+    dsn: str | None, data_dir: Path | None, schema: str | None, retention_days: float | None, as_json: bool
+) -> None:
+    """Drop the days of finished tasks older than the retention, and expired keys.
+
+    Brokers do this by themselves every hour; this does it now. History is kept in one partition
+    a day (UTC) and dropped a whole day at a time, never row by row. --retention-days prunes with
+    that retention this once, without changing the one the database keeps."""
+    settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
+    with Store.open(dsn_for(settings), schema=settings.schema) as store:
+        days = store.retention() if retention_days is None else retention_days
+        dropped = store.prune(days)
+        made = store.ensure_partitions()
+    if as_json:
+        click.echo(
+            json.dumps({"retention_days": days, "partitions_dropped": dropped, "partitions_made": made})
+        )
+    else:
+        click.echo(f"kept {days:g} days of finished tasks: dropped {dropped} partitions (two a day)")
 
 
 @db.command("check")

@@ -87,6 +87,7 @@ class Submitted(NamedTuple):
 
     id: int
     created: bool
+    owned: bool = False  # inserted held by the submitting broker, for it to deliver from memory
 
 
 class LeasedTask(NamedTuple):
@@ -95,7 +96,7 @@ class LeasedTask(NamedTuple):
     id: int
     queue: str
     priority: int
-    run_at: datetime
+    run_at: datetime | None  # None: inserted held by this broker, never read back
     attempt: int
     failures: int
     max_attempts: int

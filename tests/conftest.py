@@ -77,6 +77,17 @@ def store(db: Database) -> Iterator[Store]:
         yield s
 
 
+def old_schema(version: int) -> str:
+    """The schema an earlier Conduit made: version 2 as it shipped (tests/fixtures), version 1 the
+    same without submit keys."""
+    text = (Path(__file__).parent / "fixtures" / "schema_v2.sql").read_text()
+    if version == 1:
+        start = text.index("-- Submit keys name")
+        end = text.index(");\n", start) + 3
+        text = (text[:start] + text[end:]).replace("'schema_version', '2'", "'schema_version', '1'")
+    return text
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -61,7 +61,7 @@ def test_submit_without_wait_prints_only_the_id(start_broker, db) -> None:
     again = conduit_submit(broker.endpoint, "shout", "later", "--key", "k1")
     assert proc.returncode == 0 and proc.stdout.startswith("id="), proc.stderr
     assert again.stdout == proc.stdout  # the same key: the same task
-    (task_id,) = db.query("SELECT id FROM tasks WHERE state = 'pending'")
+    (task_id,) = db.query("SELECT id FROM live_tasks WHERE state = 'pending'")
     assert proc.stdout == f"id={task_id[0]}\n"
 
 

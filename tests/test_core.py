@@ -164,8 +164,8 @@ def test_submit_goes_straight_to_a_waiting_worker_after_commit() -> None:
     assert sent(actions) == []  # nothing is acknowledged before the commit
     (write,) = of(actions, core.Write)
     (op,) = write.batch.submits
-    assert op.workers == ["w1"]
-    actions = c.handle(Written(write.batch, WriteResult([[Submitted(42, True)]], []), None, 0.2))
+    assert op.waiters == [1] and op.owned == [True]
+    actions = c.handle(Written(write.batch, WriteResult([[Submitted(42, True, True)]], []), None, 0.2))
     assert sent(actions, CLIENT) == [("SUBMITTED", {"rid": 7, "ids": [42], "created": [True]})]
     ((command, body),) = sent(actions, WORKER)
     assert command == "DELIVER" and body["rid"] == 1
@@ -176,15 +176,15 @@ def test_no_sync_match_past_an_older_backlog_or_for_delayed_tasks() -> None:
     c = make_core(sync_match_window=5.0)
     poll(c)  # the first read is in flight: older tasks may be on their way
     actions = request(c, CLIENT, "SUBMIT", rid=2, tasks=[{"queue": "q", "payload": b"x"}])
-    assert of(actions, core.Write)[0].batch.submits[0].workers == [None]
+    assert of(actions, core.Write)[0].batch.submits[0].waiters == [None]
     c = make_core(sync_match_window=5.0)
     drain(c)
     actions = request(c, CLIENT, "SUBMIT", rid=3, tasks=[{"queue": "q", "payload": b"x", "delay": 1.0}])
-    assert of(actions, core.Write)[0].batch.submits[0].workers == [None]
+    assert of(actions, core.Write)[0].batch.submits[0].waiters == [None]
     c = make_core(sync_match_window=5.0, idle_recheck=100)
     drain(c)
     actions = request(c, CLIENT, "SUBMIT", 6.0, rid=4, tasks=[{"queue": "q", "payload": b"x"}])
-    assert of(actions, core.Write)[0].batch.submits[0].workers == [None]  # the drain is too old
+    assert of(actions, core.Write)[0].batch.submits[0].waiters == [None]  # the drain is too old
 
 
 def test_sync_match_fills_each_poll_up_to_its_max() -> None:
@@ -192,7 +192,9 @@ def test_sync_match_fills_each_poll_up_to_its_max() -> None:
     drain(c)
     tasks = [{"queue": "q", "payload": b"%d" % i} for i in range(3)]
     actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=tasks)
-    assert of(actions, core.Write)[0].batch.submits[0].workers == ["w1", None, None]
+    (op,) = of(actions, core.Write)[0].batch.submits
+    assert op.waiters == [1, None, None]
+    assert op.owned == [True, False, False]  # nobody else polls here: the rest wait in the database
 
 
 def test_sync_match_with_a_known_idempotency_key_keeps_the_poll_waiting() -> None:
@@ -212,13 +214,13 @@ def test_submit_key_rides_to_the_write_and_a_key_of_other_tasks_is_refused() -> 
     tasks = [{"queue": "q", "payload": b"x"}, {"queue": "q", "payload": b"y"}]
     (write,) = of(request(c, CLIENT, "SUBMIT", rid=5, tasks=tasks, key="batch-1"), core.Write)
     (op,) = write.batch.submits
-    assert op.key == "batch-1" and op.workers == ["w1", None]
+    assert op.key == "batch-1" and op.waiters == [1, None]
     actions = c.handle(Written(write.batch, WriteResult([None], []), None, 0.1))
     ((command, body),) = sent(actions, CLIENT)
     assert command == "ERROR" and body["code"] == "invalid_task" and "batch-1" in body["message"]
     assert sent(actions, WORKER) == []  # the poll it had reserved waits on, free again
     (write,) = of(request(c, CLIENT, "SUBMIT", 0.2, rid=6, tasks=tasks[:1]), core.Write)
-    assert write.batch.submits[0].workers == ["w1"]
+    assert write.batch.submits[0].waiters == [1]
 
 
 def test_failed_commit_acknowledges_nothing_and_frees_the_poll() -> None:
@@ -351,7 +353,7 @@ def test_shutdown_answers_polls_releases_the_buffer_and_stops_after_the_last_com
     actions = c.handle(Written(first.batch, WriteResult([], [[Outcome.OK]]), None, 0.5))
     (last,) = of(actions, core.Write)
     assert last.batch.releases == [Ack(2, 1), Ack(3, 1)]
-    assert last.batch.starts == [(Ack(1, 1), "w1")]  # its worker keeps it, heartbeating elsewhere
+    assert last.batch.starts == [Ack(1, 1)]  # its worker keeps it, heartbeating elsewhere
     assert not c.stopped
     actions = c.handle(Written(last.batch, WriteResult([], []), None, 0.6))
     assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped
@@ -483,12 +485,12 @@ def test_a_poll_sync_matched_in_one_commit_takes_nothing_from_the_next() -> None
     (first,) = of(
         request(c, CLIENT, "SUBMIT", 0.2, rid=7, tasks=[{"queue": "q", "payload": b"a"}]), core.Write
     )
-    assert [w for op in first.batch.submits for w in op.workers] == ["w1"]
+    assert [w for op in first.batch.submits for w in op.waiters] == [1]
     assert request(c, CLIENT, "SUBMIT", 0.3, rid=8, tasks=[{"queue": "q", "payload": b"b"}]) == []
-    actions = c.handle(Written(first.batch, WriteResult([[Submitted(1, True)]], []), None, 0.4))
+    actions = c.handle(Written(first.batch, WriteResult([[Submitted(1, True, True)]], []), None, 0.4))
     assert [t["id"] for _, body in sent(actions, WORKER) for t in body["tasks"]] == [1]
     (second,) = of(actions, core.Write)
-    assert [w for op in second.batch.submits for w in op.workers] == [None]  # enqueued for the next poll
+    assert [w for op in second.batch.submits for w in op.waiters] == [None]  # enqueued for the next poll
 
 
 def test_a_fresh_buffer_is_not_given_back_at_once() -> None:
@@ -500,7 +502,7 @@ def test_a_fresh_buffer_is_not_given_back_at_once() -> None:
     (write,) = of(
         request(c, CLIENT, "SUBMIT", 0.7, rid=7, tasks=[{"queue": "q", "payload": b"a"}]), core.Write
     )
-    c.handle(Written(write.batch, WriteResult([[Submitted(1, True)]], []), None, 0.8))  # poll answered
+    c.handle(Written(write.batch, WriteResult([[Submitted(1, True, True)]], []), None, 0.8))  # poll answered
     c.handle(Leased("q", [task(i) for i in range(2, 502)], None, 0.9))  # nobody waits for these now
     assert of(c.handle(Tick(1.0)), core.Write) == []
     assert of(c.handle(Tick(3.5)), core.Write) == []

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from conftest import BrokerProcess, Database, free_port
+from conftest import BrokerProcess, Database, free_port, old_schema
 from psycopg import sql
 
 from conduit.client import Client
@@ -94,17 +94,17 @@ def test_db_init_run_concurrently_on_a_fresh_schema_makes_one(server_dsn: str, s
     assert tables(server_dsn, schema) == tables(db.dsn, db.schema)  # whole, like any fresh one
 
 
-def downgrade_to_version_1(dsn: str, schema: str) -> None:
-    """What version 1 was: version 2 without submit keys (queries.sql, migrate_to_2)."""
-    execute(dsn, schema, "DROP TABLE submit_keys")
-    execute(dsn, schema, "UPDATE meta SET value = '1'")
+def make_version_1(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(old_schema(1).encode())
 
 
 def test_an_older_schema_is_refused_by_the_broker_and_migrated_in_place_by_db_init(
     server_dsn: str, schema: str, processes
 ) -> None:
-    init_schema(server_dsn, schema)
-    downgrade_to_version_1(server_dsn, schema)
+    make_version_1(server_dsn, schema)
     bind = f"tcp://127.0.0.1:{free_port()}"
     refused = conduit("broker", "--dsn", server_dsn, "--schema", schema, "--bind", bind)
     assert "version 1" in one_line_error(refused) and "conduit db init" in refused.stderr
@@ -119,8 +119,7 @@ def test_an_older_schema_is_refused_by_the_broker_and_migrated_in_place_by_db_in
 
 
 def test_db_init_says_it_migrated_an_older_schema(server_dsn: str, schema: str) -> None:
-    init_schema(server_dsn, schema)
-    downgrade_to_version_1(server_dsn, schema)
+    make_version_1(server_dsn, schema)
     migrated = conduit("db", "init", "--dsn", server_dsn, "--schema", schema)
     assert migrated.returncode == 0 and "migrated" in migrated.stdout, migrated.stdout
 

@@ -29,7 +29,7 @@ def test_status_counts_delivered_tasks_as_running(start_broker, db) -> None:
             with Client(broker.endpoint) as client:
                 task_id = client.submit("held", b"")
                 wait_for(lambda: client.lookup([task_id])[0].state == "buffered", what="the delivery")
-            assert db.query("SELECT state, count(*) FROM tasks GROUP BY state") == [("buffered", 1)]
+            assert db.query("SELECT state, count(*) FROM live_tasks GROUP BY state") == [("buffered", 1)]
             command = ["status", "--json", "--dsn", db.dsn, "--schema", db.schema]
             out = subprocess.run(
                 [sys.executable, "-m", "conduit", *command],

@@ -120,7 +120,7 @@ def test_counters_match_the_tables(store: Store, db) -> None:
     store.compact_counts()
     store.enqueue([TaskSpec("b", b"z")])
     truth: dict[str, dict[str, int]] = {}
-    for table in ("tasks", "results"):
+    for table in ("live_tasks", "results"):
         for queue, state, n in db.query(f"SELECT queue, state, count(*) FROM {table} GROUP BY 1, 2"):
             truth.setdefault(queue, {})[state] = n
     assert store.queue_stats() == truth

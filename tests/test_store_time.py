@@ -109,7 +109,7 @@ def test_expired_leases_count_toward_max_attempts(store: Store) -> None:
     (sub,) = store.enqueue([TaskSpec("q", b"x", max_attempts=2, lease_timeout=0.1, backoff_base=0)])
     for _ in range(2):
         task = _lease_when_due(store, owner, "q")
-        store.start(owner, [Ack(task.id, task.attempt)], ["w"])
+        store.start(owner, [Ack(task.id, task.attempt)])
         time.sleep(0.15)
         assert store.reap().running == 1
     info = store.lookup([sub.id])[0]

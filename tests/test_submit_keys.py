@@ -8,16 +8,25 @@ import time
 import uuid
 
 import psycopg
+import pytest
+from conftest import old_schema
 from psycopg import sql
 
 from conduit.broker.writes import SubmitOp, WriteBatch, execute
 from conduit.store import Store, init_schema
-from conduit.store.queries import SCHEMA
 from conduit.task import Submitted, TaskSpec
 
 
 def op(key: str | None, n: int, *, worker: str | None = None, rid: int = 1) -> SubmitOp:
-    return SubmitOp(b"peer", rid, [TaskSpec("q", b"%d" % i) for i in range(n)], [worker] * n, [None] * n, key)
+    waiter = None if worker is None else 7
+    return SubmitOp(
+        b"peer",
+        rid,
+        [TaskSpec("q", b"%d" % i) for i in range(n)],
+        [waiter] * n,
+        [worker is not None] * n,
+        key,
+    )
 
 
 def run(store: Store, *ops: SubmitOp) -> list[list[Submitted] | None]:
@@ -43,11 +52,12 @@ def test_the_same_key_twice_in_one_group_commit_inserts_once(store: Store, db) -
 
 
 def test_sync_matched_and_plain_tasks_of_one_keyed_submit_are_recorded_together(store: Store, db) -> None:
-    mixed = SubmitOp(b"p", 1, [TaskSpec("q", b"a"), TaskSpec("q", b"b")], [None, "w1"], [None, 7], "k")
+    mixed = SubmitOp(b"p", 1, [TaskSpec("q", b"a"), TaskSpec("q", b"b")], [None, 7], [False, True], "k")
     (first,) = run(store, mixed)
     (again,) = run(store, mixed)
     assert first is not None and again == [Submitted(s.id, False) for s in first]
-    assert sorted(db.query("SELECT state FROM tasks")) == [("pending",), ("running",)]
+    assert [s.owned for s in first] == [False, True]
+    assert sorted(db.query("SELECT state, attempt FROM live_tasks")) == [("buffered", 1), ("pending", 0)]
 
 
 def test_a_key_reused_for_another_number_of_tasks_is_refused(store: Store, db) -> None:
@@ -89,21 +99,50 @@ def test_a_rolled_back_submit_leaves_its_key_free(db) -> None:
     assert db.query("SELECT count(*) FROM tasks") == [(2,)]
 
 
-def test_a_version_1_schema_migrates_to_what_init_creates(server_dsn: str) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_schema_with_tasks_migrates_to_what_init_creates(server_dsn: str, version: int) -> None:
+    """Version 1 is version 2 without submit keys. Live tasks keep their ids, payloads and attempts
+    (a buffered one goes back to pending, a running one keeps its lease); finished ones their results."""
     old, new = (f"t_{uuid.uuid4().hex[:12]}" for _ in range(2))
-    start = SCHEMA.index("-- Submit keys name")
-    end = SCHEMA.index(");\n", start) + 3
-    version_1 = (SCHEMA[:start] + SCHEMA[end:]).replace("('schema_version', '2')", "('schema_version', '1')")
     try:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(old)))
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(old)))
-            conn.execute(version_1.encode())
+            conn.execute(old_schema(version).encode())
+            conn.execute(
+                "INSERT INTO tasks (id, queue, payload, state, attempt, broker, broker_epoch,"
+                " lease_expires_at, max_attempts) VALUES (1, 'q', 'a', 'pending', 0, NULL, NULL, NULL, 3),"
+                " (2, 'q', 'b', 'buffered', 1, 'b1', 1, NULL, 5),"
+                " (3, 'q', 'c', 'running', 2, 'b1', 1, now() + interval '1 minute', 5)"
+            )
+            conn.execute(
+                "INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts,"
+                " lease_timeout, backoff_base, backoff_max, result, created_at)"
+                " VALUES (4, 'q', 'completed', 0, 1, 0, 5, 30, 1, 300, 'r', now())"
+            )
+            conn.execute("SELECT setval('task_ids', 4)")
         assert init_schema(server_dsn, old) == "migrated"
         assert init_schema(server_dsn, new) == "created"
         assert _shape(server_dsn, old) == _shape(server_dsn, new)
-        with Store.open(server_dsn, schema=old):
-            pass  # the version check passes
+        with Store.open(server_dsn, schema=old) as store:  # the version check passes
+            infos = store.lookup([1, 2, 3, 4, 5])
+            assert [(i.state, i.attempt) for i in infos] == [
+                ("pending", 0),
+                ("pending", 1),
+                ("running", 2),
+                ("completed", 1),
+                (None, None),
+            ]
+            assert infos[3].result == b"r"
+            assert store.queue_stats() == {"q": {"pending": 2, "running": 1, "completed": 1}}
+            owner = store.acquire_broker("b2", "tcp://x", 30)
+            leased = store.lease(owner, "q", 10)
+            assert [(t.id, t.attempt, t.max_attempts, t.payload) for t in leased] == [
+                (1, 1, 3, b"a"),
+                (2, 2, 5, b"b"),
+            ]
+            (fresh,) = store.enqueue([TaskSpec("q", b"d")])
+            assert fresh.id > 4
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             for schema in (old, new):

@@ -56,6 +56,7 @@ class Config:
     lease_term: float = 10.0  # broker lease; renewed every third of it
     reap_every: float = 1.0
     compact_every: float = 10.0
+    prune_every: float = 3600.0  # drop history past the retention, make the coming days' partitions
     idle_recheck: float = 0.5  # how soon a drained queue with waiting pollers is read again
     sync_match_window: float = 5.0  # sync match only this long after a read found no older due task
     max_queued_requests: int = 250  # client writes waiting for the next commit; beyond: "busy"
@@ -123,6 +124,7 @@ class Reacquire:
 @dataclass(frozen=True)
 class Reap:
     compact: bool
+    prune: bool
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ class _Waiter:
 class _Queue:
     buffer: deque[LeasedTask] = field(default_factory=deque)
     waiters: deque[int] = field(default_factory=deque)  # keys into Core._waiters, stale ones skipped
-    leasing: bool = False
+    leasing: int = 0  # the limit of the read in flight, 0 when none is
+    incoming: int = 0  # tasks being inserted held for this buffer, in the write in flight or next
     recheck_at: float = 0.0  # do not read again before this
     drained_at: float | None = None  # when a read last found no more due tasks
     wanted_until: float = 0.0  # polls were served lately: keep the buffer topped up until then
@@ -195,6 +198,7 @@ class Core:
         self._renewing = False
         self._next_reap = 0.0
         self._next_compact = 0.0
+        self._next_prune = 0.0
         self._stopping = False
         self._stopped_at: float | None = None  # the last commit of a stop is done: nothing more is written
         self._notified_at: dict[str, float] = {}
@@ -288,24 +292,49 @@ class Core:
         self._pending.add_request(peer, rid, kind, [build(row) for row in parse_tasks(msg, arity)])
 
     def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], key: str | None, now: float) -> None:
-        """Sync match: due tasks for a queue whose pollers wait, with no older task due, go straight
-        to a poller; they are written once, already running. The rest are enqueued."""
-        workers: list[str | None] = []
-        matched: list[_Waiter | None] = []
+        """Due tasks of a queue at the end of its backlog (no older task due) that this broker has
+        demand for are inserted held by it, attempt 1: sync matched to a waiting poll, or for its
+        buffer. They are written once, and delivered from memory with no lease write. The rest
+        are enqueued, and make the queue read from the database before it holds anything again."""
+        waiters: list[int | None] = []
+        owned: list[bool] = []
+        holdable: dict[str, bool] = {}
         for spec in specs:
             waiter = self._sync_match(spec, now) if spec.delay == 0 else None
+            hold = waiter is not None
             if waiter is not None:
                 waiter.reserved += 1
                 waiter.reserved_bytes += len(spec.payload)
-            elif spec.delay == 0 and now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY:
-                self._notified_at[spec.queue] = now  # wake brokers whose polls wait on this queue
-                self._pending.notify.append(spec.queue)
-            workers.append(waiter.poll.worker if waiter else None)
-            matched.append(waiter)
-        self._pending.submits.append(
-            SubmitOp(peer, rid, specs, workers, [w.key if w else None for w in matched], key)
-        )
+            elif spec.delay == 0:
+                if spec.queue not in holdable:
+                    holdable[spec.queue] = self._holdable(spec.queue, now)
+                q = self.queues.get(spec.queue)
+                hold = (
+                    holdable[spec.queue]
+                    and q is not None
+                    and len(q.buffer) + q.incoming < self.config.buffer_size
+                )
+                if hold and q is not None:
+                    q.incoming += 1
+                else:
+                    holdable[spec.queue] = False  # the rest of this submit must not overtake it
+                    if now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY:
+                        self._notified_at[spec.queue] = now  # wake brokers whose polls wait on this queue
+                        self._pending.notify.append(spec.queue)
+            waiters.append(waiter.key if waiter else None)
+            owned.append(hold)
+        self._pending.submits.append(SubmitOp(peer, rid, specs, waiters, owned, key))
         self._pending.requests.append((peer, rid))
+
+    def _holdable(self, name: str, now: float) -> bool:
+        """May tasks just submitted to this queue go into this broker's buffer? Only at the end of the
+        backlog, as for sync match, and where polls want them (lately served, or waiting)."""
+        q = self.queues.get(name)
+        if q is None or q.drained_at is None or now - q.drained_at > self.config.sync_match_window:
+            return False
+        if self._stopping or self.owner is None or now >= self.lease_valid_until:
+            return False
+        return now < q.wanted_until or self._polled(q)
 
     def _sync_match(self, spec: TaskSpec, now: float) -> _Waiter | None:
         q = self.queues.get(spec.queue)
@@ -385,17 +414,20 @@ class Core:
             return
         if not self._polled(q) and now >= q.wanted_until:
             return
-        limit = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer))
-        if limit <= 0 or len(q.buffer) > self.config.lease_batch // 2:
+        limit = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer) - q.incoming)
+        # A queue whose buffer is kept full by tasks held on insert is still read now and then,
+        # so that tasks come due in the database (retries, delays) are seen and keep their turn.
+        stale = q.drained_at is not None and now - q.drained_at > self.config.sync_match_window / 2
+        if limit <= 0 or (len(q.buffer) > self.config.lease_batch // 2 and not stale):
             return
-        q.leasing = True
+        q.leasing = limit
         out.append(Lease(name, limit))
 
     def _on_leased(
         self, name: str, tasks: list[LeasedTask], error: str | None, now: float, out: list[Action]
     ) -> None:
         q = self._queue(name)
-        q.leasing = False
+        requested, q.leasing = q.leasing, 0
         if error is not None:
             q.recheck_at = now + self.config.idle_recheck
             out.append(Log("error", "lease_failed", {"queue": name, "error": error}))
@@ -411,7 +443,6 @@ class Core:
         if self._stopping or self.owner is None:
             self._pending.releases.extend(Ack(t.id, t.attempt) for t in tasks)
             return
-        requested = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer))
         if len(tasks) < requested:
             q.drained_at = now
             q.recheck_at = now + self.config.idle_recheck
@@ -451,6 +482,7 @@ class Core:
                     Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"database write failed: {error}", rid))
                 )
             for submit in batch.submits:
+                self._unhold(submit)
                 for key in {k for k in submit.waiters if k is not None}:
                     self._unreserve(key, now, out)
             self._write_after = now + WRITE_RETRY_PAUSE  # do not hammer a database that is down
@@ -475,6 +507,7 @@ class Core:
                 Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))
             )
         for submit, submitted in zip(batch.submits, result.submitted, strict=True):
+            self._unhold(submit)
             if submitted is None:
                 message = f"submit key {submit.key!r} already names a submit of other tasks"
                 out.append(Send(submit.peer, error_frames(ErrorCode.INVALID_TASK, message, submit.rid)))
@@ -489,11 +522,34 @@ class Core:
                     ),
                 )
             )
-            for spec, sub, worker in zip(submit.specs, submitted, submit.workers, strict=True):
-                if worker is None and sub.created:
-                    q = self._queue(spec.queue)
+            live = not self._stopping and self._lease_live(now, out)
+            for spec, sub, waiter in zip(submit.specs, submitted, submit.waiters, strict=True):
+                if waiter is not None:
+                    continue
+                q = self._queue(spec.queue)
+                if sub.owned and live:
+                    q.buffer.append(
+                        LeasedTask(
+                            sub.id,
+                            spec.queue,
+                            spec.priority,
+                            None,
+                            1,
+                            0,
+                            spec.max_attempts,
+                            spec.lease_timeout,
+                            bytes(spec.payload),
+                        )
+                    )
+                elif sub.owned:
+                    self._pending.releases.append(Ack(sub.id, 1))
+                elif sub.created:
                     q.recheck_at = 0.0  # new work here: the next read need not wait
+                    if spec.delay == 0:
+                        q.drained_at = None  # a due task waits in the database: read before holding more
         self._deliver_sync_matched(batch, result, now, out)
+        for name in {spec.queue for submit in batch.submits for spec in submit.specs}:
+            self._serve_queue(name, now, out)
         for name in list(self.queues):
             self._maybe_lease(name, now, out)
 
@@ -507,7 +563,8 @@ class Core:
                 if key is not None:
                     tasks = by_waiter.setdefault(key, [])
                     # Not created: a key matched an older task (or submit): nothing new to run.
-                    if sub is not None and sub.created:
+                    # Not owned: the database found our lease ended; the task waits as pending.
+                    if sub is not None and sub.created and sub.owned:
                         tasks.append(_sync_delivery(sub.id, spec, self.config.broker_id))
         for key, tasks in by_waiter.items():
             waiter = self._waiters.get(key)
@@ -515,9 +572,21 @@ class Core:
                 self._pending.releases.extend(Ack(t["id"], t["attempt"]) for t in tasks)
                 continue
             if tasks:
+                worker = waiter.poll.worker
+                for t in tasks:  # held in memory like any buffered delivery, till heard of again
+                    self._delivered[t["id"]] = (1, worker, now + t["lease_timeout"], t["queue"])
+                    self._next_expiry = min(self._next_expiry, now + t["lease_timeout"])
+                    if self._stopping:
+                        self._pending.starts.append(Ack(t["id"], 1))
                 self._finish(waiter, tasks, out)
             else:
                 self._unreserve(key, now, out)
+
+    def _unhold(self, submit: SubmitOp) -> None:
+        """The write of tasks inserted held for buffers is done: they are buffered now, or not at all."""
+        for spec, waiter, hold in zip(submit.specs, submit.waiters, submit.owned, strict=True):
+            if hold and waiter is None:
+                self._queue(spec.queue).incoming -= 1
 
     def _unreserve(self, key: int, now: float, out: list[Action]) -> None:
         waiter = self._waiters.get(key)
@@ -547,7 +616,10 @@ class Core:
             compact = now >= self._next_compact
             if compact:
                 self._next_compact = now + self.config.compact_every
-            out.append(Reap(compact))
+            prune = now >= self._next_prune
+            if prune:
+                self._next_prune = now + self.config.prune_every
+            out.append(Reap(compact, prune))
         self._lease_live(now, out)
         for name, q in self.queues.items():
             if len(q.waiters) > 2 * len(self._waiters) + 16:  # answered polls leave their keys behind
@@ -624,7 +696,7 @@ class Core:
             self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
             q.buffer.clear()
         # Deliveries outlive this broker as task leases, kept by heartbeats through other brokers.
-        self._pending.starts.extend((Ack(i, a), w) for i, (a, w, _, _) in self._delivered.items())
+        self._pending.starts.extend(Ack(i, a) for i, (a, _, _, _) in self._delivered.items())
         self._delivered.clear()
         self._next_gossip = now  # everyone hears at once that we are stopping
         self._gossip(now, out)

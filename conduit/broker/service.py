@@ -285,8 +285,10 @@ class Broker:
                     )
                 case core.Reacquire():
                     self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
-                case core.Reap(compact):
-                    self._threads["keeper"].submit(partial(self._reap, compact), self._log_error("reap"))
+                case core.Reap(compact, prune):
+                    self._threads["keeper"].submit(
+                        partial(self._reap, compact, prune), self._log_error("reap")
+                    )
                 case core.Publish(frames):
                     if self.publisher is not None:
                         with contextlib.suppress(zmq.Again):  # gossip is periodic: a drop is harmless
@@ -326,12 +328,17 @@ class Broker:
         self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
         return None
 
-    def _reap(self, compact: bool, store: Store) -> None:
+    def _reap(self, compact: bool, prune: bool, store: Store) -> None:
         reaped = store.reap()
         if reaped.buffered or reaped.running:
             log(logger, "info", "reaped", buffered=reaped.buffered, running=reaped.running)
         if compact:
             store.compact_counts()
+        if prune:  # brokers share the work: whoever comes first does it, the others find it done
+            made = store.ensure_partitions()
+            dropped = store.prune()
+            if made or dropped:
+                log(logger, "info", "history_pruned", partitions_made=made, partitions_dropped=dropped)
 
 
 def _write_failed(batch: WriteBatch, error: str) -> Event:

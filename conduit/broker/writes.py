@@ -19,8 +19,8 @@ class SubmitOp:
     peer: bytes
     rid: int
     specs: list[TaskSpec]
-    workers: list[str | None]  # sync match: the waiting worker each task goes to, or None
-    waiters: list[int | None]  # the core's key for that worker's poll
+    waiters: list[int | None]  # sync match: the core's key for the poll each task goes to, or None
+    owned: list[bool]  # inserted held by this broker: sync matched, or for its buffer
     key: str | None = None  # the submit key: a retried SUBMIT with it inserts nothing again
 
 
@@ -36,7 +36,7 @@ class RequestOp:
 class WriteBatch:
     submits: list[SubmitOp] = field(default_factory=list)
     ops: list[RequestOp] = field(default_factory=list)
-    starts: list[tuple[Ack, str]] = field(default_factory=list)  # deliveries made task leases (at shutdown)
+    starts: list[Ack] = field(default_factory=list)  # deliveries made task leases (at shutdown)
     expiries: list[Ack] = field(default_factory=list)  # deliveries never heard of again
     releases: list[Ack] = field(default_factory=list)  # the broker's own give-backs
     notify: list[str] = field(default_factory=list)  # queues to wake other brokers for, at commit
@@ -48,12 +48,10 @@ class WriteBatch:
 
     def statements(self) -> int:
         """How many store calls `execute` makes for this batch."""
-        workers = [w for op in self.submits for w in op.workers]
         kinds = {op.kind for op in self.ops}
         return (
             2 * any(op.key for op in self.submits)  # claim the keys, record the ids
-            + (None in workers)
-            + any(w is not None for w in workers)
+            + bool(self.submits)
             + len(kinds)
             + bool(self.starts)
             + bool(self.expiries)
@@ -76,30 +74,29 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
     A batch of one statement (a lone submit, say) needs no BEGIN and COMMIT: it is atomic alone."""
     with nullcontext() if batch.statements() == 1 else store.transaction():
         earlier, claimed = _claim(store, batch.submits)
-        fresh = [i for i, op in enumerate(batch.submits) if op.key is None or claimed.get(op.key) == i]
-        plain = [(i, j) for i in fresh for j, w in enumerate(batch.submits[i].workers) if w is None]
-        matched = [(i, j) for i in fresh for j, w in enumerate(batch.submits[i].workers) if w is not None]
-        submitted: list[list[Submitted | None]] = [[None] * len(op.specs) for op in batch.submits]
-        specs = [batch.submits[i].specs[j] for i, j in plain]
-        for (i, j), sub in zip(plain, store.enqueue(specs), strict=True):
-            submitted[i][j] = sub
-        specs = [batch.submits[i].specs[j] for i, j in matched]
-        workers = [batch.submits[i].workers[j] or "" for i, j in matched]
-        for (i, j), sub in zip(matched, store.insert_running(specs, workers, owner), strict=True):
-            submitted[i][j] = sub
-        ids = {key: [s.id for s in submitted[i] if s is not None] for key, i in claimed.items()}
+        fresh = [op for i, op in enumerate(batch.submits) if op.key is None or claimed.get(op.key) == i]
+        inserted = iter(
+            store.insert(
+                [spec for op in fresh for spec in op.specs], [o for op in fresh for o in op.owned], owner
+            )
+        )
+        submitted: list[list[Submitted] | None] = [
+            [next(inserted) for _ in op.specs] if op.key is None or claimed.get(op.key) == i else None
+            for i, op in enumerate(batch.submits)
+        ]
+        ids = {key: [s.id for s in submitted[i] or ()] for key, i in claimed.items()}
         if ids:
             store.record_submits(ids)
         outcomes = _merged(store, batch.ops, owner)
         if batch.starts:
-            store.start(owner, [a for a, _ in batch.starts], [w for _, w in batch.starts])
+            store.start(owner, batch.starts)
         if batch.expiries:
             store.expire(owner, batch.expiries)
         if batch.releases:
             store.release(batch.releases)
         if batch.notify:
             store.notify(batch.notify)
-    results: list[list[Submitted] | None] = [[s for s in subs if s is not None] for subs in submitted]
+    results = submitted
     known = {**earlier, **ids}
     for i, op in enumerate(batch.submits):
         if op.key is not None and claimed.get(op.key) != i:  # a replay: the key's ids, or refused

@@ -16,68 +16,124 @@ CREATE TABLE submit_keys (
 );
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
 
--- name: enqueue_plain
--- The common case, no idempotency keys: ids come from the sequence in input order, so the
--- caller sorts the returned ids to match its rows. A column whose value is the same for every
--- row comes as one value (its name with _all) and a NULL array, sparing a dump row by row.
-INSERT INTO tasks (queue, payload, priority, run_at, max_attempts, lease_timeout, backoff_base, backoff_max)
-SELECT queue, payload,
-       coalesce(priority, %(priority_all)s::smallint),
-       now() + coalesce(delay, %(delay_all)s::float8) * interval '1 second',
-       coalesce(max_attempts, %(max_attempts_all)s::int),
-       coalesce(lease_timeout, %(lease_timeout_all)s::float8),
-       coalesce(backoff_base, %(backoff_base_all)s::float8),
-       coalesce(backoff_max, %(backoff_max_all)s::float8)
-FROM unnest(%(queue)b::text[], %(payload)b::bytea[], %(priority)b::smallint[], %(delay)b::float8[],
-            %(max_attempts)b::int[], %(lease_timeout)b::float8[], %(backoff_base)b::float8[],
-            %(backoff_max)b::float8[])
-     WITH ORDINALITY AS i(queue, payload, priority, delay, max_attempts, lease_timeout, backoff_base,
-                          backoff_max, ord)
-ORDER BY ord
-RETURNING id;
+-- name: migrate_to_3_before
+-- Version 2 to 3, first step: move version 2's tables out of the way and drop what counted them;
+-- schema.sql then runs over what is left, and migrate_to_3_after copies the tasks across.
+DROP TRIGGER tasks_count_insert ON tasks;
+DROP TRIGGER tasks_count_update ON tasks;
+DROP TRIGGER tasks_count_delete ON tasks;
+DROP TRIGGER results_count_insert ON results;
+DROP TRIGGER results_count_delete ON results;
+DROP FUNCTION count_tasks();
+DROP INDEX tasks_due, tasks_running, tasks_buffered, results_dead, idempotency_keys_task;
+ALTER TABLE tasks RENAME TO tasks_v2;
+ALTER INDEX tasks_pkey RENAME TO tasks_v2_pkey;
+ALTER TABLE results RENAME TO results_v2;
+ALTER INDEX results_pkey RENAME TO results_v2_pkey;
+ALTER TABLE brokers RENAME TO brokers_v2;
+ALTER INDEX brokers_pkey RENAME TO brokers_v2_pkey;
 
--- name: insert_tasks
--- Plain enqueue (worker is NULL) or sync match (worker set: written once, already running).
--- Rows whose idempotency key belongs to an earlier submit insert nothing and report that task's id;
--- a NULL id means the key is another transaction's, and lookup_keys finds it.
-WITH input AS (
-    SELECT *
+-- name: migrate_to_3_after
+-- Buffered tasks become pending (version 2's brokers cannot run on version 3); running ones keep
+-- their task lease under owner 0, no broker. Finished tasks older than the retention are not kept.
+INSERT INTO policies (max_attempts, lease_timeout, backoff_base, backoff_max)
+SELECT max_attempts, lease_timeout, backoff_base, backoff_max FROM tasks_v2
+UNION
+SELECT max_attempts, lease_timeout, backoff_base, backoff_max FROM results_v2
+ON CONFLICT DO NOTHING;
+INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, policy, owner, lease_expires_at, payload,
+                   idempotency_key, last_error)
+SELECT t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, p.id,
+       CASE WHEN t.state = 'running' THEN 0 END, CASE WHEN t.state = 'running' THEN t.lease_expires_at END,
+       t.payload, t.idempotency_key, t.last_error
+FROM tasks_v2 t JOIN policies p USING (max_attempts, lease_timeout, backoff_base, backoff_max);
+SELECT ensure_partitions(d, (extract(epoch FROM now() - d) / 86400)::int + 3)
+FROM (SELECT greatest(coalesce(min(finished_at), now()), now() - interval '7 days') AS d FROM results_v2) f;
+INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, payload, result,
+                     last_error, finished_at)
+SELECT r.id, r.queue, r.state, r.attempt, r.failures, r.priority, p.id, r.idempotency_key, r.payload,
+       r.result, r.last_error, r.finished_at
+FROM results_v2 r JOIN policies p USING (max_attempts, lease_timeout, backoff_base, backoff_max)
+WHERE r.finished_at >= date_trunc('day', now() - interval '7 days', 'UTC');
+DELETE FROM queue_counts;
+INSERT INTO queue_counts
+SELECT queue, CASE WHEN owner IS NULL THEN 'pending' WHEN lease_expires_at IS NULL THEN 'buffered' ELSE 'running' END,
+       count(*)
+FROM tasks GROUP BY 1, 2;
+INSERT INTO queue_counts SELECT queue, state, count(*) FROM history GROUP BY 1, 2;
+DROP TABLE tasks_v2, results_v2, brokers_v2;
+
+-- name: policy_ids
+-- The policies of a batch, made where new (one row per distinct policy, not per task).
+SELECT policy_id(m, l, b, x)
+FROM unnest(%(max_attempts)s::int[], %(lease_timeout)s::float8[], %(backoff_base)s::float8[],
+            %(backoff_max)s::float8[]) AS u(m, l, b, x);
+
+-- name: insert_plain
+-- Tasks without idempotency keys. Ids come from the sequence in input order, so the caller sorts
+-- the returned ids to match its rows. A column whose value is the same for every row comes as one
+-- value (its name with _all) and a NULL array. Rows marked `owned` are inserted already held by
+-- broker %(epoch)s, attempt 1, when its lease is live (locked FOR SHARE: see `brokers`); they enter
+-- no due index and need no lease write; the rest are pending.
+WITH owner AS (
+    SELECT epoch FROM brokers
+    WHERE epoch = %(epoch)s AND expires_at > statement_timestamp()
+    FOR SHARE
+), inserted AS (
+    INSERT INTO tasks (queue, payload, priority, run_at, policy, owner, attempt)
+    SELECT coalesce(queue, %(queue_all)s::text), payload,
+           coalesce(priority, %(priority_all)s::smallint),
+           now() + coalesce(delay, %(delay_all)s::float8) * interval '1 second',
+           coalesce(policy, %(policy_all)s::int),
+           CASE WHEN coalesce(owned, %(owned_all)s::bool) THEN (SELECT epoch FROM owner) END,
+           CASE WHEN coalesce(owned, %(owned_all)s::bool) AND EXISTS (SELECT 1 FROM owner) THEN 1 ELSE 0 END
     FROM unnest(%(queue)b::text[], %(payload)b::bytea[], %(priority)b::smallint[], %(delay)b::float8[],
-                %(max_attempts)b::int[], %(lease_timeout)b::float8[], %(backoff_base)b::float8[],
-                %(backoff_max)b::float8[], %(idempotency_key)b::text[], %(worker)b::text[])
-         WITH ORDINALITY AS i(queue, payload, priority, delay, max_attempts, lease_timeout, backoff_base,
-                              backoff_max, idempotency_key, worker, ord)
+                %(policy)b::int[], %(owned)b::bool[])
+         WITH ORDINALITY AS i(queue, payload, priority, delay, policy, owned, ord)
+    ORDER BY ord
+    RETURNING id, queue, owner
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, CASE WHEN owner IS NULL THEN 'pending' ELSE 'buffered' END, count(*) FROM inserted GROUP BY 1, 2
+)
+SELECT id, owner IS NOT NULL FROM inserted;
+
+-- name: insert_keyed
+-- As insert_plain, with idempotency keys: rows whose key belongs to an earlier submit insert
+-- nothing and report that task's id; a NULL id means the key is another transaction's, and
+-- lookup_keys finds it.
+WITH owner AS (
+    SELECT epoch FROM brokers
+    WHERE epoch = %(epoch)s AND expires_at > statement_timestamp()
+    FOR SHARE
 ), numbered AS MATERIALIZED (
-    SELECT i.queue, i.payload, coalesce(i.priority, %(priority_all)s::smallint) AS priority,
+    SELECT coalesce(i.queue, %(queue_all)s::text) AS queue, i.payload,
+           coalesce(i.priority, %(priority_all)s::smallint) AS priority,
            coalesce(i.delay, %(delay_all)s::float8) AS delay,
-           coalesce(i.max_attempts, %(max_attempts_all)s::int) AS max_attempts,
-           coalesce(i.lease_timeout, %(lease_timeout_all)s::float8) AS lease_timeout,
-           coalesce(i.backoff_base, %(backoff_base_all)s::float8) AS backoff_base,
-           coalesce(i.backoff_max, %(backoff_max_all)s::float8) AS backoff_max,
-           i.idempotency_key, i.worker, i.ord, nextval('task_ids') AS id
-    FROM input i ORDER BY i.ord
+           coalesce(i.policy, %(policy_all)s::int) AS policy,
+           coalesce(i.owned, %(owned_all)s::bool) AND EXISTS (SELECT 1 FROM owner) AS owned,
+           i.idempotency_key, i.ord, nextval('task_ids') AS id
+    FROM unnest(%(queue)b::text[], %(payload)b::bytea[], %(priority)b::smallint[], %(delay)b::float8[],
+                %(policy)b::int[], %(owned)b::bool[], %(idempotency_key)b::text[])
+         WITH ORDINALITY AS i(queue, payload, priority, delay, policy, owned, idempotency_key, ord)
+    ORDER BY i.ord
 ), claimed AS (
     INSERT INTO idempotency_keys (queue, key, task_id)
     SELECT queue, idempotency_key, id FROM numbered WHERE idempotency_key IS NOT NULL
     ON CONFLICT DO NOTHING
     RETURNING queue, key, task_id
 ), inserted AS (
-    INSERT INTO tasks (id, queue, payload, priority, run_at, max_attempts, lease_timeout, backoff_base,
-                       backoff_max, idempotency_key, state, attempt, broker, broker_epoch, worker,
-                       lease_expires_at)
-    SELECT n.id, n.queue, n.payload, n.priority, now() + n.delay * interval '1 second', n.max_attempts,
-           n.lease_timeout, n.backoff_base, n.backoff_max, n.idempotency_key,
-           CASE WHEN n.worker IS NULL THEN 'pending' ELSE 'running' END,
-           CASE WHEN n.worker IS NULL THEN 0 ELSE 1 END,
-           CASE WHEN n.worker IS NULL THEN NULL ELSE %(broker)s::text END,
-           CASE WHEN n.worker IS NULL THEN NULL ELSE %(epoch)s::bigint END,
-           n.worker,
-           CASE WHEN n.worker IS NULL THEN NULL ELSE now() + n.lease_timeout * interval '1 second' END
+    INSERT INTO tasks (id, queue, payload, priority, run_at, policy, idempotency_key, owner, attempt)
+    SELECT n.id, n.queue, n.payload, n.priority, now() + n.delay * interval '1 second', n.policy,
+           n.idempotency_key, CASE WHEN n.owned THEN %(epoch)s::bigint END, CASE WHEN n.owned THEN 1 ELSE 0 END
     FROM numbered n
     WHERE n.idempotency_key IS NULL OR n.id IN (SELECT task_id FROM claimed)
-    RETURNING id
+    RETURNING id, queue, owner
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, CASE WHEN owner IS NULL THEN 'pending' ELSE 'buffered' END, count(*) FROM inserted GROUP BY 1, 2
 )
-SELECT coalesce(ins.id, c.task_id) AS id, ins.id IS NOT NULL AS created
+SELECT coalesce(ins.id, c.task_id) AS id, ins.id IS NOT NULL AS created, ins.owner IS NOT NULL AS owned
 FROM numbered n
 LEFT JOIN inserted ins ON ins.id = n.id
 LEFT JOIN claimed c ON c.queue = n.queue AND c.key = n.idempotency_key
@@ -112,47 +168,75 @@ FROM (
 WHERE s.key = a.key;
 
 -- name: lease
--- Due tasks in (priority, run_at, id) order into a broker's buffer; SKIP LOCKED so brokers never
--- wait on each other. Each lease bumps the attempt, the fencing token.
+-- Due tasks in (priority, run_at, id) order into a broker's buffer: the backlog path, one update a
+-- task. SKIP LOCKED so brokers never wait on each other; each lease bumps the attempt.
 WITH owner AS (
-    SELECT 1 FROM brokers
-    WHERE id = %(broker)s AND epoch = %(epoch)s AND expires_at > now()
+    SELECT epoch FROM brokers
+    WHERE epoch = %(epoch)s AND expires_at > statement_timestamp()
+    FOR SHARE
 ), picked AS (
     SELECT t.id FROM tasks t
-    WHERE t.queue = %(queue)s AND t.state = 'pending' AND t.run_at <= now() AND EXISTS (SELECT 1 FROM owner)
+    WHERE t.queue = %(queue)s AND t.owner IS NULL AND t.run_at <= now() AND EXISTS (SELECT 1 FROM owner)
     ORDER BY t.priority, t.run_at, t.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE tasks t
+    SET owner = %(epoch)s, attempt = t.attempt + 1
+    FROM picked
+    WHERE t.id = picked.id
+    RETURNING t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, t.policy, t.payload
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM leased GROUP BY 1) g,
+           LATERAL (VALUES ('pending', -g.c), ('buffered', g.c)) AS v(s, n)
 )
-UPDATE tasks t
-SET state = 'buffered', attempt = t.attempt + 1, broker = %(broker)s, broker_epoch = %(epoch)s
-FROM picked
-WHERE t.id = picked.id
-RETURNING t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, t.max_attempts, t.lease_timeout,
-          t.payload;
+SELECT l.id, l.queue, l.priority, l.run_at, l.attempt, l.failures, p.max_attempts, p.lease_timeout, l.payload
+FROM leased l JOIN policies p ON p.id = l.policy;
 
 -- name: start
--- Buffered tasks handed to workers: from now on a task lease, renewed by heartbeats.
-UPDATE tasks t
-SET state = 'running', worker = r.worker, lease_expires_at = now() + t.lease_timeout * interval '1 second'
-FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(worker)b::text[]) AS r(id, attempt, worker)
-WHERE t.id = r.id AND t.attempt = r.attempt AND t.state = 'buffered'
-  AND t.broker = %(broker)s AND t.broker_epoch = %(epoch)s
-  AND EXISTS (SELECT 1 FROM brokers b
-              WHERE b.id = %(broker)s AND b.epoch = %(epoch)s AND b.expires_at > now())
-RETURNING t.id, t.attempt;
+-- Deliveries of a stopping broker made task leases, so they outlive it (renewed by heartbeats).
+WITH started AS (
+    UPDATE tasks t
+    SET lease_expires_at = now() + p.lease_timeout * interval '1 second'
+    FROM (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r, policies p
+    WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner = %(epoch)s AND t.lease_expires_at IS NULL
+      AND p.id = t.policy
+      AND EXISTS (SELECT 1 FROM brokers b WHERE b.epoch = %(epoch)s AND b.expires_at > now())
+    RETURNING t.id, t.attempt, t.queue
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM started GROUP BY 1) g,
+           LATERAL (VALUES ('buffered', -g.c), ('running', g.c)) AS v(s, n)
+)
+SELECT id, attempt FROM started;
 
 -- name: renew
--- A heartbeat through any broker keeps the lease of the delivery that holds the current attempt.
-UPDATE tasks t
-SET state = 'running', broker = %(broker)s, broker_epoch = %(epoch)s,
-    lease_expires_at = now() + t.lease_timeout * interval '1 second'
-FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS r(id, attempt)
-WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
-RETURNING t.id, t.attempt;
+-- A heartbeat through any broker keeps the lease of the delivery that holds the current attempt;
+-- the first one makes the broker's in-memory delivery a task lease in the database.
+WITH held AS (
+    SELECT t.id, t.lease_expires_at IS NULL AS was_buffered
+    FROM tasks t
+    JOIN (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r
+      ON t.id = r.id AND t.attempt = r.attempt
+    WHERE t.owner IS NOT NULL
+    FOR UPDATE OF t
+), renewed AS (
+    UPDATE tasks t
+    SET owner = %(epoch)s, lease_expires_at = now() + p.lease_timeout * interval '1 second'
+    FROM held h, policies p
+    WHERE t.id = h.id AND p.id = t.policy
+    RETURNING t.id, t.attempt, t.queue, h.was_buffered
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM renewed WHERE was_buffered GROUP BY 1) g,
+           LATERAL (VALUES ('buffered', -g.c), ('running', g.c)) AS v(s, n)
+)
+SELECT id, attempt FROM renewed;
 
 -- name: complete
--- The first of duplicate completions in one batch wins; the rest are refused as finished.
+-- The first of duplicate completions in one batch wins; the rest are refused as finished. A task
+-- with nothing to keep (no result, no failure before) adds its id and attempt to one row a queue.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
     FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(result)b::bytea[]) WITH ORDINALITY
@@ -160,20 +244,36 @@ WITH r AS (
     ORDER BY id, attempt, ord
 ), done AS (
     DELETE FROM tasks t USING r
-    WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
-    RETURNING t.*, r.result
+    WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
+    RETURNING t.id, t.queue, t.attempt, t.failures, t.priority, t.policy, t.idempotency_key, t.last_error,
+              t.lease_expires_at IS NULL AS was_buffered, r.result
+), kept AS (
+    INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, result,
+                         last_error)
+    SELECT id, queue, 'completed', attempt, failures, priority, policy, idempotency_key, result, last_error
+    FROM done
+    WHERE result IS NOT NULL OR failures > 0 OR last_error IS NOT NULL
+), batched AS (
+    INSERT INTO completions (queue, lo, hi, ids, attempts)
+    SELECT queue, min(id), max(id), array_agg(id), array_agg(attempt)
+    FROM done
+    WHERE result IS NULL AND failures = 0 AND last_error IS NULL
+    GROUP BY queue
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, s, n
+    FROM (SELECT queue, count(*) FILTER (WHERE was_buffered) AS b, count(*) FILTER (WHERE NOT was_buffered) AS r,
+                 count(*) AS c
+          FROM done GROUP BY 1) g,
+         LATERAL (VALUES ('buffered', -g.b), ('running', -g.r), ('completed', g.c)) AS v(s, n)
+    WHERE n <> 0
 )
-INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts, lease_timeout,
-                     backoff_base, backoff_max, idempotency_key, result, last_error, created_at)
-SELECT id, queue, 'completed', priority, attempt, failures, max_attempts, lease_timeout,
-       backoff_base, backoff_max, idempotency_key, result, last_error, created_at
-FROM done
-RETURNING id, attempt;
+SELECT id, attempt FROM done;
 
 -- name: fail
 -- A failed run: back to pending after an exponential backoff with equal jitter, or dead once it
 -- has failed max_attempts times (or the caller says not to retry). The attempt is kept.
--- With %(broker)s set, only tasks still buffered by that broker incarnation are touched: a broker
+-- With %(epoch)s set, only tasks still held in memory by that broker are touched: a broker
 -- expires its deliveries that no heartbeat ever turned into a task lease.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
@@ -181,16 +281,17 @@ WITH r AS (
         AS r(id, attempt, error, retry, ord)
     ORDER BY id, attempt, ord
 ), failed AS (
-    SELECT t.id, r.error, r.retry AND t.failures + 1 < t.max_attempts AS again
-    FROM tasks t JOIN r ON t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
-    WHERE %(broker)s::text IS NULL
-       OR (t.state = 'buffered' AND t.broker = %(broker)s::text AND t.broker_epoch = %(epoch)s::bigint)
+    SELECT t.id, t.queue, t.lease_expires_at IS NULL AS was_buffered, r.error,
+           r.retry AND t.failures + 1 < p.max_attempts AS again, p.backoff_base, p.backoff_max
+    FROM tasks t
+    JOIN r ON t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
+    JOIN policies p ON p.id = t.policy
+    WHERE %(epoch)s::bigint IS NULL OR (t.owner = %(epoch)s::bigint AND t.lease_expires_at IS NULL)
     FOR UPDATE OF t
 ), retried AS (
     UPDATE tasks t
-    SET state = 'pending', failures = t.failures + 1, last_error = f.error, broker = NULL,
-        broker_epoch = NULL, worker = NULL, lease_expires_at = NULL,
-        run_at = now() + least(t.backoff_max, t.backoff_base * 2 ^ least(t.failures, 60))
+    SET owner = NULL, lease_expires_at = NULL, failures = t.failures + 1, last_error = f.error,
+        run_at = now() + least(f.backoff_max, f.backoff_base * 2 ^ least(t.failures, 60))
                          * (0.5 + random() / 2) * interval '1 second'
     FROM failed f
     WHERE t.id = f.id AND f.again
@@ -200,75 +301,138 @@ WITH r AS (
     WHERE t.id = f.id AND NOT f.again
     RETURNING t.*, f.error
 ), dead AS (
-    INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts, lease_timeout,
-                         backoff_base, backoff_max, idempotency_key, payload, last_error, created_at)
-    SELECT id, queue, 'dead', priority, attempt, failures + 1, max_attempts, lease_timeout,
-           backoff_base, backoff_max, idempotency_key, payload, error, created_at
+    INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, payload,
+                         last_error)
+    SELECT id, queue, 'dead', attempt, failures + 1, priority, policy, idempotency_key, payload, error
     FROM buried
     RETURNING id, attempt
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, state, sum(n) FROM (
+        SELECT queue, CASE WHEN was_buffered THEN 'buffered' ELSE 'running' END AS state, -1 AS n FROM failed
+        UNION ALL
+        SELECT queue, CASE WHEN again THEN 'pending' ELSE 'dead' END, 1 FROM failed
+    ) d GROUP BY 1, 2
 )
 SELECT id, attempt FROM retried UNION ALL SELECT id, attempt FROM dead;
 
 -- name: release
 -- Unstarted tasks given back: pending again, attempt kept so the old delivery stays fenced off.
-UPDATE tasks t
-SET state = 'pending', broker = NULL, broker_epoch = NULL, worker = NULL, lease_expires_at = NULL
-FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS r(id, attempt)
-WHERE t.id = r.id AND t.attempt = r.attempt AND t.state <> 'pending'
-RETURNING t.id, t.attempt;
+WITH held AS (
+    SELECT t.id, t.queue, t.lease_expires_at IS NULL AS was_buffered
+    FROM tasks t
+    JOIN (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r
+      ON t.id = r.id AND t.attempt = r.attempt
+    WHERE t.owner IS NOT NULL
+    FOR UPDATE OF t
+), released AS (
+    UPDATE tasks t
+    SET owner = NULL, lease_expires_at = NULL
+    FROM held h
+    WHERE t.id = h.id
+    RETURNING t.id, t.attempt
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, state, sum(n) FROM (
+        SELECT queue, CASE WHEN was_buffered THEN 'buffered' ELSE 'running' END AS state, -1 AS n FROM held
+        UNION ALL
+        SELECT queue, 'pending', 1 FROM held
+    ) d GROUP BY 1, 2
+)
+SELECT id, attempt FROM released;
 
 -- name: expired_running
 SELECT id, attempt FROM tasks
-WHERE state = 'running' AND lease_expires_at < now()
+WHERE lease_expires_at < now()
 ORDER BY lease_expires_at
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;
 
--- name: reap_buffered
--- Buffers of brokers whose lease expired or was taken over by a newer epoch go back to pending.
-UPDATE tasks t
-SET state = 'pending', broker = NULL, broker_epoch = NULL, worker = NULL
-WHERE t.state = 'buffered'
-  AND NOT EXISTS (SELECT 1 FROM brokers b
-                  WHERE b.id = t.broker AND b.epoch = t.broker_epoch AND b.expires_at > now())
-RETURNING t.id;
+-- name: reap_brokers
+-- Incarnations whose lease ended: what they held in memory goes back to pending, and they are
+-- forgotten. One pass over the live table per dead incarnation, never per tick (no index on owner:
+-- it would cost every task an index entry). A broker still writing as owner holds its row FOR
+-- SHARE: skipped now, buried on a later pass, after its commit.
+WITH dead AS (
+    SELECT epoch FROM brokers WHERE expires_at <= now() FOR UPDATE SKIP LOCKED
+), returned AS (
+    UPDATE tasks t
+    SET owner = NULL
+    WHERE t.owner IN (SELECT epoch FROM dead) AND t.lease_expires_at IS NULL
+    RETURNING t.queue
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM returned GROUP BY 1) g,
+           LATERAL (VALUES ('buffered', -g.c), ('pending', g.c)) AS v(s, n)
+), gone AS (
+    DELETE FROM brokers WHERE epoch IN (SELECT epoch FROM dead)
+)
+SELECT count(*) FROM returned;
 
 -- name: cancel
 WITH gone AS (
     DELETE FROM tasks WHERE id = ANY(%(id)b::bigint[]) RETURNING *
+), kept AS (
+    INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, payload,
+                         last_error)
+    SELECT id, queue, 'cancelled', attempt, failures, priority, policy, idempotency_key, payload, last_error
+    FROM gone
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, state, sum(n) FROM (
+        SELECT queue,
+               CASE WHEN owner IS NULL THEN 'pending' WHEN lease_expires_at IS NULL THEN 'buffered'
+                    ELSE 'running' END AS state,
+               -1 AS n
+        FROM gone
+        UNION ALL
+        SELECT queue, 'cancelled', 1 FROM gone
+    ) d GROUP BY 1, 2
 )
-INSERT INTO results (id, queue, state, priority, attempt, failures, max_attempts, lease_timeout,
-                     backoff_base, backoff_max, idempotency_key, payload, last_error, created_at)
-SELECT id, queue, 'cancelled', priority, attempt, failures, max_attempts, lease_timeout,
-       backoff_base, backoff_max, idempotency_key, payload, last_error, created_at
-FROM gone
-RETURNING id;
+SELECT id FROM gone;
 
 -- name: redrive
 -- Dead tasks back to pending with their failures forgiven; the attempt keeps growing.
 WITH back AS (
-    DELETE FROM results
-    WHERE id IN (SELECT id FROM results
-                 WHERE state = 'dead' AND queue = %(queue)s
-                   AND (%(id)b::bigint[] IS NULL OR id = ANY(%(id)b::bigint[]))
-                 ORDER BY finished_at
-                 LIMIT %(limit)s
-                 FOR UPDATE SKIP LOCKED)
+    DELETE FROM history
+    WHERE (id, finished_at) IN (SELECT id, finished_at FROM history
+                                WHERE state = 'dead' AND queue = %(queue)s
+                                  AND (%(id)b::bigint[] IS NULL OR id = ANY(%(id)b::bigint[]))
+                                ORDER BY finished_at
+                                LIMIT %(limit)s
+                                FOR UPDATE SKIP LOCKED)
     RETURNING *
+), revived AS (
+    INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, policy, idempotency_key, payload,
+                       last_error)
+    SELECT id, queue, priority, now(), attempt, 0, policy, idempotency_key, payload, last_error
+    FROM back
+    RETURNING id, queue
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM revived GROUP BY 1) g,
+           LATERAL (VALUES ('dead', -g.c), ('pending', g.c)) AS v(s, n)
 )
-INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, max_attempts, lease_timeout,
-                   backoff_base, backoff_max, idempotency_key, payload, last_error, created_at)
-SELECT id, queue, priority, now(), attempt, 0, max_attempts, lease_timeout,
-       backoff_base, backoff_max, idempotency_key, payload, last_error, created_at
-FROM back
-RETURNING id;
+SELECT id FROM revived;
 
 -- name: lookup
-SELECT i.id, coalesce(res.state, t.state), coalesce(res.attempt, t.attempt), res.result,
-       coalesce(res.last_error, t.last_error), res.finished_at
+-- Live, kept in history, completed in a batch row, or (every column NULL) unknown: never
+-- submitted, or pruned.
+SELECT i.id,
+       coalesce(h.state, c.state,
+                CASE WHEN t.id IS NULL THEN NULL WHEN t.owner IS NULL THEN 'pending'
+                     WHEN t.lease_expires_at IS NULL THEN 'buffered' ELSE 'running' END),
+       coalesce(h.attempt, c.attempt, t.attempt), h.result, coalesce(h.last_error, t.last_error),
+       coalesce(h.finished_at, c.finished_at)
 FROM unnest(%(id)b::bigint[]) WITH ORDINALITY AS i(id, ord)
 LEFT JOIN tasks t ON t.id = i.id
-LEFT JOIN results res ON res.id = i.id
+LEFT JOIN history h ON h.id = i.id
+LEFT JOIN LATERAL (
+    SELECT 'completed' AS state, u.attempt, b.finished_at
+    FROM completions b CROSS JOIN LATERAL unnest(b.ids, b.attempts) AS u(id, attempt)
+    WHERE int8range(b.lo, b.hi, '[]') @> i.id AND u.id = i.id
+    LIMIT 1
+) c ON true
 ORDER BY i.ord;
 
 -- name: queue_stats
@@ -278,30 +442,45 @@ SELECT queue, state, sum(n)::bigint FROM queue_counts GROUP BY 1, 2 HAVING sum(n
 WITH d AS (DELETE FROM queue_counts RETURNING *)
 INSERT INTO queue_counts SELECT queue, state, sum(n) FROM d GROUP BY 1, 2 HAVING sum(n) <> 0;
 
+-- name: ensure_partitions
+-- History partitions from today to a few days ahead; cheap when they exist.
+SELECT ensure_partitions(now(), %(days)s);
+
+-- name: retention
+SELECT value::float8 FROM meta WHERE key = 'retention_days';
+
+-- name: set_retention
+UPDATE meta SET value = %(days)s::text WHERE key = 'retention_days';
+
+-- name: prune
+SELECT prune(%(days)s * interval '1 day');
+
 -- name: notify
 -- A hint to other brokers that these queues have new due tasks (delivered at commit).
 SELECT pg_notify('conduit_' || current_schema(), q) FROM unnest(%(queue)s::text[]) AS q;
 
 -- name: acquire_broker
--- A (re)starting broker takes a new epoch, which fences off anything an older incarnation buffered.
-INSERT INTO brokers (id, endpoint, epoch, expires_at)
-VALUES (%(id)s, %(endpoint)s, 1, now() + %(term)s * interval '1 second')
-ON CONFLICT (id) DO UPDATE
-SET epoch = brokers.epoch + 1, endpoint = excluded.endpoint, expires_at = excluded.expires_at,
-    started_at = now()
+-- A (re)starting broker takes a new epoch; its earlier incarnations' leases end now, which fences
+-- off what they held and hands it to the reaper.
+WITH ended AS (
+    UPDATE brokers SET expires_at = least(expires_at, now()) WHERE id = %(id)s
+)
+INSERT INTO brokers (epoch, id, endpoint, expires_at)
+VALUES (nextval('broker_epochs'), %(id)s, %(endpoint)s, now() + %(term)s * interval '1 second')
 RETURNING epoch;
 
 -- name: renew_broker
 -- Only a live lease can be renewed: a broker that let its lease lapse must drop its buffer.
 UPDATE brokers SET expires_at = now() + %(term)s * interval '1 second'
-WHERE id = %(id)s AND epoch = %(epoch)s AND expires_at > now()
+WHERE epoch = %(epoch)s AND expires_at > now()
 RETURNING expires_at;
 
 -- name: check_broker
-SELECT 1 FROM brokers WHERE id = %(id)s AND epoch = %(epoch)s AND expires_at > now();
+SELECT 1 FROM brokers WHERE epoch = %(epoch)s AND expires_at > now();
 
 -- name: drop_broker
-DELETE FROM brokers WHERE id = %(id)s AND epoch = %(epoch)s;
+-- A clean stop ends the lease now; the reaper returns whatever is left and forgets the row.
+UPDATE brokers SET expires_at = least(expires_at, now()) WHERE epoch = %(epoch)s;
 
 -- name: live_brokers
-SELECT endpoint FROM brokers WHERE expires_at > now() ORDER BY id;
+SELECT DISTINCT ON (id) endpoint FROM brokers WHERE expires_at > now() ORDER BY id, epoch DESC;

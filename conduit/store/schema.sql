@@ -1,135 +1,229 @@
--- Conduit's whole schema, version 2 (queries.sql holds the migrations from earlier versions).
+-- Conduit's whole schema, version 3 (queries.sql holds the migrations from earlier versions).
 -- `conduit db init` applies it once, inside the schema named by CONDUIT_SCHEMA (default "conduit"),
--- with that schema first on the search_path; unqualified names below land there.
+-- with that schema first on the search_path; unqualified names below land there. The tables that
+-- version 2 had and kept are made IF NOT EXISTS: migrate_to_3 runs this file over their remains.
+--
+-- The shape is chosen by what a task costs to write (docs/ARCHITECTURE.md, "Storage"): on the happy
+-- path a task is inserted once, already owned by the broker that will deliver it, and deleted once;
+-- a completion without a result adds only its id and attempt to one row per batch.
 
-CREATE TABLE meta (
+CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
     value text NOT NULL
 );
 
--- Live tasks only: pending, buffered by a broker, or running on a worker. Finished tasks move to
--- `results`, so this table stays as small as the live backlog and its indexes stay hot.
-CREATE SEQUENCE task_ids AS bigint;
+-- Retry policies: a task carries its policy's number, not four numbers that most tasks share.
+CREATE TABLE policies (
+    id            serial PRIMARY KEY,
+    max_attempts  integer NOT NULL CHECK (max_attempts >= 1),
+    lease_timeout double precision NOT NULL CHECK (lease_timeout > 0),
+    backoff_base  double precision NOT NULL CHECK (backoff_base >= 0),
+    backoff_max   double precision NOT NULL CHECK (backoff_max >= 0),
+    UNIQUE (max_attempts, lease_timeout, backoff_base, backoff_max)
+);
+
+CREATE FUNCTION policy_id(
+    max_attempts integer, lease_timeout double precision, backoff_base double precision,
+    backoff_max double precision
+) RETURNS integer LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    found integer;
+BEGIN
+    SELECT p.id INTO found FROM policies p
+    WHERE (p.max_attempts, p.lease_timeout, p.backoff_base, p.backoff_max)
+        = (policy_id.max_attempts, policy_id.lease_timeout, policy_id.backoff_base, policy_id.backoff_max);
+    IF found IS NULL THEN
+        INSERT INTO policies AS p (max_attempts, lease_timeout, backoff_base, backoff_max)
+        VALUES (policy_id.max_attempts, policy_id.lease_timeout, policy_id.backoff_base, policy_id.backoff_max)
+        ON CONFLICT DO NOTHING
+        RETURNING p.id INTO found;
+    END IF;
+    IF found IS NULL THEN  -- another transaction inserted it meanwhile
+        SELECT p.id INTO found FROM policies p
+        WHERE (p.max_attempts, p.lease_timeout, p.backoff_base, p.backoff_max)
+            = (policy_id.max_attempts, policy_id.lease_timeout, policy_id.backoff_base, policy_id.backoff_max);
+    END IF;
+    RETURN found;
+END $$;
+
+-- Broker incarnations. Each start takes a new epoch from one sequence, so an epoch alone names an
+-- owner; a task's `owner` is the epoch of the broker that holds it. Writes that make a broker an
+-- owner lock its row FOR SHARE and check it is live, so the reaper (which locks dead rows FOR
+-- UPDATE SKIP LOCKED) never misses tasks committed by a broker it is burying.
+CREATE SEQUENCE broker_epochs AS bigint;
+
+CREATE TABLE brokers (
+    epoch      bigint PRIMARY KEY,
+    id         text NOT NULL,
+    endpoint   text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Live tasks only. The state is in two columns: `owner` NULL is pending; an owner without a lease
+-- expiry is buffered or delivered by that broker, its delivery's lease in the broker's memory;
+-- with `lease_expires_at` it is running under a task lease in the database (after a heartbeat).
+CREATE SEQUENCE IF NOT EXISTS task_ids AS bigint;
 
 CREATE TABLE tasks (
     id               bigint PRIMARY KEY DEFAULT nextval('task_ids'),
     queue            text NOT NULL,  -- naming rule checked on the way in (a CHECK costs every update)
-    priority         smallint NOT NULL DEFAULT 0,          -- lower runs first
+    priority         smallint NOT NULL DEFAULT 0,  -- lower runs first
     run_at           timestamptz NOT NULL DEFAULT now(),
-    state            text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'buffered', 'running')),
-    attempt          integer NOT NULL DEFAULT 0,           -- fencing token: grows with every lease
-    failures         integer NOT NULL DEFAULT 0,           -- failed or abandoned runs
-    max_attempts     integer NOT NULL DEFAULT 5 CHECK (max_attempts >= 1),
-    lease_timeout    double precision NOT NULL DEFAULT 30 CHECK (lease_timeout > 0),
-    backoff_base     double precision NOT NULL DEFAULT 1 CHECK (backoff_base >= 0),
-    backoff_max      double precision NOT NULL DEFAULT 300 CHECK (backoff_max >= 0),
-    broker           text,                                 -- holder while buffered or running
-    broker_epoch     bigint,
-    worker           text,
-    lease_expires_at timestamptz,                          -- task lease, while running
-    idempotency_key  text,
+    attempt          integer NOT NULL DEFAULT 0,   -- fencing token: grows with every delivery
+    failures         integer NOT NULL DEFAULT 0,   -- failed or abandoned runs
+    policy           integer NOT NULL,             -- policies.id (no foreign key: a lookup per insert)
+    owner            bigint,                       -- brokers.epoch while buffered or delivered
+    lease_expires_at timestamptz,
     payload          bytea NOT NULL,
+    idempotency_key  text,
     last_error       text,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    CHECK ((state = 'pending') = (broker IS NULL)),
-    CHECK ((state = 'running') = (lease_expires_at IS NOT NULL))
+    CHECK (lease_expires_at IS NULL OR owner IS NOT NULL)
 );
--- Partial indexes: each serves one hot path and holds only the rows that path reads.
-CREATE INDEX tasks_due ON tasks (queue, priority, run_at, id) WHERE state = 'pending';
-CREATE INDEX tasks_running ON tasks (lease_expires_at) WHERE state = 'running';
-CREATE INDEX tasks_buffered ON tasks (broker, broker_epoch) WHERE state = 'buffered';
+-- Partial indexes: each holds only the rows its path reads. A task inserted owned enters neither.
+CREATE INDEX tasks_due ON tasks (queue, priority, run_at, id) WHERE owner IS NULL;
+CREATE INDEX tasks_leased ON tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 
--- Finished tasks: completed (with result), dead (after max_attempts, kept whole for redrive) or
--- cancelled. Ids never repeat, so a late complete finds its task here and is refused.
-CREATE TABLE results (
-    id              bigint PRIMARY KEY,
+-- Live tasks with their state spelled out, for people and tests (not for hot paths).
+CREATE VIEW live_tasks AS
+SELECT t.*,
+       CASE WHEN t.owner IS NULL THEN 'pending' WHEN t.lease_expires_at IS NULL THEN 'buffered'
+            ELSE 'running' END AS state,
+       b.id AS broker
+FROM tasks t LEFT JOIN brokers b ON b.epoch = t.owner;
+
+-- Finished tasks, partitioned by day (UTC) and dropped by partition when older than the retention
+-- (meta 'retention_days'); never swept by DELETE. `history` has a row per task that has something
+-- to keep: a result, an error, a payload to redrive (dead, cancelled). `completions` has a row per
+-- batch of the others: their ids and attempts, nothing more.
+CREATE TABLE history (
+    id              bigint NOT NULL,
     queue           text NOT NULL,
     state           text NOT NULL CHECK (state IN ('completed', 'dead', 'cancelled')),
-    priority        smallint NOT NULL,
     attempt         integer NOT NULL,
     failures        integer NOT NULL,
-    max_attempts    integer NOT NULL,
-    lease_timeout   double precision NOT NULL,
-    backoff_base    double precision NOT NULL,
-    backoff_max     double precision NOT NULL,
+    priority        smallint NOT NULL,
+    policy          integer NOT NULL,
     idempotency_key text,
-    payload         bytea,                                 -- kept for dead and cancelled tasks only
+    payload         bytea,  -- dead and cancelled tasks only
     result          bytea,
     last_error      text,
-    created_at      timestamptz NOT NULL,
     finished_at     timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX results_dead ON results (queue, finished_at) WHERE state = 'dead';
+) PARTITION BY RANGE (finished_at);
+CREATE INDEX history_id ON history (id);
+CREATE INDEX history_dead ON history (queue, finished_at) WHERE state = 'dead';
 
--- Idempotency keys outlive their task's run, so a retried submit finds the first task's id.
-CREATE TABLE idempotency_keys (
+CREATE TABLE completions (
+    queue       text NOT NULL,
+    lo          bigint NOT NULL,  -- least and greatest id: a lookup reads the rows whose span holds it
+    hi          bigint NOT NULL,
+    ids         bigint[] NOT NULL,
+    attempts    integer[] NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT now()
+) PARTITION BY RANGE (finished_at);
+CREATE INDEX completions_span ON completions USING gist (int8range(lo, hi, '[]'));
+
+-- Every finished task, one row each, for people and tests (not for hot paths).
+CREATE VIEW results AS
+SELECT h.id, h.queue, h.state, h.attempt, h.failures, p.max_attempts, h.result, h.last_error, h.payload,
+       h.finished_at
+FROM history h LEFT JOIN policies p ON p.id = h.policy
+UNION ALL
+SELECT u.id, c.queue, 'completed', u.attempt, 0, NULL, NULL, NULL, NULL, c.finished_at
+FROM completions c CROSS JOIN LATERAL unnest(c.ids, c.attempts) AS u(id, attempt);
+
+-- Partitions for `days` days from `first` (UTC days); safe to run concurrently. Returns how many
+-- it made. Brokers keep a few days ahead, so no insert ever finds its partition missing.
+CREATE FUNCTION ensure_partitions(first timestamptz, days integer) RETURNS integer
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    day timestamptz;
+    parent text;
+    made integer := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('conduit partitions ' || current_schema()));
+    FOR i IN 0..days - 1 LOOP
+        day := date_trunc('day', first, 'UTC') + i * interval '1 day';
+        FOREACH parent IN ARRAY ARRAY['history', 'completions'] LOOP
+            IF to_regclass(format('%s_%s', parent, to_char(day AT TIME ZONE 'UTC', 'YYYYMMDD'))) IS NULL THEN
+                EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
+                               format('%s_%s', parent, to_char(day AT TIME ZONE 'UTC', 'YYYYMMDD')),
+                               parent, day, day + interval '1 day');
+                made := made + 1;
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN made;
+END $$;
+
+-- Drop the days that ended before now() - keep, with their counts; expire keys older than that.
+-- Returns the partitions dropped.
+CREATE FUNCTION prune(keep interval) RETURNS integer
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    cutoff timestamptz := now() - keep;
+    part record;
+    dropped integer := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('conduit partitions ' || current_schema()));
+    FOR part IN
+        SELECT c.relname AS name, p.relname AS parent
+        FROM pg_inherits i
+        JOIN pg_class c ON c.oid = i.inhrelid
+        JOIN pg_class p ON p.oid = i.inhparent
+        WHERE p.oid IN ('history'::regclass, 'completions'::regclass)
+          AND to_date(right(c.relname, 8), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC' + interval '1 day' <= cutoff
+        ORDER BY c.relname
+    LOOP
+        IF part.parent = 'history' THEN
+            EXECUTE format('INSERT INTO queue_counts SELECT queue, state, -count(*) FROM %I GROUP BY 1, 2',
+                           part.name);
+        ELSE
+            EXECUTE format('INSERT INTO queue_counts SELECT queue, ''completed'', -sum(cardinality(ids))'
+                           ' FROM %I GROUP BY 1', part.name);
+        END IF;
+        EXECUTE format('DROP TABLE %I', part.name);
+        dropped := dropped + 1;
+    END LOOP;
+    DELETE FROM idempotency_keys WHERE created_at < cutoff;
+    DELETE FROM submit_keys WHERE created_at < cutoff;
+    RETURN dropped;
+END $$;
+
+-- Idempotency keys outlive their task's run, so a retried submit finds the first task's id; they
+-- expire with the history.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
     queue      text NOT NULL,
     key        text NOT NULL,
     task_id    bigint NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (queue, key)
 );
-CREATE INDEX idempotency_keys_task ON idempotency_keys (task_id);
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 
 -- Submit keys name a whole SUBMIT: a client's retry of a batch inserts nothing and gets the first
 -- one's ids. One row a batch, where a key on every task would cost a row and an index entry each.
-CREATE TABLE submit_keys (
+CREATE TABLE IF NOT EXISTS submit_keys (
     key        text PRIMARY KEY,
     ids        bigint[] NOT NULL DEFAULT '{}',
     created_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX submit_keys_created ON submit_keys (created_at);
 
--- Broker leases: a broker's buffered tasks are its own while its lease is live. The epoch grows at
--- every acquisition, and every buffered-lease write checks it (fencing, as Temporal's range_id).
-CREATE TABLE brokers (
-    id         text PRIMARY KEY,
-    endpoint   text NOT NULL,
-    epoch      bigint NOT NULL,
-    expires_at timestamptz NOT NULL,
-    started_at timestamptz NOT NULL DEFAULT now()
-);
-
--- Per-queue counters as append-only deltas: writers never contend on a counter row, and a reader
--- sums a few rows per queue instead of counting the backlog. compact_counts() folds them.
-CREATE TABLE queue_counts (
+-- Per-queue counters as append-only deltas, written by the statements that move tasks (no
+-- triggers): writers never contend on a counter row, and a reader sums a few rows per queue
+-- instead of counting the backlog. compact_counts() folds them.
+CREATE TABLE IF NOT EXISTS queue_counts (
     queue text NOT NULL,
     state text NOT NULL,
     n     bigint NOT NULL
 );
-CREATE INDEX queue_counts_queue ON queue_counts (queue, state);
-
-CREATE FUNCTION count_tasks() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO queue_counts SELECT queue, state, count(*) FROM new_rows GROUP BY 1, 2;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO queue_counts SELECT queue, state, -count(*) FROM old_rows GROUP BY 1, 2;
-    ELSE
-        INSERT INTO queue_counts
-        SELECT queue, state, sum(n) FROM (
-            SELECT queue, state, count(*) AS n FROM new_rows GROUP BY 1, 2
-            UNION ALL
-            SELECT queue, state, -count(*) FROM old_rows GROUP BY 1, 2
-        ) d GROUP BY 1, 2 HAVING sum(n) <> 0;
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION count_tasks();
-CREATE TRIGGER tasks_count_update AFTER UPDATE ON tasks
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION count_tasks();
-CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION count_tasks();
-CREATE TRIGGER results_count_insert AFTER INSERT ON results
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION count_tasks();
-CREATE TRIGGER results_count_delete AFTER DELETE ON results
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION count_tasks();
+CREATE INDEX IF NOT EXISTS queue_counts_queue ON queue_counts (queue, state);
 
 -- Transactional enqueue: an application calls this inside its own transaction, so the task exists
 -- exactly when the application's own writes do. Returns the task id (the first task's id when
 -- the idempotency key was used before).
-CREATE FUNCTION enqueue(
+CREATE OR REPLACE FUNCTION enqueue(
     queue           text,
     payload         bytea,
     priority        smallint DEFAULT 0,
@@ -157,12 +251,15 @@ BEGIN
             RETURN old_id;
         END IF;
     END IF;
-    INSERT INTO tasks (id, queue, payload, priority, run_at, max_attempts, idempotency_key, lease_timeout)
+    INSERT INTO tasks (id, queue, payload, priority, run_at, policy, idempotency_key)
     VALUES (new_id, enqueue.queue, enqueue.payload, enqueue.priority,
-            now() + enqueue.delay * interval '1 second', enqueue.max_attempts,
-            enqueue.idempotency_key, enqueue.lease_timeout);
+            now() + enqueue.delay * interval '1 second',
+            policy_id(enqueue.max_attempts, enqueue.lease_timeout, 1, 300), enqueue.idempotency_key);
+    INSERT INTO queue_counts VALUES (enqueue.queue, 'pending', 1);
     PERFORM pg_notify('conduit_' || current_schema(), enqueue.queue);
     RETURN new_id;
 END $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '2');
+INSERT INTO meta (key, value) VALUES ('schema_version', '3'), ('retention_days', '7')
+ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE meta.key = 'schema_version';
+SELECT ensure_partitions(now(), 3);

@@ -25,15 +25,7 @@ from conduit.task import (
     check_queue_name,
 )
 
-# Task settings sent per row, or once when every row has the same value.
-_SPEC_COLUMNS = (
-    ("priority", int),
-    ("delay", float),
-    ("max_attempts", int),
-    ("lease_timeout", float),
-    ("backoff_base", float),
-    ("backoff_max", float),
-)
+_POLICY = ("max_attempts", "lease_timeout", "backoff_base", "backoff_max")
 
 
 @dataclass(frozen=True)
@@ -46,7 +38,7 @@ class BrokerLease:
 
 @dataclass(frozen=True)
 class Reaped:
-    buffered: int  # returned from brokers whose lease expired
+    buffered: int  # returned from brokers whose lease ended
     running: int  # whose task lease expired: retried, or dead when out of attempts
 
 
@@ -84,7 +76,12 @@ def init_schema(dsn: str, schema: str) -> str:
             conn.execute(SCHEMA.encode())
             return "created"
         for step in range(version + 1, SCHEMA_VERSION + 1):  # migrate, in the same transaction
-            conn.execute(QUERIES[f"migrate_to_{step}"].encode())
+            if f"migrate_to_{step}" in QUERIES:
+                conn.execute(QUERIES[f"migrate_to_{step}"].encode())
+            else:  # old tables moved aside, the schema made over what is left, the rows copied
+                conn.execute(QUERIES[f"migrate_to_{step}_before"].encode())
+                conn.execute(SCHEMA.encode())
+                conn.execute(QUERIES[f"migrate_to_{step}_after"].encode())
         _check_version(conn, schema)
         return "migrated" if version < SCHEMA_VERSION else "current"
 
@@ -117,16 +114,20 @@ class Store:
     def __init__(self, conn: psycopg.Connection[Any], *, max_payload_bytes: int) -> None:
         self.conn = conn
         self.max_payload_bytes = max_payload_bytes
+        self._policies: dict[tuple[int, float, float, float], int] = {}  # committed policies' ids
+        self._tentative: dict[tuple[int, float, float, float], int] = {}  # made in the open transaction
 
     @classmethod
     def open(cls, dsn: str, *, schema: str = "conduit", max_payload_bytes: int = 1024 * 1024) -> Store:
         conn = connect(dsn, schema)
         try:
             _check_version(conn, schema)
+            store = cls(conn, max_payload_bytes=max_payload_bytes)
+            store.ensure_partitions()  # after days with nobody running, today's may not exist yet
         except BaseException:
             conn.close()
             raise
-        return cls(conn, max_payload_bytes=max_payload_bytes)
+        return store
 
     def close(self) -> None:
         self.conn.close()
@@ -140,8 +141,12 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Group several operations into one commit (group commit); nothing is durable before it ends."""
-        with self.conn.transaction():
-            yield
+        try:
+            with self.conn.transaction():
+                yield
+        finally:  # a policy made in a rolled-back transaction does not exist
+            made, self._tentative = self._tentative, {}
+        self._policies.update(made)
 
     def _tx(self) -> Any:
         in_tx = self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
@@ -154,50 +159,59 @@ class Store:
 
     def enqueue(self, specs: Sequence[TaskSpec]) -> list[Submitted]:
         """Insert pending tasks; a known idempotency key returns its first task's id instead."""
-        return self._insert(specs, [None] * len(specs), None)
+        return self.insert(specs, None, None)
 
-    def insert_running(
-        self, specs: Sequence[TaskSpec], workers: Sequence[str], owner: BrokerLease
+    def insert(
+        self, specs: Sequence[TaskSpec], owned: Sequence[bool] | None, owner: BrokerLease | None
     ) -> list[Submitted]:
-        """Sync match: insert tasks already delivered to waiting workers, attempt 1, lease running."""
-        return self._insert(specs, list(workers), owner)
-
-    def _insert(
-        self, specs: Sequence[TaskSpec], workers: list[str | None], owner: BrokerLease | None
-    ) -> list[Submitted]:
+        """Insert tasks; those marked `owned` are held by `owner` at attempt 1 if its lease is live
+        (Submitted.owned says which were), for it to deliver from memory with no further write."""
         if not specs:
             return []
         for spec in specs:
             spec.validate(self.max_payload_bytes)
-        params: dict[str, Any] = {
-            "queue": [s.queue for s in specs],
-            "payload": [bytes(s.payload) for s in specs],
-            "idempotency_key": [s.idempotency_key for s in specs],
-            "worker": workers,
-            "broker": owner.broker_id if owner else None,
-            "epoch": owner.epoch if owner else None,
-        }
-        for name, kind in _SPEC_COLUMNS:
-            values = [kind(getattr(s, name)) for s in specs]
-            uniform = all(v == values[0] for v in values)
-            params[name] = None if uniform else values
-            params[f"{name}_all"] = values[0] if uniform else None
-        if owner is None and all(s.idempotency_key is None for s in specs):
-            ids = sorted(row[0] for row in self._rows("enqueue_plain", params))
-            return [Submitted(task_id, True) for task_id in ids]
-        rows = self._rows("insert_tasks", params)
-        missing = [i for i, (task_id, _) in enumerate(rows) if task_id is None]
+        policies = self._policy_ids(specs)
+        params: dict[str, Any] = {"epoch": owner.epoch if owner and owned and any(owned) else None}
+        _column(params, "queue", [s.queue for s in specs])
+        _column(params, "priority", [s.priority for s in specs])
+        _column(params, "delay", [float(s.delay) for s in specs])
+        _column(params, "policy", policies)
+        _column(
+            params, "owned", list(owned) if params["epoch"] is not None and owned else [False] * len(specs)
+        )
+        params["payload"] = [bytes(s.payload) for s in specs]
+        if all(s.idempotency_key is None for s in specs):
+            rows = sorted(self._rows("insert_plain", params))
+            return [Submitted(task_id, True, held) for task_id, held in rows]
+        params["idempotency_key"] = [s.idempotency_key for s in specs]
+        found = self._rows("insert_keyed", params)
+        missing = [i for i, (task_id, _, _) in enumerate(found) if task_id is None]
         if missing:  # keys committed by other transactions: now visible to a new statement
-            found = self._rows(
+            known = self._rows(
                 "lookup_keys",
                 {
                     "queue": [specs[i].queue for i in missing],
                     "key": [specs[i].idempotency_key for i in missing],
                 },
             )
-            for i, (task_id,) in zip(missing, found, strict=True):
-                rows[i] = (task_id, False)
-        return [Submitted(task_id, created) for task_id, created in rows]
+            for i, (task_id,) in zip(missing, known, strict=True):
+                found[i] = (task_id, False, False)
+        return [Submitted(task_id, created, held) for task_id, created, held in found]
+
+    def _policy_ids(self, specs: Sequence[TaskSpec]) -> list[int]:
+        keys = [
+            (s.max_attempts, float(s.lease_timeout), float(s.backoff_base), float(s.backoff_max))
+            for s in specs
+        ]
+        known = self._policies
+        new = [k for k in dict.fromkeys(keys) if k not in known and k not in self._tentative]
+        if new:
+            params = {name: [k[i] for k in new] for i, name in enumerate(_POLICY)}
+            made = dict(zip(new, (row[0] for row in self._rows("policy_ids", params)), strict=True))
+            in_tx = self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            (self._tentative if in_tx else known).update(made)
+        tentative = self._tentative
+        return [known[k] if k in known else tentative[k] for k in keys]
 
     def claim_submits(self, keys: Sequence[str]) -> dict[str, list[int] | None]:
         """Claim distinct submit keys for this transaction. None: claimed, so insert the submit's
@@ -228,12 +242,12 @@ class Store:
 
     def renew_broker(self, owner: BrokerLease, term: float) -> None:
         """Extend the lease; raise BrokerLeaseLost if it lapsed or was taken, so the buffer is dropped."""
-        params = {"id": owner.broker_id, "epoch": owner.epoch, "term": term}
+        params = {"epoch": owner.epoch, "term": term}
         if not self._rows("renew_broker", params):
             raise BrokerLeaseLost(f"broker {owner.broker_id} lost its lease (epoch {owner.epoch})")
 
     def drop_broker(self, owner: BrokerLease) -> None:
-        self.conn.execute(QUERIES["drop_broker"], {"id": owner.broker_id, "epoch": owner.epoch})
+        self.conn.execute(QUERIES["drop_broker"], {"epoch": owner.epoch})
 
     def live_brokers(self) -> list[str]:
         """ROUTER endpoints of the brokers whose lease is live."""
@@ -244,33 +258,22 @@ class Store:
     def lease(self, owner: BrokerLease, queue: str, limit: int) -> list[LeasedTask]:
         """Lease up to `limit` due tasks into `owner`'s buffer, in (priority, run_at, id) order."""
         check_queue_name(queue)
-        params = {"broker": owner.broker_id, "epoch": owner.epoch, "queue": queue, "limit": limit}
+        params = {"epoch": owner.epoch, "queue": queue, "limit": limit}
         rows = self._rows("lease", params)
-        if not rows and not self._rows("check_broker", {"id": owner.broker_id, "epoch": owner.epoch}):
+        if not rows and not self._rows("check_broker", {"epoch": owner.epoch}):
             raise BrokerLeaseLost(f"broker {owner.broker_id} has no live lease (epoch {owner.epoch})")
         tasks = [LeasedTask(*row) for row in rows]
         tasks.sort(key=lambda t: (t.priority, t.run_at, t.id))
         return tasks
 
-    def start(self, owner: BrokerLease, acks: Sequence[Ack], workers: Sequence[str]) -> list[Outcome]:
-        """Buffered tasks handed to workers: their task leases start now."""
-        params = {
-            "id": [a.id for a in acks],
-            "attempt": [a.attempt for a in acks],
-            "worker": list(workers),
-            "broker": owner.broker_id,
-            "epoch": owner.epoch,
-        }
+    def start(self, owner: BrokerLease, acks: Sequence[Ack]) -> list[Outcome]:
+        """Deliveries held in `owner`'s memory made task leases in the database (it is stopping)."""
+        params = {"id": [a.id for a in acks], "attempt": [a.attempt for a in acks], "epoch": owner.epoch}
         return self._fenced("start", acks, params)
 
     def renew(self, relay: BrokerLease, acks: Sequence[Ack]) -> list[Outcome]:
         """Heartbeats: extend the task leases of current deliveries, through whichever broker relays."""
-        params = {
-            "id": [a.id for a in acks],
-            "attempt": [a.attempt for a in acks],
-            "broker": relay.broker_id,
-            "epoch": relay.epoch,
-        }
+        params = {"id": [a.id for a in acks], "attempt": [a.attempt for a in acks], "epoch": relay.epoch}
         return self._fenced("renew", acks, params)
 
     def complete(self, completions: Sequence[Completion]) -> list[Outcome]:
@@ -316,9 +319,9 @@ class Store:
     # -- recovery and administration ----------------------------------------------------------
 
     def reap(self, limit: int = 1000) -> Reaped:
-        """Return expired leases: buffers of lapsed brokers to pending; expired runs count as failures."""
+        """Return expired leases: what lapsed brokers held to pending; expired runs count as failures."""
         with self._tx():
-            buffered = len(self._rows("reap_buffered"))
+            ((buffered,),) = self._rows("reap_brokers")
             expired = [
                 Failure(task_id, attempt, "lease expired: the worker stopped heartbeating")
                 for task_id, attempt in self._rows("expired_running", {"limit": limit})
@@ -365,6 +368,27 @@ class Store:
     def compact_counts(self) -> None:
         self.conn.execute(QUERIES["compact_counts"])
 
+    # -- history ------------------------------------------------------------------------------
+
+    def ensure_partitions(self, days: int = 3) -> int:
+        """Make the history partitions for today and the days ahead; returns how many were new."""
+        ((made,),) = self._rows("ensure_partitions", {"days": days})
+        return int(made)
+
+    def retention(self) -> float:
+        """Days finished tasks (and idempotency and submit keys) are kept."""
+        ((days,),) = self._rows("retention")
+        return float(days)
+
+    def set_retention(self, days: float) -> None:
+        self.conn.execute(QUERIES["set_retention"], {"days": days})
+
+    def prune(self, days: float | None = None) -> int:
+        """Drop the days of history that ended more than `days` ago (default: the retention);
+        returns the partitions dropped."""
+        ((dropped,),) = self._rows("prune", {"days": self.retention() if days is None else days})
+        return int(dropped)
+
 
 def _failure_params(
     failures: Sequence[Failure], only_buffered_by: BrokerLease | None = None
@@ -374,9 +398,16 @@ def _failure_params(
         "attempt": [f.attempt for f in failures],
         "error": [f.error for f in failures],
         "retry": [f.retry for f in failures],
-        "broker": only_buffered_by.broker_id if only_buffered_by else None,
         "epoch": only_buffered_by.epoch if only_buffered_by else None,
     }
+
+
+def _column(params: dict[str, Any], name: str, values: list[Any]) -> None:
+    """A column as one value when every row has it (`name`_all), else as an array: sparing the
+    database an array it would unpack row by row, and the wire a list of repeats."""
+    uniform = all(v == values[0] for v in values)
+    params[name] = None if uniform else values
+    params[f"{name}_all"] = values[0] if uniform else None
 
 
 def _refusal(info: TaskInfo) -> Outcome:

@@ -27,8 +27,9 @@ from conduit.store import init_schema
 
 TESTS = Path(__file__).resolve().parent.parent
 
-# An append-only audit of every row that enters `results`: a task finished twice (even through a
-# detour back to pending) shows as two rows here, whatever the results table holds at the end.
+# An append-only audit of every task that finishes, into `history` or a `completions` batch: a task
+# finished twice (even through a detour back to pending) shows as two rows here, whatever the
+# history holds at the end.
 AUDIT = """
 CREATE TABLE chaos_audit (
     id bigint NOT NULL, state text NOT NULL, attempt integer NOT NULL, result bytea,
@@ -36,10 +37,17 @@ CREATE TABLE chaos_audit (
 );
 CREATE FUNCTION chaos_audit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO chaos_audit (id, state, attempt, result) SELECT id, state, attempt, result FROM new_rows;
+    IF TG_TABLE_NAME = 'history' THEN
+        INSERT INTO chaos_audit (id, state, attempt, result) SELECT id, state, attempt, result FROM new_rows;
+    ELSE
+        INSERT INTO chaos_audit (id, state, attempt)
+        SELECT u.id, 'completed', u.attempt FROM new_rows c, unnest(c.ids, c.attempts) AS u(id, attempt);
+    END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER results_chaos_audit AFTER INSERT ON results
+CREATE TRIGGER history_chaos_audit AFTER INSERT ON history
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION chaos_audit();
+CREATE TRIGGER completions_chaos_audit AFTER INSERT ON completions
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION chaos_audit();
 """
 

@@ -43,7 +43,7 @@ class Truth:
             r[0]: (r[1], r[2], r[3], r[4], r[5])
             for r in conn.execute("SELECT id, state, attempt, failures, max_attempts, result FROM results")
         }
-        live = dict(conn.execute("SELECT id, state FROM tasks").fetchall())
+        live = dict(conn.execute("SELECT id, state FROM live_tasks").fetchall())
         keys = {k: i for k, i in conn.execute("SELECT key, task_id FROM idempotency_keys")}
         finals: dict[int, list[tuple[str, int]]] = defaultdict(list)
         for task_id, state, attempt in conn.execute("SELECT id, state, attempt FROM chaos_audit ORDER BY at"):

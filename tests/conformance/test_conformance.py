@@ -198,10 +198,10 @@ def test_broker_failover(impl, start_broker, spawn, db, ledger) -> None:
     with Client(brokers["b1"].endpoint, retry_submits=False) as client:
         long_id = client.submit("sleepy", b"3.0", lease_timeout=3.0)
         wait_for(
-            lambda: db.query("SELECT state FROM tasks WHERE id = %s", (long_id,)) == [("running",)],
+            lambda: db.query("SELECT state FROM live_tasks WHERE id = %s", (long_id,)) == [("running",)],
             what="the task's first heartbeat",
         )
-    ((holder,),) = db.query("SELECT broker FROM tasks WHERE id = %s", (long_id,))  # heartbeats go here
+    ((holder,),) = db.query("SELECT broker FROM live_tasks WHERE id = %s", (long_id,))  # heartbeats go here
     (survivor,) = {"b1", "b2"} - {holder}
     brokers[holder].kill()
     with (
@@ -308,7 +308,7 @@ def test_a_paused_broker_is_left_within_two_liveness_intervals(
         wait_for(lambda: lease_expiry(db, long_id) and ledger_runs(ledger), what="the long task running")
 
     def renewed_elsewhere() -> bool:
-        return db.query("SELECT broker FROM tasks WHERE id = %s", (long_id,)) == [(other,)]
+        return db.query("SELECT broker FROM live_tasks WHERE id = %s", (long_id,)) == [(other,)]
 
     try:
         with logs_on_failure(worker, *brokers.values()), Client(brokers[other].endpoint) as client:
@@ -345,7 +345,7 @@ def test_graceful_stop_releases_prefetched_tasks(impl, start_broker, spawn, db, 
         # The worker polls for 5 more while it runs one: these go to it and wait, prefetched. Its
         # heartbeats cover what it holds, so once all 5 are running in the database it holds them.
         ids = client.submit_many([TaskSpec("echo", b"later", lease_timeout=30) for _ in range(5)])
-        held = "SELECT count(*) FROM tasks WHERE id = ANY(%s) AND state = 'running' AND attempt = 1"
+        held = "SELECT count(*) FROM live_tasks WHERE id = ANY(%s) AND state = 'running' AND attempt = 1"
         wait_for(lambda: db.query(held, (ids,)) == [(5,)], timeout=10, what="the 5 tasks prefetched")
         assert [t for t, _, _ in ledger_runs(ledger)] == [busy]  # held, not started: one runs at a time
         assert worker.stop() == 0
@@ -353,7 +353,7 @@ def test_graceful_stop_releases_prefetched_tasks(impl, start_broker, spawn, db, 
         assert [t for t, _, _ in ledger_runs(ledger)] == [busy]  # the prefetched ones never ran
         # Released: pending again at once, no failure counted (a broker with recent polls may
         # buffer them again), where a lease left to expire would be running for 30 s more.
-        released = db.query("SELECT state, failures FROM tasks WHERE id = ANY(%s)", (ids,))
+        released = db.query("SELECT state, failures FROM live_tasks WHERE id = ANY(%s)", (ids,))
         assert len(released) == 5 and all(state != "running" and f == 0 for state, f in released)
         spawn(impl, [broker.endpoint])
         assert all(client.result(i, timeout=20).state == "completed" for i in ids)
