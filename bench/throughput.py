@@ -4,10 +4,11 @@
 
 Measures, on this machine and this database, a plain FOR UPDATE SKIP LOCKED queue (fetch one /
 ack one, and batches of 100) with as many worker processes as Conduit gets, the database's
-ceiling (COPY in, delete, one process), then Conduit: burst, steady, sync_match, paced,
+ceiling (COPY in, delete, one process), then Conduit: burst, drain, steady, sync_match, paced,
 deep_backlog and mesh_N. Each Conduit scenario runs in a schema of its own with its own brokers
 and workers (conduit.demo's; paced's sleep, bench/paced.py), which are stopped and dropped
-afterwards. See bench/README.md for how to read the table, the JSON and the chart.
+afterwards. Every step also reports the WAL and the rows it wrote per task (bench/walstats.py).
+See bench/README.md for how to read the table, the JSON and the chart.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import paced as paced_worker
 import psycopg
 import zmq
 from psycopg import sql
+from walstats import WriteMeter, Writes
 
 from conduit import demo
 from conduit.client import Client
@@ -46,6 +48,7 @@ from conduit.task import TaskSpec
 from conduit.wire import Command
 
 BACKLOG_QUEUE = "bench.backlog"  # the deep backlog's queue: no worker polls it
+BACKLOG_BATCH = 10_000  # backlog tasks per insert
 LATENCIES = ("p50", "p90", "p99", "max")
 BENCH = Path(__file__).resolve().parent
 PACED_SLEEP = 0.020  # paced handlers sleep 0 to this many seconds, uniformly
@@ -53,7 +56,7 @@ PACED_LAG = 2.0  # paced: tasks not done this long after the last submit are the
 PACED_DRAIN = 10.0  # paced: how long after the last submit to wait for the rest at most
 PACED_STALLED = 0.5  # paced: a worker below this share of its fair share in a window stalled there
 
-# Sizes: the defaults take about two minutes on a 2-core machine, --quick about one.
+# Sizes: the defaults take about three minutes on a 2-core machine, --quick under two.
 FULL = {
     "tasks": 60_000,
     "backlog": 1_000_000,
@@ -95,6 +98,7 @@ class Plan:
     paced_workers: int
     paced_concurrency: int
     baseline_tasks: int
+    drain_tasks: int
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,16 @@ class Result:
     figures: demo.Figures
     rss_mb: float | None
     cpu_s: dict[str, float]  # CPU seconds by role while the scenario ran
+    cpu_tasks: int  # tasks completed while the CPU was measured
+    writes: Writes
     note: str = ""
     detail: dict[str, Any] | None = None  # a scenario's own figures (paced's per worker)
+
+
+class Baseline(NamedTuple):
+    per_second: float
+    tasks: int
+    writes: Writes
 
 
 # -- processes and schemas -------------------------------------------------------------------
@@ -132,17 +144,49 @@ class Workers:
 
 
 class BenchCluster(demo.Cluster):
-    """demo.Cluster running this scenario's workers, closed even when it fails to start."""
+    """demo.Cluster running this scenario's workers, closed even when it fails to start. With
+    `deferred`, only the brokers start, and start_workers() starts the workers later."""
 
-    def __init__(self, dsn: str, schema: str, workers: Workers, brokers: int) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        workers: Workers,
+        brokers: int,
+        deferred: bool = False,
+        broker_args: Sequence[str] = (),
+    ) -> None:
         self.workers = workers
+        self.broker_args = list(broker_args)
         try:
-            super().__init__(dsn, schema, workers.count, brokers)
+            super().__init__(dsn, schema, 0 if deferred else workers.count, brokers)
         except BaseException:
             self.close()
             raise
 
+    def start_workers(self) -> None:
+        """The workers, as demo.Cluster starts them: worker i at broker i mod n, knowing all."""
+        n = len(self.endpoints)
+        for i in range(self.workers.count):
+            connect = [
+                arg for e in self.endpoints[i % n :] + self.endpoints[: i % n] for arg in ("--connect", e)
+            ]
+            self._start(
+                [
+                    sys.executable,
+                    "-m",
+                    "conduit",
+                    "worker",
+                    "conduit.demo:worker",
+                    *connect,
+                    "--log-level",
+                    "warning",
+                ]
+            )
+
     def _start(self, cmd: list[str], env: dict[str, str] | None = None) -> Any:
+        if cmd[3] == "broker":
+            cmd += self.broker_args
         if cmd[3] == "worker":  # [python, -m, conduit, worker, conduit.demo:worker, ...]
             cmd[4] = self.workers.target
             cmd += ["--concurrency", str(self.workers.concurrency), "--prefetch", str(self.workers.prefetch)]
@@ -286,6 +330,9 @@ class Measured(NamedTuple):
 Body = Callable[[Any, Store, list[int]], Measured]  # (client, store, worker pids)
 
 
+Prefill = Callable[[Any], None]  # (client): submits a drain's tasks before any worker starts
+
+
 def run_conduit(
     dsn: str,
     plan: Plan,
@@ -294,37 +341,63 @@ def run_conduit(
     body: Body,
     backlog: int = 0,
     workers: Workers | None = None,
+    prefill: Prefill | None = None,
 ) -> Result:
+    """One scenario in a schema of its own. With `prefill`, the brokers start alone, `prefill`
+    submits, then the workers start, and the CPU is measured from the first completion on."""
     workers = workers or Workers.demo(plan)
     with scratch_schema(dsn, f"bench_{os.getpid()}_{name}") as schema:
         if backlog:
             fill_backlog(dsn, schema, backlog, plan.payload)
-        began = time.monotonic()
-        cluster = BenchCluster(dsn, schema, workers, brokers)
-        try:
-            # Every broker's gossip endpoint given, so the producer spreads its submits over all
-            # of them (a Client otherwise asks only the first broker that answers for its gossip).
-            gossip = gossip_endpoints(cluster.endpoints)
-            with (
-                Client(cluster.endpoints, gossip=gossip) as client,
-                Store.open(dsn, schema=schema) as store,
-            ):
-                wait_ready(client, brokers, workers.count)
-                up = time.monotonic() - began
-                progress(f"  {brokers} broker(s) and {workers.count} workers up in {up:.1f} s")
-                brokers_pids = [p.pid for p in cluster.brokers]
-                workers_pids = [p.pid for p in cluster.procs if p not in cluster.brokers]
-                with (
-                    RssSampler(brokers_pids) as rss,
-                    CpuMeter({"brokers": brokers_pids, "workers": workers_pids}) as cpu,
-                ):
-                    measured = body(PayloadClient(client, plan.payload), store, workers_pids)
-                note = "; ".join(filter(None, [measured.note, redeliveries(store)]))
-        finally:
+        with WriteMeter(dsn, schema) as writes:  # left once every connection of the scenario closed
             began = time.monotonic()
-            cluster.close()
-            progress(f"  stopped in {time.monotonic() - began:.1f} s")
-    return Result(name, measured.figures, rss.peak_mb, cpu.seconds, note, measured.detail)
+            cluster = BenchCluster(dsn, schema, workers, brokers, deferred=prefill is not None)
+            try:
+                # Every broker's gossip endpoint given, so the producer spreads its submits over all
+                # of them (a Client otherwise asks only the first broker that answers for its gossip).
+                gossip = gossip_endpoints(cluster.endpoints)
+                with (
+                    Client(cluster.endpoints, gossip=gossip) as client,
+                    Store.open(dsn, schema=schema) as store,
+                ):
+                    producer = PayloadClient(client, plan.payload)
+                    done_before = 0
+                    if prefill:
+                        wait_ready(client, brokers, 0)
+                        prefill(producer)
+                        cluster.start_workers()
+                        done_before = first_completion(store)
+                    else:
+                        wait_ready(client, brokers, workers.count)
+                    up = time.monotonic() - began
+                    progress(f"  {brokers} broker(s) and {workers.count} workers up in {up:.1f} s")
+                    brokers_pids = [p.pid for p in cluster.brokers]
+                    workers_pids = [p.pid for p in cluster.procs if p not in cluster.brokers]
+                    with (
+                        RssSampler(brokers_pids) as rss,
+                        CpuMeter({"brokers": brokers_pids, "workers": workers_pids}) as cpu,
+                    ):
+                        measured = body(producer, store, workers_pids)
+                    note = "; ".join(filter(None, [measured.note, redeliveries(store)]))
+            finally:
+                began = time.monotonic()
+                cluster.close()
+                progress(f"  stopped in {time.monotonic() - began:.1f} s")
+    cpu_tasks = measured.figures.tasks - done_before
+    return Result(
+        name, measured.figures, rss.peak_mb, cpu.seconds, cpu_tasks, writes.writes, note, measured.detail
+    )
+
+
+def first_completion(store: Store, timeout: float = 60.0) -> int:
+    """Tasks completed once the first one is: a drain's CPU is measured from there, so that the
+    worker processes' start-up (imports, connecting) does not count against its tasks."""
+    deadline = time.monotonic() + timeout
+    while not (done := demo._completed(store)):
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"no task completed within {timeout:.0f} s of the workers' start")
+        time.sleep(0.01)
+    return done
 
 
 def gossip_endpoints(endpoints: Sequence[str]) -> list[str]:
@@ -346,11 +419,14 @@ def gossip_endpoints(endpoints: Sequence[str]) -> list[str]:
 def redeliveries(store: Store) -> str:
     """A health check on the run: tasks that ran only after a lease expired (a lost delivery,
     30 s by default), and tasks leased more than once (given back by a broker, leased again)."""
-    failed, again = store.conn.execute(
-        "SELECT count(*) FILTER (WHERE failures > 0), count(*) FILTER (WHERE attempt > 1) "
-        "FROM results WHERE queue = %s",
-        (demo.QUEUE,),
-    ).fetchone()
+    try:
+        failed, again = store.conn.execute(
+            "SELECT count(*) FILTER (WHERE failures > 0), count(*) FILTER (WHERE attempt > 1) "
+            "FROM results WHERE queue = %s",
+            (demo.QUEUE,),
+        ).fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+        return "no health check: the schema has no results table with failures and attempt"
     parts = []
     if failed:
         parts.append(f"{failed} tasks ran only after a lease expired (failures > 0)")
@@ -375,17 +451,15 @@ def wait_ready(client: Client, brokers: int, workers: int, timeout: float = 30.0
 
 
 def fill_backlog(dsn: str, schema: str, tasks: int, payload: bytes) -> None:
-    """`tasks` pending tasks in a queue no worker polls, in one statement, then vacuumed and
-    analysed as a backlog that has been there a while would be."""
+    """`tasks` pending tasks in a queue no worker polls, put in by the store's own bulk insert (so
+    whatever the schema's shape) in batches of BACKLOG_BATCH, then vacuumed and analysed as a
+    backlog that has been there a while would be."""
     progress(f"  inserting a backlog of {tasks:,} pending tasks ...")
     began = time.perf_counter()
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        conn.execute(
-            "INSERT INTO tasks (queue, payload) SELECT %s, %s FROM generate_series(1, %s)",
-            (BACKLOG_QUEUE, payload, tasks),
-        )
-        conn.execute("VACUUM ANALYZE tasks")
+    with Store.open(dsn, schema=schema) as store:
+        for start in range(0, tasks, BACKLOG_BATCH):
+            store.enqueue([TaskSpec(BACKLOG_QUEUE, payload)] * min(BACKLOG_BATCH, tasks - start))
+        store.conn.execute("VACUUM ANALYZE tasks")
     checkpoint(dsn)
     progress(f"  backlog in place in {time.perf_counter() - began:.1f} s")
 
@@ -395,6 +469,35 @@ def burst(plan: Plan) -> Body:
         return Measured(demo.burst(client, store, plan.tasks, plan.batch, plan.producers))
 
     return body
+
+
+def drain(plan: Plan) -> tuple[Prefill, Body]:
+    """`drain_tasks` submitted (in batches, from the producer threads) and committed before any
+    worker starts, then drained: the shape of the batch-100 baseline. The clock runs from the
+    first task's start to the last completion, and every task counts as offered at that start,
+    so its submit->start latency is its place in the drain."""
+    ids: list[int] = []
+
+    def prefill(client: Any) -> None:
+        n = plan.drain_tasks
+        sizes = [min(plan.batch, n - start) for start in range(0, n, plan.batch)]
+        submit = lambda k: client.submit_many([TaskSpec(demo.QUEUE, b"")] * k)  # noqa: E731
+        with (
+            ThreadPoolExecutor(plan.producers) as pool,
+            click.progressbar(length=n, label="submitting, no worker yet", file=sys.stderr) as bar,
+        ):
+            for batch in pool.map(submit, sizes):
+                ids.extend(batch)
+                bar.update(len(batch))
+
+    def body(client: Any, store: Store, _: list[int]) -> Measured:
+        wait_done(store, 0, len(ids))
+        times = demo._times(store, ids)
+        began = min(started for started, _ in times.values())
+        ended = max(finished for _, finished in times.values())
+        return Measured(demo._figures(dict.fromkeys(ids, began), times, ended - began))
+
+    return prefill, body
 
 
 def sync_match(plan: Plan) -> Body:
@@ -611,19 +714,32 @@ def run(dsn: str, plan: Plan) -> dict[str, Any]:
     steps: list[tuple[str, Callable[[], Any]]] = []
     figures: dict[str, Any] = {}
 
-    def plain(batch: int, tasks: int) -> float:
-        with scratch_schema(dsn, f"bench_{pid}_plain_{batch}", conduit=False) as schema:
-            return baseline.plain_queue(dsn, schema, tasks, plan.workers, batch, plan.payload)
+    def plain(batch: int, tasks: int) -> Baseline:
+        with (
+            scratch_schema(dsn, f"bench_{pid}_plain_{batch}", conduit=False) as schema,
+            WriteMeter(dsn, schema) as writes,
+        ):
+            rate = baseline.plain_queue(dsn, schema, tasks, plan.workers, batch, plan.payload)
+        return Baseline(rate, tasks, writes.writes)
 
-    def ceiling() -> float:
-        with scratch_schema(dsn, f"bench_{pid}_ceiling", conduit=False) as schema:
-            return baseline.db_ceiling(dsn, schema, plan.baseline_tasks * 20, 500, plan.payload)
+    def ceiling() -> Baseline:
+        with (
+            scratch_schema(dsn, f"bench_{pid}_ceiling", conduit=False) as schema,
+            WriteMeter(dsn, schema) as writes,
+        ):
+            rate = baseline.db_ceiling(dsn, schema, plan.baseline_tasks * 20, 500, plan.payload)
+        return Baseline(rate, plan.baseline_tasks * 20, writes.writes)
+
+    def drained() -> Result:
+        prefill, body = drain(plan)
+        return run_conduit(dsn, plan, "drain", 1, body, prefill=prefill)
 
     steps += [
         ("fetch_one", lambda: plain(1, plan.baseline_tasks)),
         ("batch_100", lambda: plain(100, plan.baseline_tasks * 10)),
         ("db_ceiling", ceiling),
         ("burst", lambda: run_conduit(dsn, plan, "burst", 1, burst(plan))),
+        ("drain", drained),
         ("steady", lambda: run_conduit(dsn, plan, "steady", 1, steady(plan))),
         ("sync_match", lambda: run_conduit(dsn, plan, "sync_match", 1, sync_match(plan))),
         ("paced", lambda: run_conduit(dsn, plan, "paced", 1, paced(plan), workers=Workers.paced(plan))),
@@ -645,7 +761,7 @@ def run(dsn: str, plan: Plan) -> dict[str, Any]:
 
 def document(measured: dict[str, Any]) -> dict[str, Any]:
     """The one JSON object: machine, baseline, db_ceiling_tasks_per_s, scenarios."""
-    fetch_one = measured["fetch_one"]
+    fetch_one, batch_100 = measured["fetch_one"].per_second, measured["batch_100"].per_second
     scenarios = []
     for result in measured.values():
         if not isinstance(result, Result):
@@ -655,10 +771,12 @@ def document(measured: dict[str, Any]) -> dict[str, Any]:
             "name": result.name,
             **row,
             "ratio_to_baseline": round(result.figures.per_second / fetch_one, 2),
+            "ratio_to_batch_100": round(result.figures.per_second / batch_100, 2),
+            **result.writes.per_task(result.figures.tasks),
         }
         if result.rss_mb is not None:
             entry["broker_rss_mb"] = result.rss_mb
-        per_task = {role: round(s / result.figures.tasks * 1e6, 1) for role, s in result.cpu_s.items()}
+        per_task = {role: round(s / max(1, result.cpu_tasks) * 1e6, 1) for role, s in result.cpu_s.items()}
         entry["cpu_us_per_task"] = {**per_task, "total": round(sum(per_task.values()), 1)}
         if result.detail:
             entry[result.name] = result.detail
@@ -668,9 +786,13 @@ def document(measured: dict[str, Any]) -> dict[str, Any]:
         "machine": {k: info[k] for k in ("cores", "postgres_version", "fsync")},
         "baseline": {
             "fetch_one_tasks_per_s": round(fetch_one, 1),
-            "batch_100_tasks_per_s": round(measured["batch_100"], 1),
+            "batch_100_tasks_per_s": round(batch_100, 1),
+            "writes": {
+                name: measured[name].writes.per_task(measured[name].tasks)
+                for name in ("fetch_one", "batch_100", "db_ceiling")
+            },
         },
-        "db_ceiling_tasks_per_s": round(measured["db_ceiling"], 1),
+        "db_ceiling_tasks_per_s": round(measured["db_ceiling"].per_second, 1),
         "scenarios": scenarios,
     }
 
@@ -682,6 +804,7 @@ def ms(value: float) -> str:
 def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
     m = doc["machine"]
     fetch_one = doc["baseline"]["fetch_one_tasks_per_s"]
+    batch_100 = doc["baseline"]["batch_100_tasks_per_s"]
     ceiling = doc["db_ceiling_tasks_per_s"]
     lines = [
         f"{m['cores']} cores, PostgreSQL {m['postgres_version']}, fsync={m['fsync']}, "
@@ -689,9 +812,9 @@ def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
         f"(concurrency {plan.concurrency}, prefetch {plan.prefetch}), {plan.producers} producers, "
         f"submit batches of {plan.batch}, payload {len(plan.payload)} B",
         "",
-        f"{'':<14}{'':>9}{'':>10}{'x fetch':>8}{'% db':>6}  {'submit->start ms':^27}  "
+        f"{'':<14}{'':>9}{'':>10}{'x fetch':>8}{'x batch':>8}{'% db':>6}  {'submit->start ms':^27}  "
         f"{'submit->complete ms':^27}{'broker':>8}",
-        f"{'scenario':<14}{'tasks':>9}{'tasks/s':>10}{'-one':>8}{'ceil':>6}  "
+        f"{'scenario':<14}{'tasks':>9}{'tasks/s':>10}{'-one':>8}{'-100':>8}{'ceil':>6}  "
         + f"{'p50':>6}{'p90':>7}{'p99':>7}{'max':>7}  " * 2
         + f"{'RSS MB':>6}",
     ]
@@ -701,18 +824,20 @@ def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
         rss = f"{s['broker_rss_mb']:>8.0f}" if "broker_rss_mb" in s else f"{'':>8}"
         lines.append(
             f"{s['name']:<14}{s['tasks']:>9,}{s['tasks_per_s']:>10,.0f}{s['ratio_to_baseline']:>8.1f}"
-            f"{100 * s['tasks_per_s'] / ceiling:>5.0f}%  {lat}{rss}"
+            f"{s['ratio_to_batch_100']:>8.2f}{100 * s['tasks_per_s'] / ceiling:>5.0f}%  {lat}{rss}"
         )
-    lines += [
-        "",
-        f"{'plain SKIP LOCKED queue, fetch one / ack one':<50}{fetch_one:>10,.0f}{1.0:>8.1f}"
-        f"{100 * fetch_one / ceiling:>5.0f}%   ({plan.workers} processes)",
-        f"{'plain SKIP LOCKED queue, batches of 100':<50}{doc['baseline']['batch_100_tasks_per_s']:>10,.0f}"
-        f"{doc['baseline']['batch_100_tasks_per_s'] / fetch_one:>8.1f}"
-        f"{100 * doc['baseline']['batch_100_tasks_per_s'] / ceiling:>5.0f}%   ({plan.workers} processes)",
-        f"{'database ceiling: COPY 500 in, delete 500':<50}{ceiling:>10,.0f}{ceiling / fetch_one:>8.1f}"
-        f"{100:>5.0f}%   (one process)",
+    baselines = [
+        ("plain SKIP LOCKED queue, fetch one / ack one", fetch_one, f"({plan.workers} processes)"),
+        ("plain SKIP LOCKED queue, batches of 100", batch_100, f"({plan.workers} processes, drain only)"),
+        ("database ceiling: COPY 500 in, delete 500", ceiling, "(one process)"),
     ]
+    lines.append("")
+    for label, rate, who in baselines:
+        lines.append(
+            f"{label:<50}{rate:>10,.0f}{rate / fetch_one:>8.1f}{rate / batch_100:>8.2f}"
+            f"{100 * rate / ceiling:>5.0f}%   {who}"
+        )
+    lines += ["", *writes_table(doc)]
     cores = m["cores"] or 1
     lines += [
         "",
@@ -732,9 +857,32 @@ def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
         if "paced" in s:
             lines += ["", *paced_table(s["paced"])]
     notes = [f"{r.name}: {r.note}" for r in measured.values() if isinstance(r, Result) and r.note]
+    notes.append(
+        f"drain: {plan.drain_tasks:,} tasks committed before the workers started; timed from the first "
+        "task's start, CPU from the first completion"
+    )
     if plan.backlog:
         notes.append(f"deep_backlog: {plan.backlog:,} pending tasks in another queue of the same table")
     return "\n".join([*lines, "", *notes])
+
+
+def writes_table(doc: dict[str, Any]) -> list[str]:
+    """WAL and rows written per task, each step in its own schema, baselines last."""
+    lines = [
+        "Writes per task (WAL: pg_current_wal_lsn() around the step, the whole server's; rows: "
+        "pg_stat_user_tables, every table of the step's schema)",
+        f"{'scenario':<14}{'WAL bytes':>10}{'inserted':>10}{'updated':>9}{'HOT':>7}{'non-HOT':>9}"
+        f"{'deleted':>9}",
+    ]
+    named = [(s["name"], s) for s in doc["scenarios"]]
+    named += [(f"[{name}]", w) for name, w in doc["baseline"]["writes"].items()]
+    for name, w in named:
+        r = w["rows_per_task"]
+        lines.append(
+            f"{name:<14}{w['wal_bytes_per_task']:>10,.0f}{r['inserted']:>10.2f}{r['updated']:>9.2f}"
+            f"{r['hot_updated']:>7.2f}{r['updated'] - r['hot_updated']:>9.2f}{r['deleted']:>9.2f}"
+        )
+    return lines
 
 
 SPARK = "▁▂▃▄▅▆▇█"  # a window's ratio to the fair share, to the nearest quarter: ▅ is 1.0
@@ -867,7 +1015,7 @@ def paced_plot(ax: Any, p: dict[str, Any]) -> None:
 
 def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="Sizes: defaults about two minutes, --quick about one."
+        description=__doc__.split("\n\n")[0], epilog="Sizes: defaults about three minutes, --quick under two."
     )
     parser.add_argument("--dsn", help="PostgreSQL DSN (default: CONDUIT_DSN, else the embedded server)")
     parser.add_argument(
@@ -905,6 +1053,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     )
     parser.add_argument(
         "--backlog", type=int, metavar="N", help="pending tasks in the deep_backlog table (1,000,000)"
+    )
+    parser.add_argument(
+        "--drain-tasks", type=int, metavar="N", help="drain: tasks pending before the workers start (--tasks)"
     )
     parser.add_argument("--single", type=int, metavar="N", help="one-at-a-time tasks in sync_match (500)")
     parser.add_argument("--rate", type=float, metavar="N", help="steady: tasks offered a second in all (800)")
@@ -964,8 +1115,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
     ]:
         if value < 1:
             parser.error(f"--{name} must be at least 1")
-    if min(brokers) < 1 or sizes["tasks"] < 1 or sizes["rate"] <= 0 or args.concurrency < 1:
-        parser.error("broker counts, --tasks, --rate and --concurrency must be positive")
+    drain_tasks = int(sizes["tasks"] if args.drain_tasks is None else args.drain_tasks)
+    if min(brokers) < 1 or min(sizes["tasks"], drain_tasks) < 1 or sizes["rate"] <= 0 or args.concurrency < 1:
+        parser.error("broker counts, --tasks, --drain-tasks, --rate and --concurrency must be positive")
     if args.paced_rate <= 0 or sizes["paced_seconds"] <= 0:
         parser.error("--paced-rate and --paced-seconds must be positive")
     plan = Plan(
@@ -981,6 +1133,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         paced_batch=args.paced_batch,
         paced_workers=args.paced_workers,
         paced_concurrency=args.paced_concurrency,
+        drain_tasks=drain_tasks,
         **sizes,
     )
     return args, plan
