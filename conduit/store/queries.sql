@@ -236,7 +236,7 @@ SELECT id, attempt FROM renewed;
 
 -- name: complete
 -- The first of duplicate completions in one batch wins; the rest are refused as finished. A task
--- with nothing to keep (no result, no failure before) adds its id and attempt to one row a queue.
+-- done at its first try adds its id, attempt and result to one row a queue.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
     FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(result)b::bytea[]) WITH ORDINALITY
@@ -252,12 +252,13 @@ WITH r AS (
                          last_error)
     SELECT id, queue, 'completed', attempt, failures, priority, policy, idempotency_key, result, last_error
     FROM done
-    WHERE result IS NOT NULL OR failures > 0 OR last_error IS NOT NULL
+    WHERE failures > 0 OR last_error IS NOT NULL
 ), batched AS (
-    INSERT INTO completions (queue, lo, hi, ids, attempts)
-    SELECT queue, min(id), max(id), array_agg(id), array_agg(attempt)
+    INSERT INTO completions (queue, lo, hi, ids, attempts, results)
+    SELECT queue, min(id), max(id), array_agg(id), array_agg(attempt),
+           CASE WHEN bool_or(result IS NOT NULL) THEN array_agg(result) END
     FROM done
-    WHERE result IS NULL AND failures = 0 AND last_error IS NULL
+    WHERE failures = 0 AND last_error IS NULL
     GROUP BY queue
 ), counted AS (
     INSERT INTO queue_counts
@@ -422,14 +423,15 @@ SELECT i.id,
        coalesce(h.state, c.state,
                 CASE WHEN t.id IS NULL THEN NULL WHEN t.owner IS NULL THEN 'pending'
                      WHEN t.lease_expires_at IS NULL THEN 'buffered' ELSE 'running' END),
-       coalesce(h.attempt, c.attempt, t.attempt), h.result, coalesce(h.last_error, t.last_error),
+       coalesce(h.attempt, c.attempt, t.attempt), coalesce(h.result, c.result),
+       coalesce(h.last_error, t.last_error),
        coalesce(h.finished_at, c.finished_at)
 FROM unnest(%(id)b::bigint[]) WITH ORDINALITY AS i(id, ord)
 LEFT JOIN tasks t ON t.id = i.id
 LEFT JOIN history h ON h.id = i.id
 LEFT JOIN LATERAL (
-    SELECT 'completed' AS state, u.attempt, b.finished_at
-    FROM completions b CROSS JOIN LATERAL unnest(b.ids, b.attempts) AS u(id, attempt)
+    SELECT 'completed' AS state, u.attempt, u.result, b.finished_at
+    FROM completions b CROSS JOIN LATERAL unnest(b.ids, b.attempts, b.results) AS u(id, attempt, result)
     WHERE int8range(b.lo, b.hi, '[]') @> i.id AND u.id = i.id
     LIMIT 1
 ) c ON true

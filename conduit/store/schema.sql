@@ -93,9 +93,10 @@ SELECT t.*,
 FROM tasks t LEFT JOIN brokers b ON b.epoch = t.owner;
 
 -- Finished tasks, partitioned by day (UTC) and dropped by partition when older than the retention
--- (meta 'retention_days'); never swept by DELETE. `history` has a row per task that has something
--- to keep: a result, an error, a payload to redrive (dead, cancelled). `completions` has a row per
--- batch of the others: their ids and attempts, nothing more.
+-- (meta 'retention_days'); never swept by DELETE. `completions` has a row per queue and batch of
+-- tasks completed at their first try: their ids, attempts and results as arrays, so a completion
+-- costs its result's bytes and a few more, and no index entry. `history` has a row per task with
+-- more to keep: an error, a payload to redrive (dead, cancelled).
 CREATE TABLE history (
     id              bigint NOT NULL,
     queue           text NOT NULL,
@@ -119,6 +120,7 @@ CREATE TABLE completions (
     hi          bigint NOT NULL,
     ids         bigint[] NOT NULL,
     attempts    integer[] NOT NULL,
+    results     bytea[],  -- NULL when none of them has a result
     finished_at timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (finished_at);
 CREATE INDEX completions_span ON completions USING gist (int8range(lo, hi, '[]'));
@@ -129,8 +131,8 @@ SELECT h.id, h.queue, h.state, h.attempt, h.failures, p.max_attempts, h.result, 
        h.finished_at
 FROM history h LEFT JOIN policies p ON p.id = h.policy
 UNION ALL
-SELECT u.id, c.queue, 'completed', u.attempt, 0, NULL, NULL, NULL, NULL, c.finished_at
-FROM completions c CROSS JOIN LATERAL unnest(c.ids, c.attempts) AS u(id, attempt);
+SELECT u.id, c.queue, 'completed', u.attempt, 0, NULL, u.result, NULL, NULL, c.finished_at
+FROM completions c CROSS JOIN LATERAL unnest(c.ids, c.attempts, c.results) AS u(id, attempt, result);
 
 -- Partitions for `days` days from `first` (UTC days); safe to run concurrently. Returns how many
 -- it made. Brokers keep a few days ahead, so no insert ever finds its partition missing.

@@ -40,8 +40,9 @@ BEGIN
     IF TG_TABLE_NAME = 'history' THEN
         INSERT INTO chaos_audit (id, state, attempt, result) SELECT id, state, attempt, result FROM new_rows;
     ELSE
-        INSERT INTO chaos_audit (id, state, attempt)
-        SELECT u.id, 'completed', u.attempt FROM new_rows c, unnest(c.ids, c.attempts) AS u(id, attempt);
+        INSERT INTO chaos_audit (id, state, attempt, result)
+        SELECT u.id, 'completed', u.attempt, u.result
+        FROM new_rows c, unnest(c.ids, c.attempts, c.results) AS u(id, attempt, result);
     END IF;
     RETURN NULL;
 END $$;
