@@ -508,3 +508,71 @@ def test_a_fresh_buffer_is_not_given_back_at_once() -> None:
     assert of(c.handle(Tick(3.5)), core.Write) == []
     (release,) = of(c.handle(Tick(4.0)), core.Write)  # idle for real now
     assert len(release.batch.releases) == 500
+
+
+# -- tasks inserted held: the write-once path -----------------------------------------------
+
+
+def warm(c: Core, max_tasks: int = 1, timeout: float = 10.0) -> None:
+    """A poll served from a read (so the queue is wanted here), then one waiting on a drained queue."""
+    poll(c, max=1)
+    c.handle(Leased("q", [task(1)], None, 0.0))  # fewer than asked: drained too
+    assert sent(poll(c, 0.01, rid=2, max=max_tasks, timeout=timeout)) == []
+
+
+def submit_and_commit(c: Core, n: int, now: float, first_id: int, rid: int = 50) -> list[core.Action]:
+    tasks = [{"queue": "q", "payload": b"%d" % i} for i in range(n)]
+    (write,) = of(request(c, CLIENT, "SUBMIT", now, rid=rid, tasks=tasks), core.Write)
+    (op,) = write.batch.submits
+    subs = [Submitted(first_id + i, True, owned) for i, owned in enumerate(op.owned)]
+    return c.handle(Written(write.batch, WriteResult([subs], []), None, now + 0.01))
+
+
+def test_tasks_of_a_drained_polled_queue_are_held_and_overflow_into_an_own_backlog() -> None:
+    c = make_core(buffer_size=4, lease_batch=4)
+    warm(c)
+    tasks = [{"queue": "q", "payload": b"%d" % i} for i in range(7)]
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.1, rid=5, tasks=tasks), core.Write)
+    (op,) = write.batch.submits
+    assert op.owned == [True] * 7 and op.waiters == [2] + [None] * 6  # one sync matched
+    subs = [Submitted(10 + i, True, True) for i in range(7)]
+    actions = c.handle(Written(write.batch, WriteResult([subs], []), None, 0.2))
+    assert [t["id"] for _, body in sent(actions, WORKER) for t in body["tasks"]] == [10]
+    q = c.queues["q"]
+    assert [t.id for t in q.buffer] == [11, 12, 13, 14] and list(q.backlog) == [[15, 16]]
+    assert c.depths()["q"][0] == 6
+    # a poll takes from the buffer; the buffer runs low, and the backlog is read back, no lease
+    poll(c, now=0.3, rid=3, max=3)
+    (read,) = of(c.handle(Tick(0.4)), core.Lease)
+    assert read == core.Lease("q", 3, (15, 16))
+    c.handle(Leased("q", [task(15)], None, 0.5, (15, 16)))  # 16 was cancelled meanwhile
+    assert list(q.backlog) == [] and q.backlog_count == 0 and [t.id for t in q.buffer] == [14, 15]
+
+
+def test_a_task_inserted_pending_stops_holding_until_the_shared_backlog_is_read_again() -> None:
+    c = make_core()
+    warm(c)
+    tasks = [{"queue": "q", "payload": b"x"}, {"queue": "q", "payload": b"y"}]
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.1, rid=5, tasks=tasks), core.Write)
+    # the database found the lease ended: inserted pending, not held
+    subs = [Submitted(3, True, False), Submitted(4, True, False)]
+    actions = c.handle(Written(write.batch, WriteResult([subs], []), None, 0.2))
+    assert sent(actions, WORKER) == []  # nothing to deliver: the poll waits on
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.3, rid=6, tasks=tasks[:1]), core.Write)
+    assert write.batch.submits[0].owned == [False]  # older tasks wait in the database
+    assert write.batch.submits[0].waiters == [None]  # and no sync match either
+
+
+def test_an_own_backlog_nobody_polls_is_given_back_and_so_is_it_at_shutdown() -> None:
+    c = make_core(buffer_size=2, lease_batch=2, idle_release=1.0)
+    warm(c, timeout=0.05)
+    submit_and_commit(c, 5, 0.03, 20)  # 20 to the poll, 21-22 buffered, 23-24 backlog
+    (release,) = of(c.handle(Tick(5.0)), core.Write)
+    assert release.batch.releases == [Ack(21, 1), Ack(22, 1)]
+    assert release.batch.spans == [("q", 23, 24)]
+    c = make_core(buffer_size=2, lease_batch=2)
+    warm(c)
+    submit_and_commit(c, 5, 0.03, 20)
+    (last,) = of(c.handle(Shutdown(0.2)), core.Write)
+    assert last.batch.spans == [("q", 23, 24)] and last.batch.releases == [Ack(21, 1), Ack(22, 1)]
+    assert last.batch.starts == [Ack(1, 1), Ack(20, 1)]  # delivered: task leases, kept elsewhere

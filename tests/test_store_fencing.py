@@ -146,3 +146,22 @@ def test_backoff_does_not_overflow_after_many_failures(store: Store, db) -> None
     assert store.fail([Failure(task.id, task.attempt, "again")]) == ["ok"]
     (delay,) = db.query("SELECT extract(epoch FROM run_at - now()) FROM tasks WHERE id = %s", (sub.id,))[0]
     assert 0.9 <= delay <= 2
+
+
+def test_an_own_backlog_is_read_back_without_a_write_and_given_back_by_span(store: Store, db) -> None:
+    a = store.acquire_broker("a", "tcp://a", 30)
+    b = store.acquire_broker("b", "tcp://b", 30)
+    mine = store.insert([TaskSpec("q", b"%d" % i) for i in range(4)], [True] * 4, a)
+    other = store.insert([TaskSpec("q", b"o")], [True], b)
+    assert all(s.owned for s in mine + other)
+    lo, hi = mine[0].id, other[0].id
+    got = store.read_back(a, "q", (lo, hi), 3)
+    assert [(t.id, t.attempt) for t in got] == [(s.id, 1) for s in mine[:3]]
+    assert store.read_back(b, "q", (lo, hi), 10)[0].id == other[0].id  # each reads only its own
+    assert store.release_spans(a, [("q", mine[3].id, hi)]) == 1  # b's task in the span stays b's
+    assert db.query("SELECT id, state FROM live_tasks ORDER BY id")[3:] == [
+        (mine[3].id, "pending"),
+        (other[0].id, "buffered"),
+    ]
+    assert store.complete([Completion(t.id, 1) for t in got]) == ["ok"] * 3
+    assert store.queue_stats()["q"] == {"pending": 1, "buffered": 1, "completed": 3}

@@ -100,8 +100,12 @@ class Write:
 
 @dataclass(frozen=True)
 class Lease:
+    """Read due tasks into the buffer: leased from the shared backlog, or with `span`, read back
+    from this broker's own (already held: no write)."""
+
     queue: str
     limit: int
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,10 @@ class _Queue:
     buffer: deque[LeasedTask] = field(default_factory=deque)
     waiters: deque[int] = field(default_factory=deque)  # keys into Core._waiters, stale ones skipped
     leasing: int = 0  # the limit of the read in flight, 0 when none is
-    incoming: int = 0  # tasks being inserted held for this buffer, in the write in flight or next
+    # Tasks inserted held by this broker that did not fit its buffer: id spans [lo, hi] to read
+    # back in id order, with no write (another broker's ids in a span are skipped by the read).
+    backlog: deque[list[int]] = field(default_factory=deque)
+    backlog_count: int = 0
     recheck_at: float = 0.0  # do not read again before this
     drained_at: float | None = None  # when a read last found no more due tasks
     wanted_until: float = 0.0  # polls were served lately: keep the buffer topped up until then
@@ -221,8 +228,8 @@ class Core:
                 self._on_tick(now, out)
             case Written(batch, result, error, now):
                 self._on_written(batch, result, error, now, out)
-            case Leased(queue, tasks, error, now):
-                self._on_leased(queue, tasks, error, now, out)
+            case Leased(queue, tasks, error, now, span):
+                self._on_leased(queue, tasks, error, now, out, span)
             case LeaseRenewed(ok, started, now):
                 self._on_renewed(ok, started, now, out)
             case Acquired(owner, now):
@@ -308,27 +315,19 @@ class Core:
             elif spec.delay == 0:
                 if spec.queue not in holdable:
                     holdable[spec.queue] = self._holdable(spec.queue, now)
-                q = self.queues.get(spec.queue)
-                hold = (
-                    holdable[spec.queue]
-                    and q is not None
-                    and len(q.buffer) + q.incoming < self.config.buffer_size
-                )
-                if hold and q is not None:
-                    q.incoming += 1
-                else:
-                    holdable[spec.queue] = False  # the rest of this submit must not overtake it
-                    if now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY:
-                        self._notified_at[spec.queue] = now  # wake brokers whose polls wait on this queue
-                        self._pending.notify.append(spec.queue)
+                hold = holdable[spec.queue]
+                if not hold and now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY:
+                    self._notified_at[spec.queue] = now  # wake brokers whose polls wait on this queue
+                    self._pending.notify.append(spec.queue)
             waiters.append(waiter.key if waiter else None)
             owned.append(hold)
         self._pending.submits.append(SubmitOp(peer, rid, specs, waiters, owned, key))
         self._pending.requests.append((peer, rid))
 
     def _holdable(self, name: str, now: float) -> bool:
-        """May tasks just submitted to this queue go into this broker's buffer? Only at the end of the
-        backlog, as for sync match, and where polls want them (lately served, or waiting)."""
+        """May tasks just submitted to this queue be held by this broker (in its buffer, or in its own
+        backlog past that)? Only at the end of the queue's shared backlog, as for sync match, and
+        where polls want them (lately served, or waiting)."""
         q = self.queues.get(name)
         if q is None or q.drained_at is None or now - q.drained_at > self.config.sync_match_window:
             return False
@@ -340,7 +339,7 @@ class Core:
         q = self.queues.get(spec.queue)
         # A re-read in flight on a queue drained moments ago may bring older tasks; they go to the
         # next poll. Waiting for it instead would add a read to every submit's latency.
-        if q is None or q.buffer or q.drained_at is None:
+        if q is None or q.buffer or q.backlog or q.drained_at is None:
             return None
         if now - q.drained_at > self.config.sync_match_window:
             return None
@@ -408,30 +407,44 @@ class Core:
         out.append(Send(waiter.peer, encode(Command.DELIVER, {"rid": waiter.rid, "tasks": tasks}), delivered))
 
     def _maybe_lease(self, name: str, now: float, out: list[Action]) -> None:
-        """Read the next batch of due tasks when polls wait and the buffer runs low."""
+        """Read the next batch of due tasks when polls wait and the buffer runs low: this broker's
+        own backlog first, else the shared one (not before `recheck_at` when it was found empty)."""
         q = self._queue(name)
-        if q.leasing or self._stopping or self.owner is None or now < q.recheck_at:
+        if q.leasing or self._stopping or self.owner is None:
             return
         if not self._polled(q) and now >= q.wanted_until:
             return
-        limit = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer) - q.incoming)
+        limit = min(self.config.lease_batch, self.config.buffer_size - len(q.buffer))
         # A queue whose buffer is kept full by tasks held on insert is still read now and then,
         # so that tasks come due in the database (retries, delays) are seen and keep their turn.
         stale = q.drained_at is not None and now - q.drained_at > self.config.sync_match_window / 2
         if limit <= 0 or (len(q.buffer) > self.config.lease_batch // 2 and not stale):
             return
-        q.leasing = limit
-        out.append(Lease(name, limit))
+        if q.backlog and not stale:
+            q.leasing = limit
+            lo, hi = q.backlog[0]
+            out.append(Lease(name, limit, (lo, hi)))
+        elif now >= q.recheck_at:
+            q.leasing = limit
+            out.append(Lease(name, limit))
 
     def _on_leased(
-        self, name: str, tasks: list[LeasedTask], error: str | None, now: float, out: list[Action]
+        self,
+        name: str,
+        tasks: list[LeasedTask],
+        error: str | None,
+        now: float,
+        out: list[Action],
+        span: tuple[int, int] | None = None,
     ) -> None:
         q = self._queue(name)
         requested, q.leasing = q.leasing, 0
+        if span is not None and error is None:
+            self._read_back(q, span, tasks, requested)
         if error is not None:
             q.recheck_at = now + self.config.idle_recheck
             out.append(Log("error", "lease_failed", {"queue": name, "error": error}))
-            if self.owner is not None and not self._stopping:
+            if span is None and self.owner is not None and not self._stopping:
                 # It may have committed before its reply was lost: tasks buffered under this
                 # epoch that we never saw, which no reaper returns while the epoch lives. Fence
                 # them as after a failed renewal: drop the buffer and take a new epoch.
@@ -443,7 +456,9 @@ class Core:
         if self._stopping or self.owner is None:
             self._pending.releases.extend(Ack(t.id, t.attempt) for t in tasks)
             return
-        if len(tasks) < requested:
+        if span is not None:
+            q.recheck_at = 0.0  # the rest of our own backlog, or the shared one, next
+        elif len(tasks) < requested:
             q.drained_at = now
             q.recheck_at = now + self.config.idle_recheck
         else:
@@ -453,6 +468,26 @@ class Core:
             q.wanted_until = max(q.wanted_until, now + DEMAND_MEMORY)
         self._serve_queue(name, now, out)
         self._maybe_lease(name, now, out)
+
+    def _read_back(self, q: _Queue, span: tuple[int, int], tasks: list[LeasedTask], requested: int) -> None:
+        """Advance the backlog span just read: past the last task read, or past the whole span read
+        when it held fewer than asked (ids added to it since are still to read)."""
+        q.backlog_count = max(0, q.backlog_count - len(tasks))
+        if not q.backlog or q.backlog[0][0] != span[0]:
+            return  # dropped or released meanwhile
+        q.backlog[0][0] = span[1] + 1 if len(tasks) < requested else tasks[-1].id + 1
+        if q.backlog[0][0] > q.backlog[0][1]:
+            q.backlog.popleft()
+        if not q.backlog:
+            q.backlog_count = 0  # cancelled tasks leave nothing to count
+
+    def _give_back(self, name: str, q: _Queue) -> None:
+        """Release what this broker holds for a queue and has not delivered: buffer and backlog."""
+        self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
+        q.buffer.clear()
+        self._pending.spans.extend((name, lo, hi) for lo, hi in q.backlog)
+        q.backlog.clear()
+        q.backlog_count = 0
 
     # -- commits -----------------------------------------------------------------------------
 
@@ -482,7 +517,6 @@ class Core:
                     Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"database write failed: {error}", rid))
                 )
             for submit in batch.submits:
-                self._unhold(submit)
                 for key in {k for k in submit.waiters if k is not None}:
                     self._unreserve(key, now, out)
             self._write_after = now + WRITE_RETRY_PAUSE  # do not hammer a database that is down
@@ -507,7 +541,6 @@ class Core:
                 Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))
             )
         for submit, submitted in zip(batch.submits, result.submitted, strict=True):
-            self._unhold(submit)
             if submitted is None:
                 message = f"submit key {submit.key!r} already names a submit of other tasks"
                 out.append(Send(submit.peer, error_frames(ErrorCode.INVALID_TASK, message, submit.rid)))
@@ -524,10 +557,16 @@ class Core:
             )
             live = not self._stopping and self._lease_live(now, out)
             for spec, sub, waiter in zip(submit.specs, submitted, submit.waiters, strict=True):
-                if waiter is not None:
-                    continue
                 q = self._queue(spec.queue)
-                if sub.owned and live:
+                if waiter is not None and sub.owned:
+                    continue  # delivered below
+                if sub.owned and live and (q.backlog or len(q.buffer) >= self.config.buffer_size):
+                    if q.backlog and sub.id > q.backlog[-1][1]:  # ids grow: one span, mostly
+                        q.backlog[-1][1] = sub.id
+                    else:
+                        q.backlog.append([sub.id, sub.id])
+                    q.backlog_count += 1
+                elif sub.owned and live:
                     q.buffer.append(
                         LeasedTask(
                             sub.id,
@@ -582,12 +621,6 @@ class Core:
             else:
                 self._unreserve(key, now, out)
 
-    def _unhold(self, submit: SubmitOp) -> None:
-        """The write of tasks inserted held for buffers is done: they are buffered now, or not at all."""
-        for spec, waiter, hold in zip(submit.specs, submit.waiters, submit.owned, strict=True):
-            if hold and waiter is None:
-                self._queue(spec.queue).incoming -= 1
-
     def _unreserve(self, key: int, now: float, out: list[Action]) -> None:
         waiter = self._waiters.get(key)
         if waiter is not None:
@@ -625,10 +658,14 @@ class Core:
             if len(q.waiters) > 2 * len(self._waiters) + 16:  # answered polls leave their keys behind
                 q.waiters = deque(key for key in q.waiters if key in self._waiters)
             self._maybe_lease(name, now, out)
-            if q.buffer and now >= q.wanted_until + self.config.idle_release and not self._polled(q):
+            if (
+                (q.buffer or q.backlog)
+                and not q.leasing  # what a read brings back would be given back twice
+                and now >= q.wanted_until + self.config.idle_release
+                and not self._polled(q)
+            ):
                 # Nobody polls here for these: give them back so brokers with pollers can have them.
-                self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
-                q.buffer.clear()
+                self._give_back(name, q)
         self._gossip(now, out)
 
     def _polled(self, q: _Queue) -> bool:
@@ -677,9 +714,11 @@ class Core:
         return False
 
     def _drop_buffers(self, out: list[Action]) -> None:
-        dropped = sum(len(q.buffer) for q in self.queues.values())
-        for q in self.queues.values():
+        dropped = sum(len(q.buffer) + q.backlog_count for q in self.queues.values())
+        for q in self.queues.values():  # the reaper returns them once the lease has ended
             q.buffer.clear()
+            q.backlog.clear()
+            q.backlog_count = 0
         if dropped:
             out.append(Log("warning", "buffer_dropped", {"tasks": dropped}))
 
@@ -692,9 +731,8 @@ class Core:
         self._stopping = True
         for waiter in [w for w in self._waiters.values() if not w.reserved]:
             self._finish(waiter, [], out)
-        for q in self.queues.values():
-            self._pending.releases.extend(Ack(t.id, t.attempt) for t in q.buffer)
-            q.buffer.clear()
+        for name, q in self.queues.items():
+            self._give_back(name, q)
         # Deliveries outlive this broker as task leases, kept by heartbeats through other brokers.
         self._pending.starts.extend(Ack(i, a) for i, (a, _, _, _) in self._delivered.items())
         self._delivered.clear()
@@ -732,7 +770,11 @@ class Core:
         holds as buffered until their first heartbeat (for gossip, and so for status)."""
         delivered = Counter(queue for _, _, _, queue in self._delivered.values())
         return {
-            name: (len(q.buffer), sum(1 for key in q.waiters if key in self._waiters), delivered[name])
+            name: (
+                len(q.buffer) + q.backlog_count,
+                sum(1 for key in q.waiters if key in self._waiters),
+                delivered[name],
+            )
             for name, q in self.queues.items()
         }
 

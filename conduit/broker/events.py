@@ -37,6 +37,7 @@ class Leased:
     tasks: list[LeasedTask]
     error: str | None
     now: float
+    span: tuple[int, int] | None = None  # read back from this broker's own backlog
 
 
 @dataclass(frozen=True)

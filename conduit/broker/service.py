@@ -271,9 +271,9 @@ class Broker:
                         todo.extend(self.core.handle(SendFailed(peer, delivered)))
                 case core.Write(batch):
                     self._threads["writer"].submit(partial(self._write, batch), partial(_write_failed, batch))
-                case core.Lease(name, limit):
+                case core.Lease(name, limit, span):
                     self._threads["reader"].submit(
-                        partial(self._lease, name, limit), partial(_lease_failed, name)
+                        partial(self._lease, name, limit, span), partial(_lease_failed, name, span)
                     )
                 case core.Lookup(peer, rid, ids):
                     self._threads["reader"].submit(
@@ -303,8 +303,11 @@ class Broker:
     def _write(self, batch: WriteBatch, store: Store) -> Event:
         return Written(batch, execute(store, batch, self.owner), None, time.monotonic())
 
-    def _lease(self, name: str, limit: int, store: Store) -> Event:
-        return Leased(name, store.lease(self.owner, name, limit), None, time.monotonic())
+    def _lease(self, name: str, limit: int, span: tuple[int, int] | None, store: Store) -> Event:
+        if span is None:
+            return Leased(name, store.lease(self.owner, name, limit), None, time.monotonic())
+        tasks = store.read_back(self.owner, name, span, limit)
+        return Leased(name, tasks, None, time.monotonic(), span)
 
     def _renew(self, started: float, store: Store) -> Event:
         try:
@@ -345,8 +348,8 @@ def _write_failed(batch: WriteBatch, error: str) -> Event:
     return Written(batch, None, error, time.monotonic())
 
 
-def _lease_failed(name: str, error: str) -> Event:
-    return Leased(name, [], error, time.monotonic())
+def _lease_failed(name: str, span: tuple[int, int] | None, error: str) -> Event:
+    return Leased(name, [], error, time.monotonic(), span)
 
 
 def _lookup(peer: bytes, rid: int, ids: list[int], store: Store) -> Event:

@@ -39,6 +39,7 @@ class WriteBatch:
     starts: list[Ack] = field(default_factory=list)  # deliveries made task leases (at shutdown)
     expiries: list[Ack] = field(default_factory=list)  # deliveries never heard of again
     releases: list[Ack] = field(default_factory=list)  # the broker's own give-backs
+    spans: list[tuple[str, int, int]] = field(default_factory=list)  # its own backlog given back
     notify: list[str] = field(default_factory=list)  # queues to wake other brokers for, at commit
     requests: list[tuple[bytes, int]] = field(default_factory=list)  # who waits on this commit
 
@@ -56,11 +57,12 @@ class WriteBatch:
             + bool(self.starts)
             + bool(self.expiries)
             + bool(self.releases)
+            + bool(self.spans)
             + bool(self.notify)
         )
 
     def empty(self) -> bool:
-        return not (self.submits or self.ops or self.starts or self.expiries or self.releases)
+        return not (self.submits or self.ops or self.starts or self.expiries or self.releases or self.spans)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
             store.expire(owner, batch.expiries)
         if batch.releases:
             store.release(batch.releases)
+        if batch.spans:
+            store.release_spans(owner, batch.spans)
         if batch.notify:
             store.notify(batch.notify)
     results = submitted

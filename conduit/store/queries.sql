@@ -486,3 +486,30 @@ UPDATE brokers SET expires_at = least(expires_at, now()) WHERE epoch = %(epoch)s
 
 -- name: live_brokers
 SELECT DISTINCT ON (id) endpoint FROM brokers WHERE expires_at > now() ORDER BY id, epoch DESC;
+
+-- name: read_back
+-- A broker's own backlog, read back in id order: tasks it inserted held that did not fit its
+-- buffer. No write: they are its already. Ids of other brokers' tasks in the span are skipped.
+SELECT t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, p.max_attempts, p.lease_timeout, t.payload
+FROM tasks t JOIN policies p ON p.id = t.policy
+WHERE t.id BETWEEN %(lo)s AND %(hi)s AND t.owner = %(epoch)s AND t.lease_expires_at IS NULL
+  AND t.queue = %(queue)s
+  AND EXISTS (SELECT 1 FROM brokers b WHERE b.epoch = %(epoch)s AND b.expires_at > now())
+ORDER BY t.id
+LIMIT %(limit)s;
+
+-- name: release_spans
+-- A broker gives back its own backlog (stopping, or nobody polls it here): pending again.
+WITH released AS (
+    UPDATE tasks t
+    SET owner = NULL
+    FROM unnest(%(queue)b::text[], %(lo)b::bigint[], %(hi)b::bigint[]) AS s(queue, lo, hi)
+    WHERE t.id BETWEEN s.lo AND s.hi AND t.queue = s.queue AND t.owner = %(epoch)s
+      AND t.lease_expires_at IS NULL
+    RETURNING t.queue
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM released GROUP BY 1) g,
+           LATERAL (VALUES ('buffered', -g.c), ('pending', g.c)) AS v(s, n)
+)
+SELECT count(*) FROM released;

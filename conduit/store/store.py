@@ -266,6 +266,28 @@ class Store:
         tasks.sort(key=lambda t: (t.priority, t.run_at, t.id))
         return tasks
 
+    def read_back(
+        self, owner: BrokerLease, queue: str, span: tuple[int, int], limit: int
+    ) -> list[LeasedTask]:
+        """Read `owner`'s own held, undelivered tasks of `queue` with ids in `span`, in id order:
+        no write, they are its already. Raises BrokerLeaseLost if its lease has ended."""
+        params = {"epoch": owner.epoch, "queue": queue, "lo": span[0], "hi": span[1], "limit": limit}
+        rows = self._rows("read_back", params)
+        if not rows and not self._rows("check_broker", {"epoch": owner.epoch}):
+            raise BrokerLeaseLost(f"broker {owner.broker_id} has no live lease (epoch {owner.epoch})")
+        return [LeasedTask(*row) for row in rows]
+
+    def release_spans(self, owner: BrokerLease, spans: Sequence[tuple[str, int, int]]) -> int:
+        """Give back `owner`'s held, undelivered tasks of each (queue, lo, hi): pending again."""
+        params = {
+            "epoch": owner.epoch,
+            "queue": [q for q, _, _ in spans],
+            "lo": [lo for _, lo, _ in spans],
+            "hi": [hi for _, _, hi in spans],
+        }
+        ((released,),) = self._rows("release_spans", params)
+        return int(released)
+
     def start(self, owner: BrokerLease, acks: Sequence[Ack]) -> list[Outcome]:
         """Deliveries held in `owner`'s memory made task leases in the database (it is stopping)."""
         params = {"id": [a.id for a in acks], "attempt": [a.attempt for a in acks], "epoch": owner.epoch}
