@@ -194,7 +194,7 @@ def test_sync_match_fills_each_poll_up_to_its_max() -> None:
     actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=tasks)
     (op,) = of(actions, core.Write)[0].batch.submits
     assert op.waiters == [1, None, None]
-    assert op.owned == [True, False, False]  # nobody else polls here: the rest wait in the database
+    assert op.owned == [True, True, True]  # the rest are held for the buffer: its poll comes back
 
 
 def test_sync_match_with_a_known_idempotency_key_keeps_the_poll_waiting() -> None:

@@ -333,7 +333,7 @@ class Core:
             return False
         if self._stopping or self.owner is None or now >= self.lease_valid_until:
             return False
-        return now < q.wanted_until or self._polled(q)
+        return now < q.wanted_until or any(key in self._waiters for key in q.waiters)
 
     def _sync_match(self, spec: TaskSpec, now: float) -> _Waiter | None:
         q = self.queues.get(spec.queue)
@@ -611,6 +611,8 @@ class Core:
                 self._pending.releases.extend(Ack(t["id"], t["attempt"]) for t in tasks)
                 continue
             if tasks:
+                for name in waiter.poll.queues:
+                    self._queue(name).wanted_until = now + DEMAND_MEMORY
                 worker = waiter.poll.worker
                 for t in tasks:  # held in memory like any buffered delivery, till heard of again
                     self._delivered[t["id"]] = (1, worker, now + t["lease_timeout"], t["queue"])

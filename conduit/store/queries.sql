@@ -430,9 +430,9 @@ FROM unnest(%(id)b::bigint[]) WITH ORDINALITY AS i(id, ord)
 LEFT JOIN tasks t ON t.id = i.id
 LEFT JOIN history h ON h.id = i.id
 LEFT JOIN LATERAL (
-    SELECT 'completed' AS state, u.attempt, u.result, b.finished_at
-    FROM completions b CROSS JOIN LATERAL unnest(b.ids, b.attempts, b.results) AS u(id, attempt, result)
-    WHERE int8range(b.lo, b.hi, '[]') @> i.id AND u.id = i.id
+    SELECT 'completed' AS state, b.attempts[k] AS attempt, b.results[k] AS result, b.finished_at
+    FROM completions b, array_position(b.ids, i.id) AS k
+    WHERE int8range(b.lo, b.hi, '[]') @> i.id AND k IS NOT NULL
     LIMIT 1
 ) c ON true
 ORDER BY i.ord;
