@@ -265,6 +265,14 @@ def test_garbage_gets_errors_and_the_broker_keeps_serving(start_broker) -> None:
                 reply = rogue.recv_multipart()
                 assert reply[0] == PROTOCOL and reply[1] == b"ERROR"
                 assert client.ping() == "b1"
+            # A conduit/1 peer is answered in conduit/1, with its rid, and nothing is written.
+            old = {"rid": 4, "tasks": [{"queue": "old", "payload": b"x"}]}
+            rogue.send_multipart([b"conduit/1", b"SUBMIT", msgpack.packb(old)])
+            assert rogue.poll(5000), "no reply to a conduit/1 SUBMIT"
+            version, command, body = rogue.recv_multipart()
+            assert (version, command) == (b"conduit/1", b"ERROR")
+            message = "this broker speaks conduit/2; the request was conduit/1"
+            assert msgpack.unpackb(body) == {"rid": 4, "code": "bad_version", "message": message}
             with pytest.raises(BrokerError, match="invalid_task"):
                 client.submit("no spaces allowed", b"x")
             # Over the size limit, ZeroMQ drops the sender's connection: no reply, no harm.
