@@ -1150,3 +1150,79 @@ def test_truncated_body_is_bad_frames(body: dict[str, Any], command: Command, da
     cut = data.draw(st.integers(min_value=0, max_value=len(frames[2]) - 1), label="cut")
     truncated = [frames[0], frames[1], frames[2][:cut]]
     rejects(lambda: decode(truncated), ErrorCode.BAD_FRAMES, rid=None)
+
+
+# -- the worked example of docs/PROTOCOL.md §13, byte for byte --------------------------------
+
+DOC = dict(
+    submit=(
+        "85 a3 72 69 64 07 a5 71 75 65 75 65 a5 65 6d 61 69 6c a7 70 61 79 6c 6f 61 64 92 c4 05 68 65 6c"
+        "6c 6f c4 02 68 69 ac 6d 61 78 5f 61 74 74 65 6d 70 74 73 03 a5 64 65 6c 61 79 92 00 3c"
+    ),
+    submitted=("83 a3 72 69 64 07 a3 69 64 73 92 cd 13 8b cd 13 8c a7 63 72 65 61 74 65 64 92 c3 c3"),
+    poll=(
+        "85 a3 72 69 64 08 a6 77 6f 72 6b 65 72 a2 77 31 a6 71 75 65 75 65 73 91 a5 65 6d 61 69 6c a3 6d"
+        "61 78 02 a7 74 69 6d 65 6f 75 74 0a"
+    ),
+    deliver=(
+        "8a a3 72 69 64 08 a6 62 72 6f 6b 65 72 aa 64 6f 63 2d 62 72 6f 6b 65 72 a2 69 64 91 cd 13 8b a7"
+        "61 74 74 65 6d 70 74 91 01 a5 71 75 65 75 65 91 a5 65 6d 61 69 6c a7 70 61 79 6c 6f 61 64 91 c4"
+        "05 68 65 6c 6c 6f a8 70 72 69 6f 72 69 74 79 91 00 a8 66 61 69 6c 75 72 65 73 91 00 ac 6d 61 78"
+        "5f 61 74 74 65 6d 70 74 73 91 03 ad 6c 65 61 73 65 5f 74 69 6d 65 6f 75 74 91 cb 40 3e 00 00 00"
+        "00 00 00"
+    ),
+    complete=(
+        "84 a3 72 69 64 09 a2 69 64 91 cd 13 8b a7 61 74 74 65 6d 70 74 91 01 a6 72 65 73 75 6c 74 91 c4"
+        "04 73 65 6e 74"
+    ),
+    ack=("82 a3 72 69 64 09 a8 6f 75 74 63 6f 6d 65 73 91 a2 6f 6b"),
+    result=("82 a3 72 69 64 0b a3 69 64 73 92 cd 13 8b cd 13 8c"),
+    results=(
+        "86 a3 72 69 64 0b a2 69 64 92 cd 13 8b cd 13 8c a5 73 74 61 74 65 92 a9 63 6f 6d 70 6c 65 74 65"
+        "64 a7 70 65 6e 64 69 6e 67 a7 61 74 74 65 6d 70 74 92 01 00 a6 72 65 73 75 6c 74 92 c4 04 73 65"
+        "6e 74 c0 a5 65 72 72 6f 72 92 c0 c0"
+    ),
+    refusal=(
+        "83 a3 72 69 64 0c a4 63 6f 64 65 ab 62 61 64 5f 76 65 72 73 69 6f 6e a7 6d 65 73 73 61 67 65 d9"
+        "37 74 68 69 73 20 62 72 6f 6b 65 72 20 73 70 65 61 6b 73 20 63 6f 6e 64 75 69 74 2f 32 3b 20 74"
+        "68 65 20 72 65 71 75 65 73 74 20 77 61 73 20 63 6f 6e 64 75 69 74 2f 31"
+    ),
+)
+
+
+def doc_bytes(name: str) -> bytes:
+    return bytes.fromhex(DOC[name])
+
+
+def test_the_worked_example_of_the_protocol_page_is_what_the_code_sends() -> None:
+    """docs/PROTOCOL.md §13 was captured from a broker; these keep it true of the code."""
+    submit = {"rid": 7, "queue": "email", "payload": [b"hello", b"hi"], "max_attempts": 3, "delay": [0, 60]}
+    assert encode(Command.SUBMIT, submit)[2] == doc_bytes("submit")
+    specs = parse_submit(decode(encode(Command.SUBMIT, submit)), PAYLOAD_LIMIT)
+    assert specs == [
+        TaskSpec("email", b"hello", max_attempts=3),
+        TaskSpec("email", b"hi", delay=60.0, max_attempts=3),
+    ]
+    submitted = {"rid": 7, "ids": [5003, 5004], "created": [True, True]}
+    assert encode(Command.SUBMITTED, submitted)[2] == doc_bytes("submitted")
+    poll = {"rid": 8, "worker": "w1", "queues": ["email"], "max": 2, "timeout": 10}
+    assert encode(Command.POLL, poll)[2] == doc_bytes("poll")
+    deliver = deliver_body(8, "doc-broker", [(5003, 1, "email", b"hello", 0, 0, 3, 30.0)])
+    assert encode(Command.DELIVER, deliver)[2] == doc_bytes("deliver")
+    complete = {"rid": 9, **report_body(Command.COMPLETE, [(5003, 1, b"sent")])}
+    assert encode(Command.COMPLETE, complete)[2] == doc_bytes("complete")
+    assert encode(Command.ACK, {"rid": 9, "outcomes": ["ok"]})[2] == doc_bytes("ack")
+    assert encode(Command.RESULT, {"rid": 11, "ids": [5003, 5004]})[2] == doc_bytes("result")
+    infos = [
+        TaskInfo(5003, "completed", 1, b"sent", None, None),
+        TaskInfo(5004, "pending", 0, None, None, None),
+    ]
+    assert encode(Command.RESULTS, results_body(11, infos))[2] == doc_bytes("results")
+    with pytest.raises(ProtocolError) as caught:
+        decode([PREVIOUS, b"PING", msgpack.packb({"rid": 12})])
+    error = caught.value
+    assert error_frames(error.code, str(error), error.rid, error.protocol) == [
+        b"conduit/1",
+        b"ERROR",
+        doc_bytes("refusal"),
+    ]

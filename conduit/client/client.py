@@ -141,7 +141,7 @@ class Client:
                     self._channel(endpoint).request(Command.PING, {}, min(self._timeout, 1.0)).body.get("pub")
                 )
             except ConduitError:
-                continue  # not there now: its gossip, if any, is heard through others' later
+                continue  # not there now: its gossip is not heard (brokers relay none), unless given
             if pub:
                 with self._lock:
                     self._mesh.subscribe(str(pub))
