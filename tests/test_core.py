@@ -23,7 +23,7 @@ from conduit.broker.events import (
 from conduit.broker.writes import WriteResult
 from conduit.store import BrokerLease
 from conduit.task import Ack, LeasedTask, Outcome, Submitted
-from conduit.wire import PROTOCOL, Command, decode, encode
+from conduit.wire import DELIVER_COLUMNS, PREVIOUS, PROTOCOL, Command, decode, encode
 
 WORKER = b"peer-worker"
 CLIENT = b"peer-client"
@@ -41,12 +41,19 @@ def request(c: Core, peer: bytes, command: str, now: float = 0.0, **body: Any) -
 
 
 def sent(actions: list[core.Action], peer: bytes | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """What was sent, decoded; a refusal framed for a conduit/1 peer is decoded too."""
     out = []
     for a in actions:
         if isinstance(a, core.Send) and (peer is None or a.peer == peer):
-            msg = decode(a.frames, allowed=frozenset(Command))
+            frames = [PROTOCOL, *a.frames[1:]] if a.frames[0] == PREVIOUS else a.frames
+            msg = decode(frames, allowed=frozenset(Command))
             out.append((msg.command.value, msg.body))
     return out
+
+
+def empty(rid: int) -> dict[str, Any]:
+    """An empty DELIVER's body: every column there, and empty."""
+    return {"rid": rid, "broker": "b1", **{name: [] for name in DELIVER_COLUMNS}}
 
 
 def of(actions: list[core.Action], kind: type) -> list[Any]:
@@ -77,7 +84,8 @@ def test_bad_frames_get_error_replies_and_change_nothing() -> None:
     c = make_core()
     cases = [
         ([b"garbage"], "bad_frames", None),
-        ([b"conduit/2", b"PING", msgpack.packb({"rid": 5})], "bad_version", None),
+        ([b"conduit/3", b"PING", msgpack.packb({"rid": 5})], "bad_version", None),
+        ([PREVIOUS, b"PING", msgpack.packb({"rid": 6})], "bad_version", 6),
         ([PROTOCOL, b"PING", b"\xc1\xc1"], "bad_frames", None),
         ([PROTOCOL, b"EXPLODE", msgpack.packb({"rid": 7})], "unknown_command", 7),
         (
@@ -89,12 +97,12 @@ def test_bad_frames_get_error_replies_and_change_nothing() -> None:
             [
                 PROTOCOL,
                 b"SUBMIT",
-                msgpack.packb({"rid": 9, "tasks": [{"queue": "q", "payload": "not bytes"}]}),
+                msgpack.packb({"rid": 9, "queue": "q", "payload": ["not bytes"]}),
             ],
             "bad_request",
             9,
         ),
-        ([PROTOCOL, b"COMPLETE", msgpack.packb({"rid": 10, "tasks": [[1]]})], "bad_request", 10),
+        ([PROTOCOL, b"COMPLETE", msgpack.packb({"rid": 10, "id": [1]})], "bad_request", 10),
     ]
     for frames, code, rid in cases:
         actions = c.handle(Received(CLIENT, frames, 0.0))
@@ -102,13 +110,15 @@ def test_bad_frames_get_error_replies_and_change_nothing() -> None:
             ("ERROR", {"rid": rid, "code": code, "message": sent(actions)[0][1]["message"]})
         ]
         assert of(actions, core.Log) and not of(actions, core.Write) and not of(actions, core.Lease)
+        (reply,) = of(actions, core.Send)
+        assert reply.frames[0] == (PREVIOUS if frames[0] == PREVIOUS else PROTOCOL)  # an old peer can read it
     assert c.queues == {} or all(not q.buffer and not q.waiters for q in c.queues.values())
     assert sent(request(c, CLIENT, "PING", rid=11)) == [("PONG", {"rid": 11, "broker": "b1", "pub": None})]
 
 
 def test_oversized_payload_is_refused_with_advice() -> None:
     c = make_core(max_payload_bytes=10)
-    actions = request(c, CLIENT, "SUBMIT", rid=1, tasks=[{"queue": "q", "payload": b"x" * 11}])
+    actions = request(c, CLIENT, "SUBMIT", rid=1, queue="q", payload=[b"xxxxxxxxxxx"])
     ((command, body),) = sent(actions)
     assert command == "ERROR" and body["code"] == "invalid_task" and "reference" in body["message"]
     assert not of(actions, core.Write)
@@ -124,15 +134,17 @@ def test_poll_reads_a_batch_and_delivers_from_the_buffer() -> None:
     assert sent(actions) == []
     actions = c.handle(Leased("q", [task(i) for i in range(1, 101)], None, 0.1))
     ((command, body),) = sent(actions, WORKER)
-    assert command == "DELIVER" and [t["id"] for t in body["tasks"]] == [1, 2]
-    assert body["tasks"][0]["attempt"] == 1 and body["tasks"][0]["broker"] == "b1"
+    assert command == "DELIVER" and body["id"] == [1, 2] and body["attempt"] == [1, 1]
+    assert (
+        body["broker"] == "b1" and body["payload"] == [b"p1", b"p2"] and body["lease_timeout"] == [30.0] * 2
+    )
     assert of(actions, core.Write) == []  # a delivery from the buffer costs no write
     # The next poll is served from memory; below half a batch, the buffer is topped up, to its bound.
     actions = poll(c, now=0.2, rid=2, max=60)
-    assert len(sent(actions, WORKER)[0][1]["tasks"]) == 60
+    assert len(sent(actions, WORKER)[0][1]["id"]) == 60
     assert of(c.handle(Tick(0.3)), core.Lease) == [core.Lease("q", 100)]
     actions = poll(c, now=0.4, rid=3, max=100)
-    assert len(sent(actions, WORKER)[0][1]["tasks"]) == 38
+    assert len(sent(actions, WORKER)[0][1]["id"]) == 38
     assert of(actions, core.Lease) == []  # one read at a time
     c.handle(Leased("q", [task(i) for i in range(101, 201)], None, 0.5))
     assert c.depths()["q"] == (100, 0, 100)  # 100 buffered; 100 delivered, not yet heard of
@@ -143,8 +155,8 @@ def test_poll_times_out_with_an_empty_delivery() -> None:
     c = make_core()
     drain(c)
     assert sent(c.handle(Tick(5.0))) == []
-    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", {"rid": 1, "tasks": []})]
-    assert sent(poll(c, now=11.0, rid=2, timeout=0), WORKER) == [("DELIVER", {"rid": 2, "tasks": []})]
+    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", empty(1))]
+    assert sent(poll(c, now=11.0, rid=2, timeout=0), WORKER) == [("DELIVER", empty(2))]
 
 
 def test_drained_queue_is_read_again_after_the_recheck_interval() -> None:
@@ -160,7 +172,7 @@ def test_drained_queue_is_read_again_after_the_recheck_interval() -> None:
 def test_submit_goes_straight_to_a_waiting_worker_after_commit() -> None:
     c = make_core()
     drain(c)
-    actions = request(c, CLIENT, "SUBMIT", 0.1, rid=7, tasks=[{"queue": "q", "payload": b"hi"}])
+    actions = request(c, CLIENT, "SUBMIT", 0.1, rid=7, queue="q", payload=[b"hi"])
     assert sent(actions) == []  # nothing is acknowledged before the commit
     (write,) = of(actions, core.Write)
     (op,) = write.batch.submits
@@ -169,29 +181,34 @@ def test_submit_goes_straight_to_a_waiting_worker_after_commit() -> None:
     assert sent(actions, CLIENT) == [("SUBMITTED", {"rid": 7, "ids": [42], "created": [True]})]
     ((command, body),) = sent(actions, WORKER)
     assert command == "DELIVER" and body["rid"] == 1
-    assert [(t["id"], t["attempt"], t["payload"]) for t in body["tasks"]] == [(42, 1, b"hi")]
+    assert (body["id"], body["attempt"], body["payload"], body["broker"]) == ([42], [1], [b"hi"], "b1")
+    assert (body["queue"], body["failures"], body["max_attempts"], body["lease_timeout"]) == (
+        ["q"],
+        [0],
+        [5],
+        [30.0],
+    )
 
 
 def test_no_sync_match_past_an_older_backlog_or_for_delayed_tasks() -> None:
     c = make_core(sync_match_window=5.0)
     poll(c)  # the first read is in flight: older tasks may be on their way
-    actions = request(c, CLIENT, "SUBMIT", rid=2, tasks=[{"queue": "q", "payload": b"x"}])
+    actions = request(c, CLIENT, "SUBMIT", rid=2, queue="q", payload=[b"x"])
     assert of(actions, core.Write)[0].batch.submits[0].waiters == [None]
     c = make_core(sync_match_window=5.0)
     drain(c)
-    actions = request(c, CLIENT, "SUBMIT", rid=3, tasks=[{"queue": "q", "payload": b"x", "delay": 1.0}])
+    actions = request(c, CLIENT, "SUBMIT", rid=3, queue="q", payload=[b"x"], delay=1.0)
     assert of(actions, core.Write)[0].batch.submits[0].waiters == [None]
     c = make_core(sync_match_window=5.0, idle_recheck=100)
     drain(c)
-    actions = request(c, CLIENT, "SUBMIT", 6.0, rid=4, tasks=[{"queue": "q", "payload": b"x"}])
+    actions = request(c, CLIENT, "SUBMIT", 6.0, rid=4, queue="q", payload=[b"x"])
     assert of(actions, core.Write)[0].batch.submits[0].waiters == [None]  # the drain is too old
 
 
 def test_sync_match_fills_each_poll_up_to_its_max() -> None:
     c = make_core()
     drain(c)
-    tasks = [{"queue": "q", "payload": b"%d" % i} for i in range(3)]
-    actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=tasks)
+    actions = request(c, CLIENT, "SUBMIT", rid=5, queue="q", payload=[b"%d" % i for i in range(3)])
     (op,) = of(actions, core.Write)[0].batch.submits
     assert op.waiters == [1, None, None]
     assert op.owned == [True, True, True]  # the rest are held for the buffer: its poll comes back
@@ -200,39 +217,40 @@ def test_sync_match_fills_each_poll_up_to_its_max() -> None:
 def test_sync_match_with_a_known_idempotency_key_keeps_the_poll_waiting() -> None:
     c = make_core()
     drain(c)
-    actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=[{"queue": "q", "payload": b"x", "key": "k"}])
+    actions = request(c, CLIENT, "SUBMIT", rid=5, queue="q", payload=[b"x"], idempotency_key="k")
     (write,) = of(actions, core.Write)
     actions = c.handle(Written(write.batch, WriteResult([[Submitted(9, False)]], []), None, 0.1))
     assert sent(actions, CLIENT) == [("SUBMITTED", {"rid": 5, "ids": [9], "created": [False]})]
     assert sent(actions, WORKER) == []
-    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", {"rid": 1, "tasks": []})]
+    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", empty(1))]
 
 
 def test_submit_key_rides_to_the_write_and_a_key_of_other_tasks_is_refused() -> None:
     c = make_core()
     drain(c)
-    tasks = [{"queue": "q", "payload": b"x"}, {"queue": "q", "payload": b"y"}]
-    (write,) = of(request(c, CLIENT, "SUBMIT", rid=5, tasks=tasks, key="batch-1"), core.Write)
+    (write,) = of(
+        request(c, CLIENT, "SUBMIT", rid=5, queue="q", payload=[b"x", b"y"], key="batch-1"), core.Write
+    )
     (op,) = write.batch.submits
     assert op.key == "batch-1" and op.waiters == [1, None]
     actions = c.handle(Written(write.batch, WriteResult([None], []), None, 0.1))
     ((command, body),) = sent(actions, CLIENT)
     assert command == "ERROR" and body["code"] == "invalid_task" and "batch-1" in body["message"]
     assert sent(actions, WORKER) == []  # the poll it had reserved waits on, free again
-    (write,) = of(request(c, CLIENT, "SUBMIT", 0.2, rid=6, tasks=tasks[:1]), core.Write)
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.2, rid=6, queue="q", payload=[b"x"]), core.Write)
     assert write.batch.submits[0].waiters == [1]
 
 
 def test_failed_commit_acknowledges_nothing_and_frees_the_poll() -> None:
     c = make_core()
     drain(c)
-    actions = request(c, CLIENT, "SUBMIT", rid=5, tasks=[{"queue": "q", "payload": b"x"}])
+    actions = request(c, CLIENT, "SUBMIT", rid=5, queue="q", payload=[b"x"])
     (write,) = of(actions, core.Write)
     actions = c.handle(Written(write.batch, None, "OperationalError: server closed", 0.1))
     ((command, body),) = sent(actions, CLIENT)
     assert command == "ERROR" and body["code"] == "unavailable" and body["rid"] == 5
     assert sent(actions, WORKER) == []
-    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", {"rid": 1, "tasks": []})]
+    assert sent(c.handle(Tick(10.0)), WORKER) == [("DELIVER", empty(1))]
 
 
 # -- group commit and fencing ----------------------------------------------------------------
@@ -240,10 +258,10 @@ def test_failed_commit_acknowledges_nothing_and_frees_the_poll() -> None:
 
 def test_writes_arriving_during_a_commit_go_into_the_next_one() -> None:
     c = make_core()
-    first = of(request(c, WORKER, "COMPLETE", rid=1, tasks=[[1, 1, b"r"]]), core.Write)
+    first = of(request(c, WORKER, "COMPLETE", rid=1, id=[1], attempt=[1], result=[b"r"]), core.Write)
     assert len(first) == 1
-    assert of(request(c, WORKER, "COMPLETE", rid=2, tasks=[[2, 3, None]]), core.Write) == []
-    assert of(request(c, WORKER, "FAIL", rid=3, tasks=[[3, 1, "boom", True]]), core.Write) == []
+    assert of(request(c, WORKER, "COMPLETE", rid=2, id=[2], attempt=[3]), core.Write) == []
+    assert of(request(c, WORKER, "FAIL", rid=3, id=[3], attempt=[1], error=["boom"]), core.Write) == []
     result = WriteResult([], [[Outcome.OK]])
     actions = c.handle(Written(first[0].batch, result, None, 0.1))
     assert sent(actions, WORKER) == [("ACK", {"rid": 1, "outcomes": ["ok"]})]
@@ -258,10 +276,10 @@ def test_writes_arriving_during_a_commit_go_into_the_next_one() -> None:
 
 def test_a_full_write_queue_answers_busy() -> None:
     c = make_core(max_queued_requests=2)
-    request(c, WORKER, "COMPLETE", rid=1, tasks=[[1, 1, None]])  # in flight
-    request(c, WORKER, "COMPLETE", rid=2, tasks=[[2, 1, None]])
-    request(c, WORKER, "COMPLETE", rid=3, tasks=[[3, 1, None]])
-    ((command, body),) = sent(request(c, WORKER, "COMPLETE", rid=4, tasks=[[4, 1, None]]))
+    request(c, WORKER, "COMPLETE", rid=1, id=[1], attempt=[1])  # in flight
+    request(c, WORKER, "COMPLETE", rid=2, id=[2], attempt=[1])
+    request(c, WORKER, "COMPLETE", rid=3, id=[3], attempt=[1])
+    ((command, body),) = sent(request(c, WORKER, "COMPLETE", rid=4, id=[4], attempt=[1]))
     assert (command, body["code"], body["rid"]) == ("ERROR", "busy", 4)
 
 
@@ -280,9 +298,11 @@ def test_deliveries_never_heard_of_again_expire_after_their_lease() -> None:
     c = make_core()
     poll(c, max=3)
     c.handle(Leased("q", [task(1), task(2), task(3)], None, 0.1))  # lease_timeout 30 s each
-    (heartbeat,) = of(request(c, WORKER, "HEARTBEAT", 10.0, rid=2, worker="w1", tasks=[[1, 1]]), core.Write)
+    (heartbeat,) = of(
+        request(c, WORKER, "HEARTBEAT", 10.0, rid=2, worker="w1", id=[1], attempt=[1]), core.Write
+    )
     assert [op.kind for op in heartbeat.batch.ops] == ["renew"]  # now a task lease
-    assert of(request(c, WORKER, "COMPLETE", 10.0, rid=3, tasks=[[2, 1, None]]), core.Write) == []
+    assert of(request(c, WORKER, "COMPLETE", 10.0, rid=3, id=[2], attempt=[1]), core.Write) == []
     (write,) = of(c.handle(Written(heartbeat.batch, WriteResult([], [[Outcome.OK]]), None, 10.1)), core.Write)
     assert [op.kind for op in write.batch.ops] == ["complete"]
     c.handle(Written(write.batch, WriteResult([], [[Outcome.OK]]), None, 10.2))
@@ -342,13 +362,11 @@ def test_shutdown_answers_polls_releases_the_buffer_and_stops_after_the_last_com
     c = make_core()
     poll(c, max=1)
     c.handle(Leased("q", [task(1), task(2), task(3)], None, 0.1))  # task 1 delivered
-    (first,) = of(request(c, WORKER, "COMPLETE", 0.2, rid=5, tasks=[[7, 1, None]]), core.Write)
+    (first,) = of(request(c, WORKER, "COMPLETE", 0.2, rid=5, id=[7], attempt=[1]), core.Write)
     poll(c, now=0.2, rid=2, queues=["other"])
     actions = c.handle(Shutdown(0.3))
-    assert sent(actions, WORKER) == [("DELIVER", {"rid": 2, "tasks": []})]
-    ((command, body),) = sent(
-        request(c, CLIENT, "SUBMIT", 0.4, rid=9, tasks=[{"queue": "q", "payload": b""}])
-    )
+    assert sent(actions, WORKER) == [("DELIVER", empty(2))]
+    ((command, body),) = sent(request(c, CLIENT, "SUBMIT", 0.4, rid=9, queue="q", payload=[b""]))
     assert (command, body["code"]) == ("ERROR", "shutting_down")
     actions = c.handle(Written(first.batch, WriteResult([], [[Outcome.OK]]), None, 0.5))
     (last,) = of(actions, core.Write)
@@ -370,9 +388,9 @@ def test_a_stopping_broker_says_so_at_once_and_answers_everyone_until_it_exits()
     assert of(actions, core.Stop) == [core.Stop(OWNER)] and c.stopped  # nothing left to commit
     assert not c.finished(0.55)
     for command, body in [
-        ("HEARTBEAT", {"tasks": [[1, 1]]}),
-        ("COMPLETE", {"tasks": [[1, 1, None]]}),
-        ("SUBMIT", {"tasks": [{"queue": "q", "payload": b""}]}),
+        ("HEARTBEAT", {"id": [1], "attempt": [1]}),
+        ("COMPLETE", {"id": [1], "attempt": [1]}),
+        ("SUBMIT", {"queue": "q", "payload": [b""]}),
         ("POLL", {"worker": "w", "queues": ["q"], "max": 1, "timeout": 5}),
         ("RESULT", {"ids": [1]}),
     ]:
@@ -391,7 +409,7 @@ def test_a_delivery_stays_tracked_until_its_report_commits() -> None:
     c = make_core()
     poll(c, max=1)
     c.handle(Leased("q", [task(1)], None, 0.1))
-    (write,) = of(request(c, WORKER, "HEARTBEAT", 1.0, rid=2, worker="w1", tasks=[[1, 1]]), core.Write)
+    (write,) = of(request(c, WORKER, "HEARTBEAT", 1.0, rid=2, worker="w1", id=[1], attempt=[1]), core.Write)
     c.handle(Written(write.batch, None, "OperationalError: connection lost", 1.1))
     (expire,) = of(c.handle(Tick(30.2)), core.Write)
     assert expire.batch.expiries == [Ack(1, 1)]
@@ -448,14 +466,10 @@ def test_unpolled_buffer_goes_back_and_submits_wake_other_brokers() -> None:
     (release,) = of(c.handle(Tick(3.2)), core.Write)
     assert release.batch.releases == [Ack(2, 1), Ack(3, 1)] and c.depths()["q"][0] == 0
     c.handle(Written(release.batch, WriteResult([], []), None, 3.3))
-    (write,) = of(
-        request(c, CLIENT, "SUBMIT", 4.0, rid=9, tasks=[{"queue": "z", "payload": b""}] * 2), core.Write
-    )
+    (write,) = of(request(c, CLIENT, "SUBMIT", 4.0, rid=9, queue="z", payload=[b""] * 2), core.Write)
     assert write.batch.notify == ["z"]  # once per queue, however many tasks
     c.handle(Written(write.batch, WriteResult([[Submitted(5, True), Submitted(6, True)]], []), None, 4.01))
-    (again,) = of(
-        request(c, CLIENT, "SUBMIT", 4.05, rid=10, tasks=[{"queue": "z", "payload": b""}]), core.Write
-    )
+    (again,) = of(request(c, CLIENT, "SUBMIT", 4.05, rid=10, queue="z", payload=[b""]), core.Write)
     assert again.batch.notify == []  # debounced: NOTIFY takes a global lock at commit
 
 
@@ -482,13 +496,11 @@ def test_a_poll_sync_matched_in_one_commit_takes_nothing_from_the_next() -> None
     c = make_core()
     assert of(poll(c, max=5), core.Lease) == [core.Lease("q", 500)]
     c.handle(Leased("q", [], None, 0.0))  # drained: sync match is on
-    (first,) = of(
-        request(c, CLIENT, "SUBMIT", 0.2, rid=7, tasks=[{"queue": "q", "payload": b"a"}]), core.Write
-    )
+    (first,) = of(request(c, CLIENT, "SUBMIT", 0.2, rid=7, queue="q", payload=[b"a"]), core.Write)
     assert [w for op in first.batch.submits for w in op.waiters] == [1]
-    assert request(c, CLIENT, "SUBMIT", 0.3, rid=8, tasks=[{"queue": "q", "payload": b"b"}]) == []
+    assert request(c, CLIENT, "SUBMIT", 0.3, rid=8, queue="q", payload=[b"b"]) == []
     actions = c.handle(Written(first.batch, WriteResult([[Submitted(1, True, True)]], []), None, 0.4))
-    assert [t["id"] for _, body in sent(actions, WORKER) for t in body["tasks"]] == [1]
+    assert [i for _, body in sent(actions, WORKER) for i in body["id"]] == [1]
     (second,) = of(actions, core.Write)
     assert [w for op in second.batch.submits for w in op.waiters] == [None]  # enqueued for the next poll
 
@@ -499,9 +511,7 @@ def test_a_fresh_buffer_is_not_given_back_at_once() -> None:
     c = make_core(idle_recheck=0.5)
     drain(c)  # poll 1 waits; the read at t=0 found nothing
     assert of(c.handle(Tick(0.6)), core.Lease) == [core.Lease("q", 500)]  # the re-read
-    (write,) = of(
-        request(c, CLIENT, "SUBMIT", 0.7, rid=7, tasks=[{"queue": "q", "payload": b"a"}]), core.Write
-    )
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.7, rid=7, queue="q", payload=[b"a"]), core.Write)
     c.handle(Written(write.batch, WriteResult([[Submitted(1, True, True)]], []), None, 0.8))  # poll answered
     c.handle(Leased("q", [task(i) for i in range(2, 502)], None, 0.9))  # nobody waits for these now
     assert of(c.handle(Tick(1.0)), core.Write) == []
@@ -521,8 +531,10 @@ def warm(c: Core, max_tasks: int = 1, timeout: float = 10.0) -> None:
 
 
 def submit_and_commit(c: Core, n: int, now: float, first_id: int, rid: int = 50) -> list[core.Action]:
-    tasks = [{"queue": "q", "payload": b"%d" % i} for i in range(n)]
-    (write,) = of(request(c, CLIENT, "SUBMIT", now, rid=rid, tasks=tasks), core.Write)
+    (write,) = of(
+        request(c, CLIENT, "SUBMIT", now, rid=rid, queue="q", payload=[b"%d" % i for i in range(n)]),
+        core.Write,
+    )
     (op,) = write.batch.submits
     subs = [Submitted(first_id + i, True, owned) for i, owned in enumerate(op.owned)]
     return c.handle(Written(write.batch, WriteResult([subs], []), None, now + 0.01))
@@ -531,13 +543,13 @@ def submit_and_commit(c: Core, n: int, now: float, first_id: int, rid: int = 50)
 def test_tasks_of_a_drained_polled_queue_are_held_and_overflow_into_an_own_backlog() -> None:
     c = make_core(buffer_size=4, lease_batch=4)
     warm(c)
-    tasks = [{"queue": "q", "payload": b"%d" % i} for i in range(7)]
-    (write,) = of(request(c, CLIENT, "SUBMIT", 0.1, rid=5, tasks=tasks), core.Write)
+    payloads = [b"%d" % i for i in range(7)]
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.1, rid=5, queue="q", payload=payloads), core.Write)
     (op,) = write.batch.submits
     assert op.owned == [True] * 7 and op.waiters == [2] + [None] * 6  # one sync matched
     subs = [Submitted(10 + i, True, True) for i in range(7)]
     actions = c.handle(Written(write.batch, WriteResult([subs], []), None, 0.2))
-    assert [t["id"] for _, body in sent(actions, WORKER) for t in body["tasks"]] == [10]
+    assert [i for _, body in sent(actions, WORKER) for i in body["id"]] == [10]
     q = c.queues["q"]
     assert [t.id for t in q.buffer] == [11, 12, 13, 14] and list(q.backlog) == [[15, 16]]
     assert c.depths()["q"][0] == 6
@@ -552,13 +564,12 @@ def test_tasks_of_a_drained_polled_queue_are_held_and_overflow_into_an_own_backl
 def test_a_task_inserted_pending_stops_holding_until_the_shared_backlog_is_read_again() -> None:
     c = make_core()
     warm(c)
-    tasks = [{"queue": "q", "payload": b"x"}, {"queue": "q", "payload": b"y"}]
-    (write,) = of(request(c, CLIENT, "SUBMIT", 0.1, rid=5, tasks=tasks), core.Write)
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.1, rid=5, queue="q", payload=[b"x", b"y"]), core.Write)
     # the database found the lease ended: inserted pending, not held
     subs = [Submitted(3, True, False), Submitted(4, True, False)]
     actions = c.handle(Written(write.batch, WriteResult([subs], []), None, 0.2))
     assert sent(actions, WORKER) == []  # nothing to deliver: the poll waits on
-    (write,) = of(request(c, CLIENT, "SUBMIT", 0.3, rid=6, tasks=tasks[:1]), core.Write)
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.3, rid=6, queue="q", payload=[b"x"]), core.Write)
     assert write.batch.submits[0].owned == [False]  # older tasks wait in the database
     assert write.batch.submits[0].waiters == [None]  # and no sync match either
 

@@ -193,21 +193,19 @@ def test_stale_complete_after_redelivery_is_refused(start_broker, db) -> None:
         with Client(broker.endpoint) as client:
             task_id = client.submit("fenced", b"x", lease_timeout=0.5, backoff_base=0)
             poll = {"worker": "a", "queues": ["fenced"], "max": 1, "timeout": 5}
-            (first,) = a.request(Command.POLL, poll, 10).body["tasks"]
-            assert (first["id"], first["attempt"]) == (task_id, 1)
+            first = a.request(Command.POLL, poll, 10).body
+            assert (first["id"], first["attempt"]) == ([task_id], [1])
             # "a" stops heartbeating; the broker's reaper returns the task after its lease.
-            second = []
-            while not second:
-                second = b.request(Command.POLL, {**poll, "worker": "b"}, 10).body["tasks"]
-            assert (second[0]["id"], second[0]["attempt"]) == (task_id, 2)
-            complete = {"tasks": [[task_id, 1, b"from a"]]}
+            second: dict[str, list[int]] = {"id": []}
+            while not second["id"]:
+                second = b.request(Command.POLL, {**poll, "worker": "b"}, 10).body
+            assert (second["id"], second["attempt"]) == ([task_id], [2])
+            complete = {"id": [task_id], "attempt": [1], "result": [b"from a"]}
             assert a.request(Command.COMPLETE, complete, 10).body["outcomes"] == ["stale"]
-            assert a.request(Command.HEARTBEAT, {"worker": "a", "tasks": [[task_id, 1]]}, 10).body[
-                "outcomes"
-            ] == ["stale"]
-            assert b.request(Command.COMPLETE, {"tasks": [[task_id, 2, b"from b"]]}, 10).body["outcomes"] == [
-                "ok"
-            ]
+            heartbeat = {"worker": "a", "id": [task_id], "attempt": [1]}
+            assert a.request(Command.HEARTBEAT, heartbeat, 10).body["outcomes"] == ["stale"]
+            theirs = {"id": [task_id], "attempt": [2], "result": [b"from b"]}
+            assert b.request(Command.COMPLETE, theirs, 10).body["outcomes"] == ["ok"]
             assert a.request(Command.COMPLETE, complete, 10).body["outcomes"] == ["finished"]
             assert client.result(task_id).result == b"from b"
     finally:
@@ -269,6 +267,14 @@ def test_garbage_gets_errors_and_the_broker_keeps_serving(start_broker) -> None:
                 reply = rogue.recv_multipart()
                 assert reply[0] == PROTOCOL and reply[1] == b"ERROR"
                 assert client.ping() == "b1"
+            # A conduit/1 peer is answered in conduit/1, with its rid, and nothing is written.
+            old = {"rid": 4, "tasks": [{"queue": "old", "payload": b"x"}]}
+            rogue.send_multipart([b"conduit/1", b"SUBMIT", msgpack.packb(old)])
+            assert rogue.poll(5000), "no reply to a conduit/1 SUBMIT"
+            version, command, body = rogue.recv_multipart()
+            assert (version, command) == (b"conduit/1", b"ERROR")
+            message = "this broker speaks conduit/2; the request was conduit/1"
+            assert msgpack.unpackb(body) == {"rid": 4, "code": "bad_version", "message": message}
             with pytest.raises(BrokerError, match="invalid_task"):
                 client.submit("no spaces allowed", b"x")
             # Over the size limit, ZeroMQ drops the sender's connection: no reply, no harm.
@@ -285,7 +291,7 @@ def random_garbage(rng: random.Random) -> list[bytes]:
     """One hostile message: noise, a wrong frame count, or a valid header over a bad body."""
     commands = [c.value.encode() for c in Command] + [b"", b"NOPE"]
     body = {
-        rng.choice(["rid", "tasks", "queues", "worker", "ids", "max", "timeout"]): rng.choice(
+        rng.choice(["rid", "payload", "id", "attempt", "queues", "worker", "ids", "max"]): rng.choice(
             [None, -1, 2**64 - 1, 1.5, "x" * rng.randrange(300), b"\x00", [[1, "a"]], {"q": []}, [{}]]
         )
         for _ in range(rng.randrange(5))
@@ -350,7 +356,7 @@ def test_sigterm_gives_the_buffer_back_and_exits_cleanly(start_broker, db) -> No
         with Client(broker.endpoint) as client:
             client.submit_many([TaskSpec("buffered", b"x") for _ in range(20)])
             poll = {"worker": "w", "queues": ["buffered"], "max": 1, "timeout": 5}
-            assert len(worker.request(Command.POLL, poll, 10).body["tasks"]) == 1
+            assert len(worker.request(Command.POLL, poll, 10).body["id"]) == 1
             # Delivered or not, all 20 are the broker's until it stops (a delivery costs no write).
             wait_for(lambda: db.query("SELECT count(*) FROM live_tasks WHERE state = 'buffered'") == [(20,)])
         assert broker.stop() == 0

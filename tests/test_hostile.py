@@ -20,6 +20,7 @@ from conduit.broker.events import Acquired, Leased, Received
 from conduit.store import BrokerLease
 from conduit.task import LeasedTask
 from conduit.wire import (
+    PREVIOUS,
     PROTOCOL,
     REPLIES,
     REQUESTS,
@@ -31,15 +32,15 @@ from conduit.wire import (
     parse_poll,
     parse_submit,
     parse_submit_key,
-    parse_tasks,
 )
 
 NOW = 1.0
 RUN_AT = datetime(2026, 1, 1, tzinfo=UTC)
 ROGUE = b"rogue"
 FIELDS = [
-    *("rid", "tasks", "queue", "payload", "queues", "worker", "max", "timeout", "ids", "delay"),
-    *("priority", "max_attempts", "lease_timeout", "key", "backoff_base", "backoff_max"),
+    *("rid", "queue", "payload", "queues", "worker", "max", "timeout", "ids", "delay", "priority"),
+    *("max_attempts", "lease_timeout", "key", "idempotency_key", "backoff_base", "backoff_max"),
+    *("id", "attempt", "result", "error", "retry"),
 ]
 
 
@@ -57,10 +58,10 @@ def busy_core() -> Core:
     send(b"w1", Command.POLL, rid=1, worker="w1", queues=["q"], max=2, timeout=30)
     c.handle(Leased("q", [task(i, "q") for i in range(1, 11)], None, NOW))  # 2 delivered, 8 buffered
     send(b"w2", Command.POLL, rid=2, worker="w2", queues=["idle"], timeout=30)  # waits; a read in flight
-    actions = send(b"c", Command.SUBMIT, rid=3, tasks=[{"queue": "s", "payload": b"x"}])
+    actions = send(b"c", Command.SUBMIT, rid=3, queue="s", payload=[b"x"])
     assert any(isinstance(a, core.Write) for a in actions)  # now a write is in flight...
-    send(b"c", Command.SUBMIT, rid=4, tasks=[{"queue": "s", "payload": b"y"}])  # ...and one queued
-    send(b"w1", Command.COMPLETE, rid=5, tasks=[[1, 1, b"done"]])
+    send(b"c", Command.SUBMIT, rid=4, queue="s", payload=[b"y"])  # ...and one queued
+    send(b"w1", Command.COMPLETE, rid=5, id=[1], attempt=[1], result=[b"done"])
     return c
 
 
@@ -90,7 +91,7 @@ def accepted_by_the_parsers(frames: list[bytes]) -> bool:
         elif msg.command in (Command.CANCEL, Command.RESULT):
             parse_ids(msg)
         elif msg.command is not Command.PING:
-            parse_tasks(msg, core._SETTLING[msg.command][1])
+            core._SETTLING[msg.command][1](msg)
     except ProtocolError:
         return False
     return True
@@ -102,7 +103,8 @@ def check(frames: list[bytes]) -> None:
     actions = c.handle(Received(ROGUE, frames, NOW))
     sends = [a for a in actions if isinstance(a, core.Send)]
     assert all(s.peer == ROGUE for s in sends)
-    replies = [decode(s.frames, allowed=REPLIES) for s in sends]
+    # a conduit/1 request is refused in conduit/1: read as ours, the body is the same
+    replies = [decode([PROTOCOL, *s.frames[1:]], allowed=REPLIES) for s in sends]
     if any(r.command is Command.ERROR for r in replies):
         assert len(replies) == 1
         assert all(isinstance(a, core.Send | core.Log) for a in actions), actions
@@ -159,17 +161,42 @@ def test_deep_nesting(depth: int, opener: bytes) -> None:
 
 def test_oversized_body_and_batches() -> None:
     check([PROTOCOL, b"SUBMIT", b"\x00" * (16 * 1024 * 1024 + 1)])
-    tasks = [{"queue": "q", "payload": b"x"}] * 10_001
-    check([PROTOCOL, b"SUBMIT", msgpack.packb({"rid": 1, "tasks": tasks})])
-    check([PROTOCOL, b"COMPLETE", msgpack.packb({"rid": 1, "tasks": [[1, 1, None]] * 10_001})])
-    check(
-        [PROTOCOL, b"SUBMIT", msgpack.packb({"rid": 1, "tasks": [{"queue": "q", "payload": b"x" * 2**21}]})]
-    )
+    check([PROTOCOL, b"SUBMIT", msgpack.packb({"rid": 1, "queue": "q", "payload": [b"x"] * 10_001})])
+    rows = {"id": [1] * 10_001, "attempt": [1] * 10_001}
+    check([PROTOCOL, b"COMPLETE", msgpack.packb({"rid": 1, **rows})])
+    check([PROTOCOL, b"SUBMIT", msgpack.packb({"rid": 1, "queue": "q", "payload": [b"x" * 2**21]})])
 
 
-def test_a_bad_task_anywhere_in_a_batch_refuses_the_whole_batch() -> None:
+def test_a_bad_row_anywhere_in_a_batch_refuses_the_whole_batch() -> None:
     """A partly valid SUBMIT must not enqueue its valid part: one answer, one outcome."""
-    good = {"queue": "s", "payload": b"x"}
-    for bad in ({"queue": "no spaces", "payload": b"x"}, {"queue": "s", "payload": "str"}, {"queue": "s"}):
-        check([PROTOCOL, b"SUBMIT", msgpack.packb({"rid": 9, "tasks": [good, good, bad]})])
-        check([PROTOCOL, b"COMPLETE", msgpack.packb({"rid": 9, "tasks": [[2, 1, b"r"], [2, "x", b"r"]]})])
+    for bad in (
+        {"queue": ["s", "s", "no spaces"]},
+        {"payload": [b"x", b"x", "str"]},
+        {"queue": ["s", "s", None]},
+        {"priority": [0, 0, 40_000]},
+        {"delay": [0, 0]},  # a column of another length
+    ):
+        check([PROTOCOL, b"SUBMIT", msgpack.packb({"rid": 9, "queue": "s", "payload": [b"x"] * 3, **bad})])
+    for columns in (
+        {"id": [2, 3], "attempt": [1, "x"], "result": [b"r", b"r"]},
+        {"id": [2, 3], "attempt": [1, 1], "result": [b"r", "str"]},
+        {"id": [2, 3], "attempt": [1]},
+    ):
+        check([PROTOCOL, b"COMPLETE", msgpack.packb({"rid": 9, **columns})])
+
+
+@fuzz
+@given(st.sampled_from(sorted(c.value.encode() for c in REQUESTS)), bodies)
+def test_a_conduit_1_peer_is_refused_in_its_own_framing(command: bytes, body: dict[Any, Any]) -> None:
+    """Whatever an old peer sends, it gets one bad_version ERROR framed conduit/1, and nothing changes."""
+    c = fresh()
+    actions = c.handle(Received(ROGUE, [PREVIOUS, command, msgpack.packb(body, use_bin_type=True)], NOW))
+    (reply,) = [a for a in actions if isinstance(a, core.Send)]
+    assert reply.peer == ROGUE and reply.frames[:2] == [PREVIOUS, b"ERROR"]
+    error = msgpack.unpackb(reply.frames[2])
+    assert (
+        error["code"] == "bad_version" and "conduit/1" in error["message"] and "conduit/2" in error["message"]
+    )
+    rid = body.get("rid")
+    assert error["rid"] == (rid if type(rid) is int and 0 <= rid < 2**64 else None)
+    assert snapshot(c) == BEFORE

@@ -27,9 +27,9 @@ def test_a_stopping_broker_says_so_and_answers_every_request_until_it_exits(star
         outcomes: list[tuple[str, float]] = []
         requests = [
             (Command.PING, {}),
-            (Command.SUBMIT, {"tasks": [{"queue": "q", "payload": b""}]}),
+            (Command.SUBMIT, {"queue": "q", "payload": [b""]}),
             (Command.RESULT, {"ids": [1]}),
-            (Command.HEARTBEAT, {"tasks": [[1, 1]]}),
+            (Command.HEARTBEAT, {"id": [1], "attempt": [1]}),
         ]
         while broker.proc.poll() is None and len(outcomes) < 1000:
             command, body = requests[len(outcomes) % len(requests)]

@@ -32,18 +32,23 @@ from conduit.store import BrokerLease
 from conduit.task import Ack, Completion, Failure, LeasedTask, Submitted, TaskSpec
 from conduit.wire import (
     Command,
+    DeliveryRow,
     ErrorCode,
     Message,
     Poll,
     ProtocolError,
     decode,
+    deliver_body,
     encode,
     error_frames,
+    parse_acks,
+    parse_complete,
+    parse_fail,
     parse_ids,
     parse_poll,
     parse_submit,
     parse_submit_key,
-    parse_tasks,
+    results_body,
 )
 
 
@@ -74,12 +79,12 @@ GOSSIP_SOONEST = 0.1  # a big change is published at once, but not more often th
 MAX_DELIVERY_BYTES = 8 * 1024 * 1024  # payload bytes in one DELIVER (under the peer's MAXMSGSIZE)
 
 
-# Requests that settle deliveries: the store call, the row arity, and the row's type.
-_SETTLING: dict[Command, tuple[str, int, Callable[[list[Any]], Any]]] = {
-    Command.HEARTBEAT: ("renew", 2, lambda r: Ack(r[0], r[1])),
-    Command.COMPLETE: ("complete", 3, lambda r: Completion(r[0], r[1], r[2])),
-    Command.FAIL: ("fail", 4, lambda r: Failure(r[0], r[1], r[2][:8192].replace("\x00", "\\0"), r[3])),
-    Command.RELEASE: ("release", 2, lambda r: Ack(r[0], r[1])),
+# Requests that settle deliveries: the store call, and the parser building its items.
+_SETTLING: dict[Command, tuple[str, Callable[[Message], list[Ack] | list[Completion] | list[Failure]]]] = {
+    Command.HEARTBEAT: ("renew", parse_acks),
+    Command.COMPLETE: ("complete", parse_complete),
+    Command.FAIL: ("fail", parse_fail),
+    Command.RELEASE: ("release", parse_acks),
 }
 
 
@@ -241,11 +246,7 @@ class Core:
             case LookedUp(peer, rid, _, error) if error is not None:
                 out.append(Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"lookup failed: {error}", rid)))
             case LookedUp(peer, rid, infos, _):
-                found = [
-                    {"id": i.id, "state": i.state, "attempt": i.attempt, "result": i.result, "error": i.error}
-                    for i in infos
-                ]
-                out.append(Send(peer, encode(Command.RESULTS, {"rid": rid, "tasks": found})))
+                out.append(Send(peer, encode(Command.RESULTS, results_body(rid, infos))))
             case SendFailed(peer, delivered):
                 out.append(Log("warning", "undeliverable", {"peer": peer.hex(), "tasks": len(delivered)}))
                 for ack in delivered:
@@ -270,7 +271,7 @@ class Core:
             out.append(
                 Log("warning", "bad_request", {"peer": peer.hex(), "code": exc.code.value, "error": str(exc)})
             )
-            out.append(Send(peer, error_frames(exc.code, str(exc), exc.rid)))
+            out.append(Send(peer, error_frames(exc.code, str(exc), exc.rid, exc.protocol)))
 
     def _on_request(self, peer: bytes, msg: Message, now: float, out: list[Action]) -> None:
         rid = msg.rid
@@ -295,8 +296,8 @@ class Core:
         if msg.command is Command.CANCEL:
             self._pending.add_request(peer, rid, "cancel", parse_ids(msg))
             return
-        kind, arity, build = _SETTLING[msg.command]
-        self._pending.add_request(peer, rid, kind, [build(row) for row in parse_tasks(msg, arity)])
+        kind, parse = _SETTLING[msg.command]
+        self._pending.add_request(peer, rid, kind, parse(msg))
 
     def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], key: str | None, now: float) -> None:
         """Due tasks of a queue at the end of its backlog (no older task due) that this broker has
@@ -387,7 +388,7 @@ class Core:
             for t in tasks:
                 self._delivered[t.id] = (t.attempt, waiter.poll.worker, now + t.lease_timeout, t.queue)
                 self._next_expiry = min(self._next_expiry, now + t.lease_timeout)
-            self._finish(waiter, [_delivery(t, self.config.broker_id) for t in tasks], out)
+            self._finish(waiter, [_delivery(t) for t in tasks], out)
 
     def _serve_queue(self, name: str, now: float, out: list[Action]) -> None:
         q = self._queue(name)
@@ -400,11 +401,12 @@ class Core:
             if waiter.key in self._waiters:
                 break  # the lease lapsed: nothing can be served
 
-    def _finish(self, waiter: _Waiter, tasks: list[dict[str, Any]], out: list[Action]) -> None:
+    def _finish(self, waiter: _Waiter, tasks: list[DeliveryRow], out: list[Action]) -> None:
         """Answer a poll and forget it; its keys in the queues' waiter lists are skipped later."""
         del self._waiters[waiter.key]
-        delivered = tuple(Ack(t["id"], t["attempt"]) for t in tasks)
-        out.append(Send(waiter.peer, encode(Command.DELIVER, {"rid": waiter.rid, "tasks": tasks}), delivered))
+        delivered = tuple(Ack(t[0], t[1]) for t in tasks)
+        body = deliver_body(waiter.rid, self.config.broker_id, tasks)
+        out.append(Send(waiter.peer, encode(Command.DELIVER, body), delivered))
 
     def _maybe_lease(self, name: str, now: float, out: list[Action]) -> None:
         """Read the next batch of due tasks when polls wait and the buffer runs low: this broker's
@@ -595,7 +597,7 @@ class Core:
     def _deliver_sync_matched(
         self, batch: WriteBatch, result: WriteResult, now: float, out: list[Action]
     ) -> None:
-        by_waiter: dict[int, list[dict[str, Any]]] = {}
+        by_waiter: dict[int, list[DeliveryRow]] = {}
         for op, submitted in zip(batch.submits, result.submitted, strict=True):
             rows: list[Submitted | None] = [*submitted] if submitted else [None] * len(op.specs)
             for spec, sub, key in zip(op.specs, rows, op.waiters, strict=True):
@@ -604,21 +606,21 @@ class Core:
                     # Not created: a key matched an older task (or submit): nothing new to run.
                     # Not owned: the database found our lease ended; the task waits as pending.
                     if sub is not None and sub.created and sub.owned:
-                        tasks.append(_sync_delivery(sub.id, spec, self.config.broker_id))
+                        tasks.append(_sync_delivery(sub.id, spec))
         for key, tasks in by_waiter.items():
             waiter = self._waiters.get(key)
             if waiter is None:  # cannot happen while sealing holds; never leave a task undelivered
-                self._pending.releases.extend(Ack(t["id"], t["attempt"]) for t in tasks)
+                self._pending.releases.extend(Ack(t[0], t[1]) for t in tasks)
                 continue
             if tasks:
                 for name in waiter.poll.queues:
                     self._queue(name).wanted_until = now + DEMAND_MEMORY
                 worker = waiter.poll.worker
-                for t in tasks:  # held in memory like any buffered delivery, till heard of again
-                    self._delivered[t["id"]] = (1, worker, now + t["lease_timeout"], t["queue"])
-                    self._next_expiry = min(self._next_expiry, now + t["lease_timeout"])
+                for task_id, _, queue, _, _, _, _, lease_timeout in tasks:  # held in memory, as
+                    self._delivered[task_id] = (1, worker, now + lease_timeout, queue)  # any delivery
+                    self._next_expiry = min(self._next_expiry, now + lease_timeout)
                     if self._stopping:
-                        self._pending.starts.append(Ack(t["id"], 1))
+                        self._pending.starts.append(Ack(task_id, 1))
                 self._finish(waiter, tasks, out)
             else:
                 self._unreserve(key, now, out)
@@ -781,29 +783,28 @@ class Core:
         }
 
 
-def _delivery(task: LeasedTask, broker: str) -> dict[str, Any]:
-    return {
-        "id": task.id,
-        "queue": task.queue,
-        "attempt": task.attempt,
-        "payload": task.payload,
-        "priority": task.priority,
-        "failures": task.failures,
-        "max_attempts": task.max_attempts,
-        "lease_timeout": task.lease_timeout,
-        "broker": broker,
-    }
+def _delivery(task: LeasedTask) -> DeliveryRow:
+    return (
+        task.id,
+        task.attempt,
+        task.queue,
+        task.payload,
+        task.priority,
+        task.failures,
+        task.max_attempts,
+        task.lease_timeout,
+    )
 
 
-def _sync_delivery(task_id: int, spec: TaskSpec, broker: str) -> dict[str, Any]:
-    return {
-        "id": task_id,
-        "queue": spec.queue,
-        "attempt": 1,
-        "payload": bytes(spec.payload),
-        "priority": spec.priority,
-        "failures": 0,
-        "max_attempts": spec.max_attempts,
-        "lease_timeout": spec.lease_timeout,
-        "broker": broker,
-    }
+def _sync_delivery(task_id: int, spec: TaskSpec) -> DeliveryRow:
+    """Sync-matched: written as delivered, attempt 1, in the commit that acknowledged the submit."""
+    return (
+        task_id,
+        1,
+        spec.queue,
+        bytes(spec.payload),
+        spec.priority,
+        0,
+        spec.max_attempts,
+        spec.lease_timeout,
+    )

@@ -16,7 +16,7 @@ import zmq
 
 from conduit.client.link import LIVENESS, Link
 from conduit.errors import ConduitError
-from conduit.wire import REPLIES, Command, Message, ProtocolError, decode, encode
+from conduit.wire import REPLIES, Command, ErrorCode, Message, ProtocolError, decode, encode
 
 
 class BrokerError(ConduitError):
@@ -69,7 +69,9 @@ class Channel:
             self.link.heard(time.monotonic())
             try:
                 reply = decode(frames, allowed=REPLIES)
-            except ProtocolError:
+            except ProtocolError as exc:
+                if exc.code is ErrorCode.BAD_VERSION:  # a broker of another release refused it
+                    raise BrokerError(exc.code.value, f"{exc} (at {self.endpoint})") from None
                 continue  # a garbled reply is no answer
             if reply.rid != rid and not (reply.command is Command.ERROR and reply.rid == -1):
                 continue  # a PONG, or a late reply to an earlier request (an ERROR without rid is ours)

@@ -16,9 +16,10 @@ from conduit.client.link import LIVENESS
 from conduit.client.mesh import BrokerView, Mesh
 from conduit.errors import ConduitError
 from conduit.task import TaskSpec
-from conduit.wire import MAX_BATCH, Command
+from conduit.wire import MAX_BATCH, Command, submit_body
 
 FINAL = frozenset({"completed", "dead", "cancelled"})
+MOVE_ON = frozenset({"shutting_down", "busy", "bad_version"})  # nothing was done: try another broker
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,10 @@ class Client:
                     ) from None
             except BrokerError as exc:
                 # Refused before any write: safe anywhere. A failed write may have committed.
-                if exc.code not in ("shutting_down", "busy") and not (
-                    exc.code == "unavailable" and retry_safe
-                ):
+                if exc.code not in MOVE_ON and not (exc.code == "unavailable" and retry_safe):
                     raise
                 errors.append(str(exc))
-                if exc.code == "shutting_down":
+                if exc.code in ("shutting_down", "bad_version"):
                     with self._lock:
                         self._mesh.suspect(endpoint)
             else:
@@ -142,7 +141,7 @@ class Client:
                     self._channel(endpoint).request(Command.PING, {}, min(self._timeout, 1.0)).body.get("pub")
                 )
             except ConduitError:
-                continue  # not there now: its gossip, if any, is heard through others' later
+                continue  # not there now: its gossip is not heard (brokers relay none), unless given
             if pub:
                 with self._lock:
                     self._mesh.subscribe(str(pub))
@@ -157,21 +156,34 @@ class Client:
         specs = list(tasks)
         ids: list[int] = []
         for start in range(0, len(specs), MAX_BATCH):
-            batch = specs[start : start + MAX_BATCH]
-            body: dict[str, Any] = {"tasks": [_task_body(s) for s in batch]}
-            if self._retry_submits and len(batch) > 1:
-                body["key"] = uuid.uuid4().hex
-            elif self._retry_submits and "key" not in body["tasks"][0]:
-                body["tasks"][0]["key"] = uuid.uuid4().hex  # one statement, where a submit key costs three
-            keyed = "key" in body or all("key" in t for t in body["tasks"])
-            ids.extend(self._request(Command.SUBMIT, body, retry_safe=keyed)["ids"])
+            ids += self._submit(submit_body(specs[start : start + MAX_BATCH]))
         return ids
+
+    def submit_batch(self, queue: str, payloads: Sequence[bytes], **options: Any) -> list[int]:
+        """Enqueue one task per payload, as columns: no record per task. Each option (TaskSpec's
+        fields) is one value for every task, or a sequence with one per payload (None: default)."""
+        ids: list[int] = []
+        for start in range(0, len(payloads), MAX_BATCH):
+            end = start + MAX_BATCH
+            body = {name: _rows(value, start, end) for name, value in options.items()}
+            ids += self._submit({**body, "queue": queue, "payload": list(payloads[start:end])})
+        return ids
+
+    def _submit(self, body: dict[str, Any]) -> list[int]:
+        """One SUBMIT, named by a key of its own when it may be retried elsewhere."""
+        rows = len(body["payload"])
+        if self._retry_submits and rows > 1:
+            body["key"] = uuid.uuid4().hex
+        elif self._retry_submits and body.get("idempotency_key") is None:
+            body["idempotency_key"] = uuid.uuid4().hex  # one statement, where a submit key costs three
+        key = body.get("idempotency_key")
+        keyed = "key" in body or (key is not None and (isinstance(key, str) or None not in key))
+        return list(self._request(Command.SUBMIT, body, retry_safe=keyed)["ids"])
 
     def lookup(self, ids: Sequence[int]) -> list[TaskResult]:
         reply = self._request(Command.RESULT, {"ids": list(ids)}, retry_safe=True)
-        return [
-            TaskResult(t["id"], t["state"], t["attempt"], t["result"], t["error"]) for t in reply["tasks"]
-        ]
+        columns = (reply[name] for name in ("id", "state", "attempt", "result", "error"))
+        return list(map(TaskResult, *columns))
 
     def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
         """Wait until the task ends (completed, dead or cancelled) and return how it ended."""
@@ -197,15 +209,9 @@ class Client:
         return str(self._request(Command.PING, {}, retry_safe=True)["broker"])
 
 
-def _task_body(spec: TaskSpec) -> dict[str, Any]:
-    body: dict[str, Any] = {"queue": spec.queue, "payload": bytes(spec.payload)}
-    defaults = TaskSpec("q", b"")
-    for name in ("priority", "delay", "max_attempts", "lease_timeout", "backoff_base", "backoff_max"):
-        if getattr(spec, name) != getattr(defaults, name):
-            body[name] = getattr(spec, name)
-    if spec.idempotency_key is not None:
-        body["key"] = spec.idempotency_key
-    return body
+def _rows(value: Any, start: int, end: int) -> Any:
+    """An option's share of one message: its slice if it has a value per task, else itself."""
+    return list(value[start:end]) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
 __all__ = ["BrokerError", "BrokerTimeout", "Client", "TaskResult"]

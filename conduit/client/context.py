@@ -1,11 +1,17 @@
-"""What a handler receives and how its outcome is captured; picklable, so handlers may run in processes."""
+"""What a handler receives and how its outcome is captured; picklable, so handlers may run in processes.
+
+Both are NamedTuples: built straight from a DELIVER's columns, several times faster than frozen
+dataclasses, which matters at tens of thousands of tasks a second.
+"""
 
 from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from itertools import repeat
+from typing import NamedTuple
+
+from conduit.wire import Delivery
 
 Handler = Callable[["TaskContext"], bytes | None]
 
@@ -14,8 +20,7 @@ class PermanentError(Exception):
     """Raise from a handler to fail the task without retrying it (it goes straight to dead)."""
 
 
-@dataclass(frozen=True)
-class TaskContext:
+class TaskContext(NamedTuple):
     """One delivery of a task. `attempt` grows with every delivery: a handler can run again after a
     crash or an expired lease, so make it idempotent (at-least-once execution)."""
 
@@ -29,16 +34,14 @@ class TaskContext:
     lease_timeout: float
     broker: str
 
-    @classmethod
-    def from_wire(cls, t: dict[str, Any]) -> TaskContext:
-        return cls(
-            t["id"], t["queue"], t["attempt"], t["payload"], t["priority"], t["failures"],
-            t["max_attempts"], t["lease_timeout"], t["broker"],
-        )  # fmt: skip
+
+def contexts(d: Delivery) -> list[TaskContext]:
+    """The tasks of one DELIVER, one context each, built column by column."""
+    columns = (d.id, d.queue, d.attempt, d.payload, d.priority, d.failures, d.max_attempts, d.lease_timeout)
+    return list(map(TaskContext, *columns, repeat(d.broker)))
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     task: TaskContext
     ok: bool
     result: bytes | None = None

@@ -14,12 +14,23 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from conduit.client.context import TaskContext
+from conduit.client.context import TaskContext, contexts
 from conduit.client.link import Link
 from conduit.client.mesh import Mesh
 from conduit.client.runners import ProcessRunner, ThreadRunner
 from conduit.logs import log
-from conduit.wire import MAX_BATCH, REPLIES, Command, Message, ProtocolError, decode, encode
+from conduit.wire import (
+    MAX_BATCH,
+    REPLIES,
+    Command,
+    ErrorCode,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    parse_deliver,
+    report_body,
+)
 
 if TYPE_CHECKING:
     from conduit.client.worker import Worker
@@ -51,19 +62,22 @@ class Loop:
         self.prefetched: deque[TaskContext] = deque()
         self.running: dict[int, TaskContext] = {}
         self.lost: set[tuple[int, int]] = set()  # running, but the lease is another's: result dropped
-        # rid -> what, rows, when sent, and to which broker
-        self.unacked: dict[int, tuple[Command, list[list[Any]], float, str]] = {}
-        self.outbox: dict[Command, list[list[Any]]] = {
+        # Reports are rows, (id, attempt, ...) as report_body takes them; rid -> what, rows, when
+        # sent, and to which broker
+        self.unacked: dict[int, tuple[Command, list[tuple[Any, ...]], float, str]] = {}
+        self.outbox: dict[Command, list[tuple[Any, ...]]] = {
             Command.COMPLETE: [],
             Command.FAIL: [],
             Command.RELEASE: [],
         }
         self.hold_until = 0.0
         self.next_heartbeat = 0.0
-        self.heartbeats: dict[int, list[list[int]]] = {}  # the last heartbeat's rid and rows
+        self.heartbeats: dict[int, list[tuple[int, int]]] = {}  # the last heartbeat's rid and rows
         self.heartbeat_to = self.current  # ... and its broker
         self.heartbeat_misses = 0
-        self.unpinged = set(worker.endpoints)  # to ask where they gossip, once connected
+        self.unpinged = set(worker.endpoints)  # to ask where they gossip, until they answer
+        self.next_discovery = 0.0
+        self.wrong_version: set[str] = set()  # brokers of another protocol version, told once
 
     def link(self, endpoint: str) -> Link:
         if endpoint not in self.links:
@@ -98,7 +112,7 @@ class Loop:
             while rows and len(self.unacked) < MAX_UNACKED and now >= self.hold_until:
                 batch, self.outbox[command] = rows[:MAX_BATCH], rows[MAX_BATCH:]
                 rows = self.outbox[command]
-                rid = self.send(command, {"tasks": batch})
+                rid = self.send(command, report_body(command, batch))
                 self.unacked[rid if rid is not None else -next(self.rids)] = (
                     command,
                     batch,
@@ -194,15 +208,16 @@ class Loop:
     def step_out(self) -> None:
         """Start what can run, give back what will not, ask for more, heartbeat."""
         now = time.monotonic()
-        for endpoint in list(self.unpinged):  # where does it gossip? (learn the whole mesh)
-            if self.send(Command.PING, {}, endpoint, wait=False) is not None:
-                self.unpinged.discard(endpoint)
+        if self.unpinged and now >= self.next_discovery:  # where do they gossip? (learn the mesh)
+            self.next_discovery = now + self.w.heartbeat_interval
+            for endpoint in self.unpinged:
+                self.send(Command.PING, {}, endpoint, wait=False)
         while self.prefetched and len(self.running) < self.w.concurrency and not self.w._stop.is_set():
             task = self.prefetched.popleft()
             self.running[task.id] = task
             self.runner.submit(self.w.handlers[task.queue], task)
         if self.w._stop.is_set() and self.prefetched:
-            self.outbox[Command.RELEASE].extend([t.id, t.attempt] for t in self.prefetched)
+            self.outbox[Command.RELEASE].extend((t.id, t.attempt) for t in self.prefetched)
             self.prefetched.clear()
         room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
         if self.poll_rid is None and room > 0 and not self.w._stop.is_set():
@@ -215,7 +230,7 @@ class Loop:
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.w.heartbeat_interval
             held = [
-                [t.id, t.attempt]
+                (t.id, t.attempt)
                 for t in (*self.running.values(), *self.prefetched)
                 if (t.id, t.attempt) not in self.lost
             ]
@@ -228,7 +243,8 @@ class Loop:
                 self.failover()
             if held:  # one that cannot even be sent (no connection) counts as unanswered
                 # Sent while the last is still awaited: an unanswered one keeps the silence going.
-                rid = self.send(Command.HEARTBEAT, {"worker": self.w.worker_id, "tasks": held}, wait=False)
+                body = {"worker": self.w.worker_id, **report_body(Command.HEARTBEAT, held)}
+                rid = self.send(Command.HEARTBEAT, body, wait=False)
                 self.heartbeats = {rid if rid is not None else -next(self.rids): held}
                 self.heartbeat_to = self.current
             else:
@@ -249,9 +265,9 @@ class Loop:
             if (task.id, task.attempt) in self.lost:
                 self.lost.discard((task.id, task.attempt))  # the broker would refuse it
             elif outcome.ok:
-                self.outbox[Command.COMPLETE].append([task.id, task.attempt, outcome.result])
+                self.outbox[Command.COMPLETE].append((task.id, task.attempt, outcome.result))
             else:
-                self.outbox[Command.FAIL].append([task.id, task.attempt, outcome.error, outcome.retry])
+                self.outbox[Command.FAIL].append((task.id, task.attempt, outcome.error, outcome.retry))
 
     def choose_broker(self) -> None:
         """Deepest first: while polls bring tasks, stay (a busy worker talks to one broker); after
@@ -275,37 +291,44 @@ class Loop:
             link.heard(time.monotonic())
             try:
                 msg = decode(frames, allowed=REPLIES)
+                tasks = contexts(parse_deliver(msg)) if msg.command is Command.DELIVER else []
             except ProtocolError as exc:
-                log(logger, "warning", "bad_reply", error=str(exc))
-                continue
-            self.on_reply(msg)
+                if exc.code is not ErrorCode.BAD_VERSION:
+                    log(logger, "warning", "bad_reply", error=str(exc))
+                    continue
+                if link.endpoint not in self.wrong_version:  # a broker of another release: go elsewhere
+                    self.wrong_version.add(link.endpoint)
+                    log(logger, "error", "bad_version", endpoint=link.endpoint, error=str(exc))
+                self.unpinged.discard(link.endpoint)
+                self.give_up(link.endpoint)
+                return
+            if msg.command is Command.PONG:
+                self.unpinged.discard(link.endpoint)
+            self.on_reply(msg, tasks)
             if link.sock.closed:  # the reply made us fail over
                 return
             if msg.command is Command.ERROR and msg.body.get("code") == "shutting_down":
                 self.give_up(link.endpoint)  # what it refused goes to another broker now
                 return
 
-    def on_reply(self, msg: Message) -> None:
+    def on_reply(self, msg: Message, tasks: list[TaskContext]) -> None:
+        """`tasks`: a DELIVER's. Those of a poll given up on (failover) are ours all the same: they
+        are run, or given back at once when stopping, rather than left to expire."""
         if msg.command is Command.PONG:
             self.mesh.subscribe(str(msg.body.get("pub") or ""))
             return
-        if msg.command is Command.DELIVER and msg.rid != self.poll_rid:
-            # The answer to a poll given up on (failover): its tasks are ours all the same. Run
-            # them, or give them back at once when stopping, rather than leave them to expire.
-            self.prefetched.extend(TaskContext.from_wire(t) for t in msg.body["tasks"])
-            return
-        if msg.rid == self.poll_rid:
-            self.poll_rid = None
-            if msg.command is Command.DELIVER:
-                tasks = [TaskContext.from_wire(t) for t in msg.body["tasks"]]
+        if msg.command is Command.DELIVER:
+            if msg.rid == self.poll_rid:
+                self.poll_rid = None
                 self.last_poll_empty = not tasks
-                if self.w._stop.is_set():
-                    self.prefetched.extend(tasks)  # given back by the next step_out
-                else:
-                    self.prefetched.extend(t for t in tasks if t.queue in self.w.handlers)
-            else:  # shutting down, or refusing: another broker, or this one anew, after a pause
-                log(logger, "warning", "poll_refused", error=str(msg.body.get("message")))
-                self.failover()
+            handled = self.w.handlers
+            self.prefetched.extend(t for t in tasks if t.queue in handled)  # given back if stopping
+            self.outbox[Command.RELEASE].extend((t.id, t.attempt) for t in tasks if t.queue not in handled)
+            return
+        if msg.rid == self.poll_rid:  # shutting down, or refusing: another broker, or this one anew
+            self.poll_rid = None
+            log(logger, "warning", "poll_refused", error=str(msg.body.get("message")))
+            self.failover()
             return
         if msg.command is Command.ERROR and msg.rid in self.unacked:
             self.requeue(msg.rid)  # refused for now (busy, database down): send it again shortly
@@ -330,18 +353,14 @@ class Loop:
                         outcome=outcome,
                     )
 
-    def lose(self, rows: list[list[int]], outcomes: list[Any]) -> None:
+    def lose(self, rows: list[tuple[int, int]], outcomes: list[Any]) -> None:
         """Tasks a heartbeat was refused for (stale, finished, cancelled, unknown): another delivery
         or nobody holds them now, and every report would be refused too. A prefetched one is not
         run; a running one is no longer heartbeated, and its outcome is dropped."""
         # Only tasks still held: one finished since the heartbeat left (its COMPLETE committed
         # first) is refused as finished, and that is no news.
         held = {(t.id, t.attempt) for t in (*self.running.values(), *self.prefetched)}
-        refused = [
-            (task, o)
-            for row, o in zip(rows, outcomes, strict=False)
-            if o != "ok" and (task := tuple(row)) in held
-        ]
+        refused = [(row, o) for row, o in zip(rows, outcomes, strict=False) if o != "ok" and row in held]
         if not refused:
             return
         lost = {task for task, _ in refused}

@@ -18,14 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 from conftest import Process
+from test_client import OLD_REFUSAL, FakeBroker
 from test_e2e import ledger_runs, run_starts, wait_for
 
 from conduit.client import Client
 from conduit.client.mesh import Mesh
 from conduit.task import TaskSpec
+from conduit.wire import PROTOCOL
 
 HERE = Path(__file__).parent
 NODE_DIR = HERE.parent.parent / "clients" / "node"
@@ -82,6 +85,22 @@ def spawn(processes: list, ledger: Path) -> Callable[..., Process]:
         return worker
 
     return start
+
+
+@pytest.fixture
+def fake_broker() -> Iterator[Callable[..., FakeBroker]]:
+    """Stand-ins for brokers (test_client.FakeBroker), closed after the test."""
+    ctx = zmq.Context()
+    fakes: list[FakeBroker] = []
+
+    def make(answer: Callable[[list[bytes]], list[bytes] | None] = lambda _: OLD_REFUSAL) -> FakeBroker:
+        fakes.append(FakeBroker(ctx, answer))
+        return fakes[-1]
+
+    yield make
+    for fake in fakes:
+        fake.close()
+    ctx.term()
 
 
 def lease_expiry(db: Any, task_id: int) -> float | None:
@@ -376,3 +395,53 @@ def test_python_and_node_workers_share_a_queue(start_broker, spawn, db, ledger) 
     languages = {bytes(r).split()[0] for (r,) in db.query("SELECT result FROM results")}
     assert languages == {b"python", b"node"}
     assert all(w.stop() == 0 for w in workers)
+
+
+def test_a_broker_of_another_version_is_told_once_and_left(
+    impl, start_broker, spawn, fake_broker, db
+) -> None:
+    """A conduit/1 broker first in the list refuses everything (in its own framing): the worker
+    logs it once, naming both versions, and works through the next broker."""
+    old = fake_broker()
+    broker = start_broker()
+    worker = spawn(impl, [old.endpoint, broker.endpoint])
+    with Client(broker.endpoint) as client, logs_on_failure(worker):
+        ids = client.submit_many([TaskSpec("echo", b"%d" % i) for i in range(20)])
+        assert [client.result(i, timeout=30).result for i in ids] == [b"%d" % i for i in range(20)]
+        time.sleep(2.5)  # empty polls rotate through the endpoints: the old one refuses again
+    assert worker.stop() == 0
+    told = [line for line in worker.log().splitlines() if "bad_version" in line]
+    assert len(told) == 1, told
+    assert "the broker speaks conduit/1; this peer speaks conduit/2" in told[0] and old.endpoint in told[0]
+    assert len(old.received) >= 2  # refused more than once, told once
+
+
+def test_the_discovery_ping_is_repeated_until_answered(impl, start_broker, spawn, fake_broker) -> None:
+    """A configured broker that has not answered the PING asking for its gossip endpoint is asked
+    again every heartbeat interval (0.5 s here), and no more once it answers."""
+    answering = False
+
+    def pong(frames: list[bytes]) -> list[bytes] | None:
+        rid = msgpack.unpackb(frames[2])["rid"]
+        return (
+            [PROTOCOL, b"PONG", msgpack.packb({"rid": rid, "broker": "fake", "pub": None})]
+            if answering
+            else None
+        )
+
+    fake = fake_broker(pong)
+    broker = start_broker("--pub", "tcp://127.0.0.1:*")
+    # A long poll: the worker hears the real broker's gossip before its first empty DELIVER, and
+    # so never polls the fake, which gets only the discovery PINGs.
+    worker = spawn(impl, [broker.endpoint, fake.endpoint], poll_timeout="5")
+    with logs_on_failure(worker):
+        wait_for(lambda: fake.commands().count(b"PING") >= 3, timeout=10, what="the PING asked again")
+        answering = True
+        wait_for(lambda: fake.answered, what="an answered PING")
+        asked = len(fake.received)
+        time.sleep(1.5)
+        assert len(fake.received) <= asked + 1  # one may have crossed the answer on its way
+        assert set(fake.commands()) == {b"PING"}
+        gaps = [b[0] - a[0] for a, b in zip(fake.received, fake.received[1:], strict=False)][:3]
+        assert all(0.3 < gap < 1.5 for gap in gaps), gaps  # about one heartbeat interval apart
+    assert worker.stop() == 0

@@ -1,4 +1,4 @@
-// conduit-worker: a Conduit worker for Node.js, written from docs/PROTOCOL.md (conduit/1).
+// conduit-worker: a Conduit worker for Node.js, written from docs/PROTOCOL.md (conduit/2).
 
 export { PermanentError, Worker } from "./worker.js";
 export { Gossip, MeshTable } from "./mesh.js";

@@ -1,11 +1,14 @@
-// conduit/1 framing and parsing, as pure functions (no sockets): docs/PROTOCOL.md §3, §4, §14.
+// conduit/2 framing and parsing, as pure functions (no sockets): docs/PROTOCOL.md §3, §4, §14.
 //
-// A message is three ZeroMQ frames: the protocol frame "conduit/1", the command in ASCII
-// capitals, and one msgpack map (the body). Requests carry `rid`, echoed by the reply.
+// A message is three ZeroMQ frames: the protocol frame "conduit/2", the command in ASCII
+// capitals, and one msgpack map (the body). Requests carry `rid`, echoed by the reply. Batches
+// are columns: one array per field (a DELIVER's `id`, `attempt`, `payload`...; a report's `id`,
+// `attempt`, `result`...), entry i of each belonging to task i.
 
 import { Decoder, Encoder } from "@msgpack/msgpack";
 
-export const PROTOCOL = "conduit/1";
+export const PROTOCOL = "conduit/2";
+export const PREVIOUS = "conduit/1"; // a broker speaking it refuses ours: see VersionError
 export const MAX_BODY_BYTES = 16 * 1024 * 1024; // §8: a body frame over this gets too_large
 export const MAX_FRAME_BYTES = MAX_BODY_BYTES + 4096; // the sockets' maxMessageSize
 export const MAX_BATCH = 10_000; // rows, ids or tasks in one message
@@ -22,6 +25,7 @@ export const RETRYABLE = Object.freeze(new Set(["busy", "unavailable", "shutting
 
 const QUEUE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/;
 const PROTOCOL_BYTES = Buffer.from(PROTOCOL);
+const PREVIOUS_BYTES = Buffer.from(PREVIOUS);
 /** @type {Map<string, Buffer>} command frames, made once */
 const COMMANDS = new Map([...REQUESTS, ...REPLIES, "GOSSIP"].map((c) => [c, Buffer.from(c)]));
 
@@ -40,12 +44,19 @@ const decoder = new Decoder({
 /** A reply or gossip that breaks the protocol. */
 export class ProtocolError extends Error {}
 
+/** A message from a broker of another protocol version (§12): repeating will not help. */
+export class VersionError extends ProtocolError {}
+
 /**
  * @typedef {{command: string, body: Record<string, any>}} Message
  * @typedef {number | bigint} TaskId
  * @typedef {{id: TaskId, queue: string, attempt: number, payload: Uint8Array, priority: number,
  *   failures: number, max_attempts: number, lease_timeout: number, broker: string}} Delivery
+ * @typedef {"HEARTBEAT" | "RELEASE" | "COMPLETE" | "FAIL"} Settling
  */
+
+/** A DELIVER's columns (§6.2), always all present, one entry per task. */
+export const DELIVER_COLUMNS = Object.freeze(["id", "attempt", "queue", "payload", "priority", "failures", "max_attempts", "lease_timeout"]);
 
 /**
  * Frames for one request. `body` must already hold `rid` (§4); payloads and results must be
@@ -68,7 +79,8 @@ export function decode(frames, allowed = REPLIES) {
   if (frames.length !== 3) throw new ProtocolError(`expected 3 frames, got ${frames.length}`);
   const [protocol, command, raw] = frames;
   if (!PROTOCOL_BYTES.equals(view(protocol))) {
-    throw new ProtocolError(`unsupported protocol ${JSON.stringify(text(protocol).slice(0, 32))}`);
+    const shown = PREVIOUS_BYTES.equals(view(protocol)) ? PREVIOUS : JSON.stringify(text(protocol).slice(0, 32));
+    throw new VersionError(`the broker speaks ${shown}; this peer speaks ${PROTOCOL}`);
   }
   const name = text(command);
   if (!allowed.includes(name)) throw new ProtocolError(`unexpected command ${JSON.stringify(name.slice(0, 32))}`);
@@ -108,26 +120,51 @@ export function int(value) {
 }
 
 /**
- * A DELIVER's task map as the worker uses it (§6.2: every key is always present).
- * @param {Record<string, any>} t
- * @returns {Delivery}
+ * A DELIVER's tasks as the worker uses them, read column by column (§6.2: every column is
+ * always present, all of one length, empty for an empty DELIVER).
+ * @param {Record<string, any>} body
+ * @returns {Delivery[]}
  */
-export function delivery(t) {
-  if (t === null || typeof t !== "object") throw new ProtocolError("a delivery must be a map");
-  for (const key of ["id", "queue", "attempt", "payload"]) {
-    if (t[key] === undefined || t[key] === null) throw new ProtocolError(`delivery without ${key}`);
+export function deliveries(body) {
+  const columns = DELIVER_COLUMNS.map((name) => body[name]);
+  const rows = Array.isArray(columns[0]) ? columns[0].length : -1;
+  if (!columns.every((c) => Array.isArray(c) && c.length === rows)) {
+    throw new ProtocolError("a DELIVER needs its columns as arrays of one length");
   }
-  return {
-    id: int(t.id),
-    queue: String(t.queue),
-    attempt: Number(t.attempt),
-    payload: t.payload instanceof Uint8Array ? t.payload : new Uint8Array(),
-    priority: Number(t.priority ?? 0),
-    failures: Number(t.failures ?? 0),
-    max_attempts: Number(t.max_attempts ?? 0),
-    lease_timeout: Number(t.lease_timeout ?? 30),
-    broker: String(t.broker ?? ""),
-  };
+  const [ids, attempts, queues, payloads, priorities, failures, maxAttempts, leaseTimeouts] = columns;
+  const broker = String(body.broker ?? "");
+  return ids.map((/** @type {number | bigint} */ id, /** @type {number} */ i) => ({
+    id: int(id),
+    queue: String(queues[i]),
+    attempt: Number(attempts[i]),
+    payload: payloads[i] instanceof Uint8Array ? payloads[i] : new Uint8Array(),
+    priority: Number(priorities[i]),
+    failures: Number(failures[i]),
+    max_attempts: Number(maxAttempts[i]),
+    lease_timeout: Number(leaseTimeouts[i]),
+    broker,
+  }));
+}
+
+/**
+ * A settling request's body from its rows (§6.3): `[id, attempt]` for HEARTBEAT and RELEASE,
+ * `[id, attempt, result]` for COMPLETE, `[id, attempt, error, retry]` for FAIL, sent as columns.
+ * Results that are all nil are left out; a retry the same for every row is sent once.
+ * @param {Settling} command
+ * @param {unknown[][]} rows
+ * @returns {Record<string, unknown>}
+ */
+export function reportBody(command, rows) {
+  /** @type {Record<string, unknown>} */
+  const body = { id: rows.map((r) => r[0]), attempt: rows.map((r) => r[1]) };
+  if (command === "COMPLETE" && rows.some((r) => r[2] !== null && r[2] !== undefined)) {
+    body.result = rows.map((r) => r[2] ?? null);
+  } else if (command === "FAIL") {
+    body.error = rows.map((r) => r[2]);
+    const retry = rows.map((r) => r[3] !== false);
+    body.retry = retry.every((r) => r === retry[0]) ? retry[0] : retry;
+  }
+  return body;
 }
 
 /**

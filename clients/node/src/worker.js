@@ -8,7 +8,18 @@ import { randomBytes } from "node:crypto";
 import { LIVENESS, Link } from "./link.js";
 import { logfmt } from "./log.js";
 import { Gossip, MeshTable } from "./mesh.js";
-import { MAX_BATCH, ProtocolError, checkQueueName, decode, delivery, encode, errorText, resultBytes } from "./wire.js";
+import {
+  MAX_BATCH,
+  ProtocolError,
+  VersionError,
+  checkQueueName,
+  decode,
+  deliveries,
+  encode,
+  errorText,
+  reportBody,
+  resultBytes,
+} from "./wire.js";
 
 const RESEND_AFTER = 5000; // ms without an ACK before a COMPLETE/FAIL/RELEASE is sent again (§9.6)
 const MAX_UNACKED = 2; // report messages awaiting their ACK; later outcomes wait and go together
@@ -134,6 +145,11 @@ class Loop {
     this.heartbeats = new Map();
     this.heartbeatsAt = this.current;
     this.heartbeatMisses = 0;
+    /** @type {Set<string>} configured brokers not yet answering a PING: asked every heartbeat interval (§6.6) */
+    this.unpinged = new Set(worker.endpoints);
+    this.nextDiscovery = 0;
+    /** @type {Set<string>} brokers found to speak another protocol version, logged once each */
+    this.wrongVersion = new Set();
     this.kicked = false;
     this.stopBy = 0;
     /** @type {() => void} */
@@ -150,7 +166,6 @@ class Loop {
         resolve();
       };
       this.fail = reject;
-      for (const endpoint of this.w.endpoints) this.send("PING", {}, endpoint, false); // learn gossip endpoints
       this.timer = setInterval(() => this.tick(), TICK);
       this.kick();
     });
@@ -219,8 +234,13 @@ class Loop {
         let msg = null;
         try {
           msg = decode(frames);
+          if (msg.command === "PONG") this.unpinged.delete(link.endpoint);
           this.onReply(msg);
         } catch (err) {
+          if (err instanceof VersionError) {
+            this.leaveWrongVersion(link, err);
+            return;
+          }
           if (!(err instanceof ProtocolError)) throw err; // a bug here: fail run(), not go deaf
           this.log("warning", "bad_reply", { error: err.message });
         }
@@ -235,6 +255,28 @@ class Loop {
       clearInterval(this.timer);
       this.fail?.(err);
     }
+  }
+
+  /**
+   * A broker of another release (§12): it refuses everything, so say so once and leave it, as
+   * after a failover; what awaited it goes to the current broker.
+   * @param {Link} link @param {VersionError} err
+   */
+  leaveWrongVersion(link, err) {
+    if (!this.wrongVersion.has(link.endpoint)) {
+      this.wrongVersion.add(link.endpoint);
+      this.log("error", "bad_version", { endpoint: link.endpoint, error: err.message });
+    }
+    this.unpinged.delete(link.endpoint);
+    if (this.links.get(this.current) === link) {
+      this.failover();
+    } else if (this.links.get(link.endpoint) === link) {
+      this.links.delete(link.endpoint);
+      link.close();
+      this.table.forget(link.endpoint);
+      for (const [rid, sent] of this.unacked) if (sent.endpoint === link.endpoint) this.requeue(rid);
+    }
+    this.kick();
   }
 
   /**
@@ -278,6 +320,10 @@ class Loop {
   /** Start what can run, give back what will not, poll for more, heartbeat (§9.2-9.4). */
   stepOut(/** @type {number} */ now) {
     const w = this.w;
+    if (this.unpinged.size > 0 && now >= this.nextDiscovery) {
+      this.nextDiscovery = now + w.heartbeatInterval; // where do they gossip? asked until answered
+      for (const endpoint of this.unpinged) this.send("PING", {}, endpoint, false);
+    }
     while (this.prefetched.length > 0 && this.active.size < w.concurrency && !w.stopping) {
       this.start(/** @type {import("./wire.js").Delivery} */ (this.prefetched.shift()));
     }
@@ -297,7 +343,7 @@ class Loop {
       this.nextHeartbeat = now + w.heartbeatInterval;
       // Heartbeats are the liveness probe (§11): two in a row unanswered and the broker is gone,
       // so the task leases are renewed through another one well before they expire.
-      this.heartbeatMisses = this.heartbeats.size > 0 ? this.heartbeatMisses + 1 : 0;
+      this.heartbeatMisses = this.heartbeats.size > 0 && this.heartbeatsAt === this.current ? this.heartbeatMisses + 1 : 0;
       if (this.heartbeatMisses >= 2) {
         this.log("warning", "heartbeats_unanswered", { endpoint: this.current });
         this.failover();
@@ -309,7 +355,7 @@ class Loop {
       this.heartbeatsAt = this.current;
       for (let i = 0; i < held.length; i += MAX_BATCH) {
         const rows = held.slice(i, i + MAX_BATCH);
-        this.heartbeats.set(this.send("HEARTBEAT", { worker: w.workerId, tasks: rows }), rows);
+        this.heartbeats.set(this.send("HEARTBEAT", { worker: w.workerId, ...reportBody("HEARTBEAT", rows) }), rows);
       }
       for (const [rid, sent] of this.unacked) if (now - sent.sent > RESEND_AFTER) this.requeue(rid);
     }
@@ -377,7 +423,7 @@ class Loop {
       const rows = this.outbox[command];
       while (rows.length > 0 && this.unacked.size < MAX_UNACKED && now >= this.holdUntil) {
         const batch = rows.splice(0, MAX_BATCH);
-        this.unacked.set(this.send(command, { tasks: batch }), { command, rows: batch, sent: now, endpoint: this.current });
+        this.unacked.set(this.send(command, reportBody(command, batch)), { command, rows: batch, sent: now, endpoint: this.current });
       }
     }
   }
@@ -419,7 +465,7 @@ class Loop {
       return;
     }
     if (command === "DELIVER") {
-      const tasks = Array.isArray(body.tasks) ? body.tasks.map(delivery) : [];
+      const tasks = deliveries(body);
       if (rid === this.pollRid) {
         this.pollRid = null;
         this.lastPollEmpty = tasks.length === 0;

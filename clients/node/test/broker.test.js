@@ -30,14 +30,18 @@ test("raw exchanges: PING, a wrong version, a submit and its result", { skip }, 
   const pong = await client.request("PING", {});
   assert.equal(pong.command, "PONG");
   assert.equal(pong.body.broker, "node-test");
-  const wrong = await client.request("PING", {}, "conduit/2");
-  assert.deepEqual([wrong.command, wrong.body.code, wrong.body.rid], ["ERROR", "bad_version", null]);
+  const wrong = await client.request("PING", {}, "conduit/3");
+  assert.deepEqual([wrong.protocol, wrong.command, wrong.body.code, wrong.body.rid], ["conduit/2", "ERROR", "bad_version", null]);
+  // an old peer is answered in its own version, with its rid, and told both versions
+  const old = await client.request("POLL", { worker: "w", queues: ["raw"] }, "conduit/1");
+  assert.deepEqual([old.protocol, old.command, old.body.code, old.body.rid], ["conduit/1", "ERROR", "bad_version", client.rid - 1]);
+  assert.equal(old.body.message, "this broker speaks conduit/2; the request was conduit/1");
   const bad = await client.request("POLL", { worker: "w", queues: ["no spaces"] });
   assert.deepEqual([bad.command, bad.body.code], ["ERROR", "invalid_task"]);
-  const [id] = await client.submit([{ queue: "raw", payload: utf8("x"), key: "once" }]);
-  const again = await client.request("SUBMIT", { tasks: [{ queue: "raw", payload: utf8("y"), key: "once" }] });
+  const [id] = await client.submit("raw", [utf8("x")], { idempotency_key: "once" });
+  const again = await client.request("SUBMIT", { queue: "raw", payload: [utf8("y")], idempotency_key: "once" });
   assert.deepEqual(again.body, { rid: again.body.rid, ids: [id], created: [false] });
-  const [row] = (await client.request("RESULT", { ids: [id] })).body.tasks;
+  const [row] = await client.lookup([id]);
   assert.deepEqual([row.state, row.attempt], ["pending", 0]);
 });
 
@@ -61,11 +65,9 @@ test("the Worker runs handlers concurrently, completes, retries and fails for go
       throw new PermanentError("no");
     });
   const done = worker.run();
-  const ids = await client.submit(Array.from({ length: 100 }, (_, i) => ({ queue: "upper", payload: utf8(`t${i}`) })));
-  const [retry, never] = await client.submit([
-    { queue: "retry", payload: utf8(""), backoff_base: 0.01 },
-    { queue: "never", payload: utf8("") },
-  ]);
+  const ids = await client.submit("upper", Array.from({ length: 100 }, (_, i) => utf8(`t${i}`)));
+  const [retry] = await client.submit("retry", [utf8("")], { backoff_base: 0.01 });
+  const [never] = await client.submit("never", [utf8("")]);
   const rows = await client.results(ids);
   assert.deepEqual(rows.map((r) => Buffer.from(r.result).toString()), ids.map((_, i) => `T${i}`));
   assert.ok(most > 1 && most <= 8, `${most} handlers ran at once`);
@@ -88,13 +90,13 @@ test("a task cancelled while it runs: its handler's signal aborts and its outcom
     }),
   );
   const done = worker.run();
-  const [id] = await client.submit([{ queue: "cancel-me", payload: utf8("") }]);
+  const [id] = await client.submit("cancel-me", [utf8("")]);
   assert.equal(await running, id);
   assert.deepEqual((await client.request("CANCEL", { ids: [id] })).body.outcomes, ["ok"]);
   for (let i = 0; i < 100 && reason === null; i++) await new Promise((r) => setTimeout(r, 50));
   assert.match(String(reason), /lease lost: cancelled/); // the next heartbeat said so
   await worker.stop();
   await done;
-  const [row] = (await client.request("RESULT", { ids: [id] })).body.tasks;
+  const [row] = await client.lookup([id]);
   assert.deepEqual([row.state, row.error], ["cancelled", null]); // no FAIL was sent for it
 });

@@ -71,7 +71,7 @@ test("a paused broker is left after two liveness intervals of silence, not at th
   assert.equal(gone.fields.endpoint, b1.endpoint);
   assert.match(String(gone.fields.why), /^silent for 0\.[5-9]s$/); // two intervals, not the poll's 15 s
   assert.ok(gone.at - paused < 1000, `left ${gone.at - paused} ms after the pause`);
-  const [id] = await client.submit([{ queue: "where", payload: Buffer.from("") }]);
+  const [id] = await client.submit("where", [Buffer.from("")]);
   const [row] = await client.results([id]);
   assert.equal(Buffer.from(row.result).toString(), "paused-2");
   const stopped = w.stop();
@@ -97,7 +97,7 @@ test("a stopping broker's shutting_down to a heartbeat moves the worker at once"
   const done = w.run();
   const client = new RawClient(b1.endpoint);
   t.after(() => client.close());
-  const [id] = await client.submit([{ queue: "hold", payload: Buffer.from("") }]);
+  const [id] = await client.submit("hold", [Buffer.from("")]);
   await running; // no room: it waits on b1 only for its heartbeats' ACKs
   assert.deepEqual(events.filter((e) => e.event === "failover"), []);
   b1.proc.kill("SIGTERM"); // it serves heartbeats until its last commit, then refuses for 0.5 s

@@ -9,7 +9,7 @@ import { createInterface } from "node:readline";
 
 import { Dealer } from "zeromq";
 
-import { decode, encode } from "../src/wire.js";
+import { PROTOCOL, decode, encode } from "../src/wire.js";
 
 const REPO = resolve(import.meta.dirname, "..", "..", "..");
 export const PYTHON =
@@ -73,30 +73,45 @@ export class RawClient {
     this.rid = 100;
   }
 
-  /** @param {string} command @param {Record<string, unknown>} body @param {string} protocol */
-  async request(command, body, protocol = "conduit/1") {
+  /**
+   * One request; its reply. Sent as `protocol` (a reply in another version is read all the same).
+   * @param {string} command @param {Record<string, unknown>} body @param {string} protocol
+   */
+  async request(command, body, protocol = PROTOCOL) {
     const rid = this.rid++;
     const frames = encode(command, { ...body, rid });
-    if (protocol !== "conduit/1") frames[0] = Buffer.from(protocol);
+    frames[0] = Buffer.from(protocol);
     await this.sock.send(frames);
     for (;;) {
-      const reply = decode(await this.sock.receive());
-      if (reply.body.rid === rid || reply.body.rid === null) return reply;
+      const [version, ...rest] = await this.sock.receive();
+      const reply = decode([Buffer.from(PROTOCOL), ...rest]);
+      if (reply.body.rid === rid || reply.body.rid === null) return { ...reply, protocol: version.toString() };
     }
   }
 
-  /** Submit tasks; their ids. @param {{queue: string, payload: Uint8Array}[]} tasks */
-  async submit(tasks) {
-    const reply = await this.request("SUBMIT", { tasks });
+  /**
+   * Submit one task per payload to `queue` (SUBMIT's columns, §6.1); their ids.
+   * @param {string} queue @param {Uint8Array[]} payloads @param {Record<string, unknown>} options
+   */
+  async submit(queue, payloads, options = {}) {
+    const reply = await this.request("SUBMIT", { queue, payload: payloads, ...options });
     if (reply.command !== "SUBMITTED") throw new Error(`submit refused: ${JSON.stringify(reply.body)}`);
     return reply.body.ids;
+  }
+
+  /** RESULTS as one row per task. @param {unknown[]} ids */
+  async lookup(ids) {
+    const { body } = await this.request("RESULT", { ids });
+    return body.id.map((/** @type {unknown} */ id, /** @type {number} */ i) => ({
+      id, state: body.state[i], attempt: body.attempt[i], result: body.result[i], error: body.error[i],
+    }));
   }
 
   /** Wait until every task is final; their RESULTS rows. @param {unknown[]} ids */
   async results(ids, timeoutMs = 30_000) {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const rows = (await this.request("RESULT", { ids })).body.tasks;
+      const rows = await this.lookup(ids);
       if (rows.every((r) => ["completed", "dead", "cancelled"].includes(r.state))) return rows;
       if (Date.now() > deadline) throw new Error(`tasks not final: ${JSON.stringify(rows.map((r) => r.state))}`);
       await new Promise((r) => setTimeout(r, 50));
