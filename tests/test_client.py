@@ -222,7 +222,10 @@ def test_submit_batch_sends_columns_shared_options_once(start_broker, relay_to, 
     )
     assert rows == [(ids[0], -2, False, "k"), (ids[1], -2, False, None), (ids[2], -2, True, None)]
     assert len(set(many)) == 10_001
-    assert db.query("SELECT count(*), min(max_attempts) FROM tasks WHERE queue = 'many'") == [(10_001, 2)]
+    assert db.query(
+        "SELECT count(*), min(p.max_attempts) FROM tasks t JOIN policies p ON p.id = t.policy"
+        " WHERE queue = 'many'"
+    ) == [(10_001, 2)]
 
 
 def test_submit_many_sends_each_field_once_when_every_task_shares_it(start_broker, relay_to) -> None:
