@@ -100,13 +100,14 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
             store.release_spans(owner, batch.spans)
         if batch.notify:
             store.notify(batch.notify)
-    results = submitted
     known = {**earlier, **ids}
     for i, op in enumerate(batch.submits):
         if op.key is not None and claimed.get(op.key) != i:  # a replay: the key's ids, or refused
             got = known[op.key]
-            results[i] = [Submitted(task_id, False) for task_id in got] if len(got) == len(op.specs) else None
-    return WriteResult(results, outcomes)
+            submitted[i] = (
+                [Submitted(task_id, False) for task_id in got] if len(got) == len(op.specs) else None
+            )
+    return WriteResult(submitted, outcomes)
 
 
 def _claim(store: Store, submits: list[SubmitOp]) -> tuple[dict[str, list[int]], dict[str, int]]:
