@@ -20,9 +20,9 @@ from conduit.broker.events import (
     Tick,
     Written,
 )
-from conduit.broker.writes import WriteResult
+from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
 from conduit.store import BrokerLease
-from conduit.task import Ack, LeasedTask, Outcome, Submitted
+from conduit.task import Ack, LeasedTask, Outcome, Submitted, TaskSpec
 from conduit.wire import DELIVER_COLUMNS, PREVIOUS, PROTOCOL, Command, decode, encode
 
 WORKER = b"peer-worker"
@@ -587,3 +587,23 @@ def test_an_own_backlog_nobody_polls_is_given_back_and_so_is_it_at_shutdown() ->
     (last,) = of(c.handle(Shutdown(0.2)), core.Write)
     assert last.batch.spans == [("q", 23, 24)] and last.batch.releases == [Ack(21, 1), Ack(22, 1)]
     assert last.batch.starts == [Ack(1, 1), Ack(20, 1)]  # delivered: task leases, kept elsewhere
+
+
+def test_a_sync_matched_task_is_never_inside_a_backlog_span() -> None:
+    """Regression: a span grown past a task delivered by sync match read it back: it ran twice."""
+    c = make_core(buffer_size=2, lease_batch=2)
+    warm(c)
+    submit_and_commit(c, 5, 0.03, 10)  # 10 to poll 2, 11-12 buffered, 13-14 the backlog
+    assert list(c.queues["q"].backlog) == [[13, 14]]
+    poll(c, 0.05, rid=3, max=1)  # served from the buffer
+    poll(c, 0.06, rid=4, max=1)  # served from the buffer
+    poll(c, 0.07, rid=5, max=1)  # waits (the backlog read is in flight)
+    (key,) = c._waiters
+    # a submit sync matched to it before the backlog existed, committed after it did
+    op = SubmitOp(CLIENT, 6, [TaskSpec("q", b"m")], [key], [True])
+    c._waiters[key].reserved = 1
+    batch = WriteBatch(submits=[op], requests=[(CLIENT, 6)])
+    actions = c.handle(Written(batch, WriteResult([[Submitted(15, True, True)]], []), None, 0.08))
+    assert [i for _, body in sent(actions, WORKER) for i in body["id"]] == [15]
+    submit_and_commit(c, 1, 0.09, 16, rid=7)
+    assert list(c.queues["q"].backlog) == [[13, 14], [16, 16]]

@@ -182,6 +182,7 @@ class _Queue:
     # back in id order, with no write (another broker's ids in a span are skipped by the read).
     backlog: deque[list[int]] = field(default_factory=deque)
     backlog_count: int = 0
+    span_open: bool = False  # the last span may grow: no id after it was delivered or buffered
     recheck_at: float = 0.0  # do not read again before this
     drained_at: float | None = None  # when a read last found no more due tasks
     wanted_until: float = 0.0  # polls were served lately: keep the buffer topped up until then
@@ -561,14 +562,17 @@ class Core:
             for spec, sub, waiter in zip(submit.specs, submitted, submit.waiters, strict=True):
                 q = self._queue(spec.queue)
                 if waiter is not None and sub.owned:
-                    continue  # delivered below
+                    q.span_open = False  # delivered below: a span must not cover it, or it runs twice
+                    continue
                 if sub.owned and live and (q.backlog or len(q.buffer) >= self.config.buffer_size):
-                    if q.backlog and sub.id > q.backlog[-1][1]:  # ids grow: one span, mostly
+                    if q.backlog and q.span_open and sub.id > q.backlog[-1][1]:  # ids grow
                         q.backlog[-1][1] = sub.id
                     else:
                         q.backlog.append([sub.id, sub.id])
+                        q.span_open = True
                     q.backlog_count += 1
                 elif sub.owned and live:
+                    q.span_open = False
                     q.buffer.append(
                         LeasedTask(
                             sub.id,
