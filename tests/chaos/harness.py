@@ -26,7 +26,7 @@ from chaos.faults import Fault, Scheduler
 from chaos.invariants import FINAL, Truth, Verdict, check
 from chaos.ledger import Execution, read_ledger
 from chaos.liveness import longest_gap
-from chaos.load import Producer
+from chaos.load import BASE_RATE, Producer, default_batch
 from chaos.pg import PrivatePostgres
 from conduit.store import describe_dsn
 
@@ -43,7 +43,8 @@ class Options:
     workers: int = 3
     concurrency: int = 4
     producers: int = 2
-    rate: float = 40.0  # tasks a second over all producers
+    rate: float = BASE_RATE  # tasks a second offered over all producers
+    batch: int | None = None  # the largest submit; None: load.default_batch(rate)
     drain_timeout: float = 300.0
     rss_limit_mb: int = 300
     workdir: Path | None = None  # keep logs and ledger there (default: a temporary folder, removed)
@@ -74,16 +75,19 @@ class _Monitor(threading.Thread):
         self.join(120)
 
 
-def _unfinished(cluster: Cluster, ids: list[int]) -> int | None:
-    """How many of `ids` are not final yet; None while the database cannot be asked."""
+def _unfinished(cluster: Cluster, ids: list[int]) -> list[int] | None:
+    """Those of `ids` not final yet (so each look asks only about what the last one left);
+    None while the database cannot be asked."""
     try:
         with cluster.connect("checker") as conn:
-            (done,) = conn.execute(
-                "SELECT count(*) FROM results WHERE id = ANY(%s) AND state = ANY(%s)", (ids, list(FINAL))
-            ).fetchone()  # type: ignore[misc]
+            rows = conn.execute(
+                "SELECT w.id FROM unnest(%s::bigint[]) AS w(id) WHERE NOT EXISTS "
+                "(SELECT 1 FROM results r WHERE r.id = w.id AND r.state = ANY(%s))",
+                (ids, list(FINAL)),
+            ).fetchall()
     except psycopg.Error:
         return None
-    return len(ids) - int(done)
+    return [task_id for (task_id,) in rows]
 
 
 class Session:
@@ -98,6 +102,7 @@ class Session:
         self.postgres: PrivatePostgres | None = None
         self.cluster: Cluster | None = None
         self.producers: list[Producer] = []
+        self.batch = opts.batch or default_batch(opts.rate)
         if opts.dsn:
             self.dsn, self.schema = opts.dsn, f"chaos_{uuid.uuid4().hex[:10]}"
             self.backend = f"server {describe_dsn(opts.dsn)}"
@@ -145,7 +150,9 @@ class Session:
                 random.Random(f"{opts.seed}-p{i}"),
                 opts.rate / opts.producers,
                 QUEUES,
+                max_batch=self.batch,
                 steady=self.steady,
+                work=min(1.0, BASE_RATE / opts.rate),
             )
             for i in range(opts.producers)
         ]
@@ -172,7 +179,7 @@ class Session:
         raise RuntimeError(f"the mesh did not warm up within {timeout:g}s; see the logs in {self.folder}")
 
     def acknowledged(self) -> int:
-        return sum(t.id is not None for p in self.producers for t in p.tasks)
+        return sum(p.acknowledged for p in self.producers)
 
     def stop_load(self) -> float:
         """Stop the producers; returns when the load ended (wall clock)."""
@@ -183,16 +190,18 @@ class Session:
     def drain(self) -> float:
         """Wait until every acknowledged task (and any committed without an ack) has ended."""
         cluster = self.mesh()
+        ids = [n for p in self.producers for n in p.ids if n]
+        unacked = [f"{p.label}-{i + 1}" for p in self.producers for i, n in enumerate(p.ids) if not n]
         with cluster.connect("checker") as conn:
-            keys = {k: i for k, i in conn.execute("SELECT key, task_id FROM idempotency_keys")}
-        tasks = [t for p in self.producers for t in p.tasks]
-        ids = [t.id if t.id is not None else keys[t.key] for t in tasks if t.id is not None or t.key in keys]
+            query = "SELECT task_id FROM idempotency_keys WHERE key = ANY(%s)"
+            ids += [task_id for (task_id,) in conn.execute(query, (unacked,))]
         began = time.monotonic()
         left_over = _unfinished(cluster, ids)
-        while left_over != 0 and time.monotonic() - began < self.opts.drain_timeout:
-            self.progress(f"chaos: draining, {left_over} tasks not finished yet")
+        while left_over != [] and time.monotonic() - began < self.opts.drain_timeout:
+            count = "?" if left_over is None else len(left_over)
+            self.progress(f"chaos: draining, {count} tasks not finished yet")
             time.sleep(2.0)
-            left_over = _unfinished(cluster, ids)
+            left_over = _unfinished(cluster, ids if left_over is None else left_over)
         drained = time.monotonic() - began
         self.progress(f"chaos: drained in {drained:.1f}s; stopping the mesh")
         return drained
@@ -208,7 +217,7 @@ class Session:
         with cluster.connect("checker") as conn:
             truth = Truth.read(conn)
         runs = read_ledger(cluster.ledger_dir)
-        tasks = [t for p in self.producers for t in p.tasks]
+        tasks = [t for p in self.producers for t in p.submitted()]
         verdict = check(
             tasks,
             truth,
@@ -226,6 +235,7 @@ class Session:
             verdict.violate(f"did not stop on SIGTERM within 60 s: {', '.join(unstopped)}")
         latencies = [b for p in self.producers for b in p.latencies if t0 <= b.sent <= load_end]
         slowest = max(latencies, key=lambda b: b.seconds, default=None)
+        measured = max(load_end - t0, 1e-9)
         gap, gap_at = longest_gap((r.start for r in runs), t0, load_end)
         summary: dict[str, Any] = {
             "scenario": self.opts.scenario,
@@ -242,6 +252,14 @@ class Session:
             # seconds after t0.
             "t0_utc": datetime.fromtimestamp(t0, UTC).isoformat(timespec="milliseconds"),
             "measured_s": round(load_end - t0, 1),
+            # Rates over the measured window: tasks first tried, acknowledged, and runs that ended.
+            "rate_target": self.opts.rate,
+            "batch_max": self.batch,
+            "offered_per_s": round(sum(t0 <= t.sent <= load_end for t in tasks) / measured, 1),
+            "acknowledged_per_s": round(sum(b.tasks for b in latencies) / measured, 1),
+            "ran_per_s": round(
+                sum(r.end is not None and t0 <= r.end <= load_end for r in runs) / measured, 1
+            ),
             "max_submit_latency_s": round(slowest.seconds, 3) if slowest else None,
             "max_submit_latency_at": round(slowest.sent - t0, 1) if slowest else None,
             "slow_submits": [
@@ -301,12 +319,15 @@ def run(opts: Options, progress: Callable[[str], None]) -> dict[str, Any]:
         )
         scheduler.start()
         began = time.monotonic()
+        acknowledged, since = session.acknowledged(), began
         while (left := opts.duration - (time.monotonic() - began)) > 0:
             time.sleep(min(10.0, left))
+            now, before, acknowledged = time.monotonic(), acknowledged, session.acknowledged()
             progress(
-                f"t={time.monotonic() - began:4.0f}s acknowledged {session.acknowledged()}, "
-                f"faults {len(scheduler.faults)}"
+                f"t={now - began:4.0f}s acknowledged {acknowledged} "
+                f"({(acknowledged - before) / (now - since):.0f}/s), faults {len(scheduler.faults)}"
             )
+            since = now
         progress("chaos: fault phase over; recovering the last fault and stopping the producers")
         scheduler.stop()
         load_end = session.stop_load()

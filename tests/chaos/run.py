@@ -4,6 +4,12 @@ are injected; then the durability invariants are checked against the database an
 
     python tests/chaos/run.py --duration 120 --seed 7 --json chaos.json
     python tests/chaos/run.py --scenario broker_pause --seed 3
+    python tests/chaos/run.py --duration 900 --rate 2000    # 2,000 tasks/s offered in batches
+
+Producers offer --rate tasks a second in submits of 1 to --batch tasks, as an open loop: batches
+that a fault delayed go as soon as it ends. The task mix is made for the default 40/s; above it
+submits grow rather than come more often, and handlers do the same work a second (each task
+less), so a higher rate loads the brokers and the database, not the workers' sleeps.
 
 A scenario is a fixed schedule (see tests/chaos/scenarios.py) whose liveness is bounded too:
 submit latency, the longest gap in task starts, and how soon workers get new work after a fault.
@@ -25,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `chaos` is tests/chaos
 
 from chaos.harness import Options, run
+from chaos.load import BASE_RATE
 from chaos.scenarios import SCENARIOS, run_scenario
 
 
@@ -67,6 +74,12 @@ def _table(s: dict[str, Any]) -> str:
         ("seed", s["seed"]),
         ("backend", s["backend"]),
         *phase,
+        ("offered (target)", f"{s['rate_target']:g} tasks/s, submits of 1 to {s['batch_max']}"),
+        (
+            "achieved (tasks/s)",
+            f"offered {s['offered_per_s']:g}, acknowledged {s['acknowledged_per_s']:g}, "
+            f"handler runs ended {s['ran_per_s']:g}",
+        ),
         ("submits acknowledged", s["submitted_acknowledged"]),
         (
             "tasks not acknowledged",
@@ -123,7 +136,18 @@ def main() -> int:
     )
     parser.add_argument("--brokers", type=int, default=3)
     parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--rate", type=float, default=40.0, help="tasks submitted a second (default 40)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=BASE_RATE,
+        help="tasks offered a second, over all producers (default 40)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="the largest submit: each takes 1 to BATCH tasks at random (default 8 up to 40/s, "
+        "then 8 more per 40/s: 400 at 2,000/s)",
+    )
     parser.add_argument(
         "--drain-timeout", type=float, default=300.0, help="seconds to let the work finish after the faults"
     )
@@ -145,6 +169,7 @@ def main() -> int:
         brokers=args.brokers,
         workers=args.workers,
         rate=args.rate,
+        batch=args.batch,
         drain_timeout=args.drain_timeout,
         rss_limit_mb=args.rss_limit_mb,
         workdir=args.workdir,
