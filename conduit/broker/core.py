@@ -178,11 +178,12 @@ class _Queue:
     buffer: deque[LeasedTask] = field(default_factory=deque)
     waiters: deque[int] = field(default_factory=deque)  # keys into Core._waiters, stale ones skipped
     leasing: int = 0  # the limit of the read in flight, 0 when none is
-    # Tasks inserted held by this broker that did not fit its buffer: id spans [lo, hi] to read
-    # back in id order, with no write (another broker's ids in a span are skipped by the read).
+    # Tasks inserted held by this broker that did not fit its buffer, as runs of consecutive ids
+    # [lo, hi], every id in a run one of them: read back in id order with no write. A run must not
+    # cover any other id this broker holds (delivered, buffered, leased), or that task is read
+    # back and runs twice; the id sequence hands each writer blocks of ids, so runs stay long.
     backlog: deque[list[int]] = field(default_factory=deque)
     backlog_count: int = 0
-    span_open: bool = False  # the last span may grow: no id after it was delivered or buffered
     recheck_at: float = 0.0  # do not read again before this
     drained_at: float | None = None  # when a read last found no more due tasks
     wanted_until: float = 0.0  # polls were served lately: keep the buffer topped up until then
@@ -562,17 +563,14 @@ class Core:
             for spec, sub, waiter in zip(submit.specs, submitted, submit.waiters, strict=True):
                 q = self._queue(spec.queue)
                 if waiter is not None and sub.owned:
-                    q.span_open = False  # delivered below: a span must not cover it, or it runs twice
-                    continue
+                    continue  # delivered below
                 if sub.owned and live and (q.backlog or len(q.buffer) >= self.config.buffer_size):
-                    if q.backlog and q.span_open and sub.id > q.backlog[-1][1]:  # ids grow
+                    if q.backlog and sub.id == q.backlog[-1][1] + 1:
                         q.backlog[-1][1] = sub.id
                     else:
                         q.backlog.append([sub.id, sub.id])
-                        q.span_open = True
                     q.backlog_count += 1
                 elif sub.owned and live:
-                    q.span_open = False
                     q.buffer.append(
                         LeasedTask(
                             sub.id,

@@ -489,7 +489,7 @@ SELECT DISTINCT ON (id) endpoint FROM brokers WHERE expires_at > now() ORDER BY 
 
 -- name: read_back
 -- A broker's own backlog, read back in id order: tasks it inserted held that did not fit its
--- buffer. No write: they are its already. Ids of other brokers' tasks in the span are skipped.
+-- buffer, a run of consecutive ids that are all its own. No write: they are its already.
 SELECT t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, p.max_attempts, p.lease_timeout, t.payload
 FROM tasks t JOIN policies p ON p.id = t.policy
 WHERE t.id BETWEEN %(lo)s AND %(hi)s AND t.owner = %(epoch)s AND t.lease_expires_at IS NULL
