@@ -336,11 +336,24 @@ def test_unrenewed_lease_drops_the_buffer_before_delivering() -> None:
     poll(c, now=3.0, max=1)
     c.handle(Leased("q", [task(1), task(2)], None, 3.1))
     # The renewal never comes back (the database or the broker stalled): past the term, buffered
-    # tasks are no longer ours to hand out.
-    c.handle(Tick(9.5))
+    # tasks are no longer ours to hand out, and a new epoch is taken, so that what the database
+    # holds under the old one is reaped even if the renewal went through after all.
+    assert of(c.handle(Tick(9.5)), core.Reacquire) == [core.Reacquire()]
     actions = poll(c, now=9.5, rid=2)
     assert sent(actions, WORKER) == [] and c.depths()["q"][0] == 0
-    assert of(actions, core.Lease) == [core.Lease("q", 500)]
+    assert of(actions, core.Lease) == []  # no reads without a lease
+    assert c.handle(LeaseRenewed(True, 3.0, 9.6)) == []  # the old renewal, too late: ignored
+    assert of(c.handle(Acquired(BrokerLease("b1", 2), 9.7)), core.Lease) == [core.Lease("q", 500)]
+
+
+def test_a_write_of_held_tasks_that_failed_fences_the_epoch() -> None:
+    """It may have committed unheard: tasks held under this epoch that the broker never buffered."""
+    c = make_core()
+    warm(c)
+    (write,) = of(request(c, CLIENT, "SUBMIT", 0.1, rid=5, queue="q", payload=[b"x", b"y"]), core.Write)
+    assert write.batch.submits[0].owned == [True, True]
+    actions = c.handle(Written(write.batch, None, "AdminShutdown: terminating connection", 0.2))
+    assert of(actions, core.Reacquire) == [core.Reacquire()] and c.owner is None
 
 
 def test_lost_lease_drops_the_buffer_and_reacquires() -> None:

@@ -450,12 +450,9 @@ class Core:
             out.append(Log("error", "lease_failed", {"queue": name, "error": error}))
             if span is None and self.owner is not None and not self._stopping:
                 # It may have committed before its reply was lost: tasks buffered under this
-                # epoch that we never saw, which no reaper returns while the epoch lives. Fence
-                # them as after a failed renewal: drop the buffer and take a new epoch.
+                # epoch that we never saw, which no reaper returns while the epoch lives.
                 out.append(Log("warning", "epoch_fenced", {"epoch": self.owner.epoch}))
-                self._drop_buffers(out)
-                self.owner = None
-                out.append(Reacquire())
+                self._fence(out)
             return
         if self._stopping or self.owner is None:
             self._pending.releases.extend(Ack(t.id, t.attempt) for t in tasks)
@@ -524,6 +521,10 @@ class Core:
                 for key in {k for k in submit.waiters if k is not None}:
                     self._unreserve(key, now, out)
             self._write_after = now + WRITE_RETRY_PAUSE  # do not hammer a database that is down
+            if self.owner is not None and any(any(op.owned) for op in batch.submits):
+                # Tasks inserted held may have committed unheard: fence them as after a lease.
+                out.append(Log("warning", "epoch_fenced", {"epoch": self.owner.epoch}))
+                self._fence(out)
             if self._stopping:  # leave the rest to lease expiry rather than never stop
                 out.append(
                     Log(
@@ -702,22 +703,32 @@ class Core:
 
     def _on_renewed(self, ok: bool, started: float, now: float, out: list[Action]) -> None:
         self._renewing = False
-        if ok and self.owner is not None:
+        if self.owner is None:
+            return  # fenced meanwhile: a new epoch is on its way
+        if ok:
             self.lease_valid_until = started + self.config.lease_term
             self._next_renew = started + self.config.lease_term / 3
             return
         out.append(Log("error", "broker_lease_lost", {}))  # the shell names the broker
-        self._drop_buffers(out)
-        if not self._stopping:
-            self.owner = None
-            out.append(Reacquire())
+        self._fence(out)
 
     def _lease_live(self, now: float, out: list[Action]) -> bool:
         """A broker whose lease may have lapsed (it was paused, or cannot renew) delivers nothing more."""
         if self.owner is not None and now < self.lease_valid_until:
             return True
-        self._drop_buffers(out)
+        if self.owner is not None:
+            out.append(Log("warning", "broker_lease_lapsed", {"epoch": self.owner.epoch}))
+        self._fence(out)
         return False
+
+    def _fence(self, out: list[Action]) -> None:
+        """Drop what this broker holds and take a new epoch. What the database still holds under
+        the old one (buffered, the own backlog, deliveries not yet heartbeated, held inserts whose
+        commit went unheard) is then reaped, instead of staying held by an epoch that lives on."""
+        self._drop_buffers(out)
+        if self.owner is not None and not self._stopping:
+            self.owner = None
+            out.append(Reacquire())
 
     def _drop_buffers(self, out: list[Action]) -> None:
         dropped = sum(len(q.buffer) + q.backlog_count for q in self.queues.values())
