@@ -166,3 +166,25 @@ def _shape(dsn: str, schema: str) -> list[tuple[object, ...]]:
             sql.SQL("SELECT value FROM {}.meta WHERE key = 'schema_version'").format(sql.Identifier(schema))
         ).fetchone()
     return [*columns, *indexes, ("version", version)]
+
+
+def test_a_stalled_broker_holding_a_submit_key_holds_a_retry_elsewhere_about_two_seconds(db) -> None:
+    """A broker paused inside its group commit leaves the transaction open; the server ends it
+    (idle_in_transaction_session_timeout), so the retry through another broker goes on."""
+    with Store.open(db.dsn, schema=db.schema) as stalled, Store.open(db.dsn, schema=db.schema) as other:
+        tx = stalled.conn.transaction()
+        tx.__enter__()
+        assert stalled.claim_submits(["k"]) == {"k": None}  # claimed, then the process "stops"
+        began = time.monotonic()
+        assert other.claim_submits(["k"]) == {"k": None}  # waited for the stalled one, then claimed
+        waited = time.monotonic() - began
+        assert 1.0 < waited < 4.0, waited
+        assert stalled.conn.broken or stalled.conn.closed or _dead(stalled)
+
+
+def _dead(store: Store) -> bool:
+    try:
+        store.conn.execute("SELECT 1")
+    except psycopg.Error:
+        return True
+    return False

@@ -28,6 +28,9 @@ from conduit.task import (
 _POLICY = ("max_attempts", "lease_timeout", "backoff_base", "backoff_max")
 
 
+IDLE_IN_TRANSACTION_MS = 2000
+
+
 @dataclass(frozen=True)
 class BrokerLease:
     """A broker's claim on what it buffers; `epoch` fences off its earlier incarnations."""
@@ -51,6 +54,10 @@ def connect(dsn: str, schema: str) -> psycopg.Connection[Any]:
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL at {describe_dsn(dsn)}: {_reason(exc)}") from None
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    # Conduit never waits inside a transaction: one left open means its process stalled (paused,
+    # swapped out). Its locks (a submit key a retry elsewhere waits on) go after about two
+    # heartbeats, not when the process wakes up.
+    conn.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_MS}ms'")
     return conn
 
 
