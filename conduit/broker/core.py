@@ -385,12 +385,19 @@ class Core:
                 size += len(buffer[0].payload)
                 tasks.append(buffer.popleft())
         if tasks:
-            for name in waiter.poll.queues:
-                self._queue(name).wanted_until = now + DEMAND_MEMORY
-            for t in tasks:
-                self._delivered[t.id] = (t.attempt, waiter.poll.worker, now + t.lease_timeout, t.queue)
-                self._next_expiry = min(self._next_expiry, now + t.lease_timeout)
-            self._finish(waiter, [_delivery(t) for t in tasks], out)
+            self._hand_out(waiter, [_delivery(t) for t in tasks], now, out)
+
+    def _hand_out(self, waiter: _Waiter, rows: list[DeliveryRow], now: float, out: list[Action]) -> None:
+        """Deliver: held in memory as this broker's until heard of again or expired (a stopping
+        broker makes them task leases at once), and the poll's queues count as wanted."""
+        for name in waiter.poll.queues:
+            self._queue(name).wanted_until = now + DEMAND_MEMORY
+        for task_id, attempt, queue, _, _, _, _, lease_timeout in rows:
+            self._delivered[task_id] = (attempt, waiter.poll.worker, now + lease_timeout, queue)
+            self._next_expiry = min(self._next_expiry, now + lease_timeout)
+            if self._stopping:
+                self._pending.starts.append(Ack(task_id, attempt))
+        self._finish(waiter, rows, out)
 
     def _serve_queue(self, name: str, now: float, out: list[Action]) -> None:
         q = self._queue(name)
@@ -616,15 +623,7 @@ class Core:
                 self._pending.releases.extend(Ack(t[0], t[1]) for t in tasks)
                 continue
             if tasks:
-                for name in waiter.poll.queues:
-                    self._queue(name).wanted_until = now + DEMAND_MEMORY
-                worker = waiter.poll.worker
-                for task_id, _, queue, _, _, _, _, lease_timeout in tasks:  # held in memory, as
-                    self._delivered[task_id] = (1, worker, now + lease_timeout, queue)  # any delivery
-                    self._next_expiry = min(self._next_expiry, now + lease_timeout)
-                    if self._stopping:
-                        self._pending.starts.append(Ack(task_id, 1))
-                self._finish(waiter, tasks, out)
+                self._hand_out(waiter, tasks, now, out)
             else:
                 self._unreserve(key, now, out)
 
