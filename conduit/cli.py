@@ -109,6 +109,7 @@ def db_check(dsn: str | None, data_dir: Path | None, schema: str | None) -> None
     """Push one task through the store and back: enqueue, lease, complete, read the result."""
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     with Store.open(dsn_for(settings), schema=settings.schema) as store:
+        store.ensure_partitions()  # the check completes a task: today's history must exist
         began = time.perf_counter()
         owner = store.acquire_broker(f"check-{uuid.uuid4().hex[:8]}", "check", term=30)
         key = uuid.uuid4().hex

@@ -177,6 +177,7 @@ class Broker:
         }
         self._listener = _Listener(self._open_store, self._post, self._outage)
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
+            store.ensure_partitions()  # after days with no broker up, today's may not exist yet
             self.owner: BrokerLease = store.acquire_broker(config.broker_id, self.endpoint, config.lease_term)
 
     def _post(self, event: Event) -> None:

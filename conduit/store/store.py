@@ -129,12 +129,10 @@ class Store:
         conn = connect(dsn, schema)
         try:
             _check_version(conn, schema)
-            store = cls(conn, max_payload_bytes=max_payload_bytes)
-            store.ensure_partitions()  # after days with nobody running, today's may not exist yet
         except BaseException:
             conn.close()
             raise
-        return store
+        return cls(conn, max_payload_bytes=max_payload_bytes)
 
     def close(self) -> None:
         self.conn.close()
