@@ -78,9 +78,9 @@ def store(db: Database) -> Iterator[Store]:
 
 
 def old_schema(version: int) -> str:
-    """The schema an earlier Conduit made: version 2 as it shipped (tests/fixtures), version 1 the
-    same without submit keys."""
-    text = (Path(__file__).parent / "fixtures" / "schema_v2.sql").read_text()
+    """The schema an earlier Conduit made: versions 2 and 3 as they shipped (tests/fixtures),
+    version 1 as version 2 without submit keys."""
+    text = (Path(__file__).parent / "fixtures" / f"schema_v{max(version, 2)}.sql").read_text()
     if version == 1:
         start = text.index("-- Submit keys name")
         end = text.index(");\n", start) + 3

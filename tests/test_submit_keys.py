@@ -9,7 +9,7 @@ import uuid
 
 import psycopg
 import pytest
-from conftest import old_schema
+from conftest import Database, old_schema
 from psycopg import sql
 
 from conduit.broker.writes import SubmitOp, WriteBatch, execute
@@ -143,6 +143,63 @@ def test_an_older_schema_with_tasks_migrates_to_what_init_creates(server_dsn: st
             ]
             (fresh,) = store.enqueue([TaskSpec("q", b"d")])
             assert fresh.id > 4
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            for schema in (old, new):
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_a_version_3_schema_with_tasks_migrates_to_what_init_creates(server_dsn: str) -> None:
+    """Version 3's unpartitioned tasks move into the buckets with every column; held and running
+    tasks stay their owners', finished ones stay where they were."""
+    old, new = (f"t_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    try:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(old)))
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(old)))
+            conn.execute(old_schema(3).encode())
+            conn.execute(
+                "INSERT INTO policies (max_attempts, lease_timeout, backoff_base, backoff_max)"
+                " VALUES (3, 30, 1, 300)"
+            )
+            conn.execute("INSERT INTO brokers VALUES (7, 'b1', 'tcp://x', now() + interval '1 minute')")
+            conn.execute(
+                "INSERT INTO tasks (id, queue, payload, policy, attempt, owner, lease_expires_at, last_error)"
+                " VALUES (1, 'q', 'a', 1, 0, NULL, NULL, NULL), (200000, 'q', 'b', 1, 1, 7, NULL, NULL),"
+                " (300000, 'q', 'c', 1, 2, 7, now() + interval '1 minute', 'boom')"
+            )
+            conn.execute(
+                "INSERT INTO completions (queue, lo, hi, ids, attempts) VALUES ('q', 4, 4, '{4}', '{1}')"
+            )
+            conn.execute(
+                "INSERT INTO queue_counts VALUES ('q', 'pending', 1), ('q', 'buffered', 1),"
+                " ('q', 'running', 1), ('q', 'completed', 1)"
+            )
+            conn.execute("SELECT setval('task_ids', 300000)")
+        assert init_schema(server_dsn, old) == "migrated"
+        assert init_schema(server_dsn, new) == "created"
+        assert _shape(server_dsn, old) == _shape(server_dsn, new)
+        db = Database(server_dsn, old)
+        assert db.query(
+            "SELECT t.tableoid::regclass::text, t.id, l.state, t.attempt, t.last_error"
+            " FROM tasks t JOIN live_tasks l USING (id) ORDER BY id"
+        ) == [
+            ("tasks_0", 1, "pending", 0, None),
+            ("tasks_1", 200000, "buffered", 1, None),
+            ("tasks_2", 300000, "running", 2, "boom"),
+        ]
+        with Store.open(server_dsn, schema=old) as store:
+            infos = store.lookup([1, 200000, 300000, 4, 5])
+            assert [(i.state, i.attempt) for i in infos] == [
+                ("pending", 0),
+                ("buffered", 1),
+                ("running", 2),
+                ("completed", 1),
+                (None, None),
+            ]
+            assert store.queue_stats() == {"q": {"pending": 1, "buffered": 1, "running": 1, "completed": 1}}
+            (fresh,) = store.enqueue([TaskSpec("q", b"d")])
+            assert fresh.id > 300000
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             for schema in (old, new):

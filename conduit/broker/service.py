@@ -336,6 +336,7 @@ class Broker:
         reaped = store.reap()
         if reaped.buffered or reaped.running:
             log(logger, "info", "reaped", buffered=reaped.buffered, running=reaped.running)
+        store.truncate_buckets()
         if compact:
             store.compact_counts()
         if prune:  # brokers share the work: whoever comes first does it, the others find it done

@@ -1,5 +1,9 @@
 -- Every statement Conduit runs, by name. conduit/store/store.py is the only code that runs them.
 -- Batched statements take parallel arrays and unnest them: one statement for many tasks.
+-- A statement that finds tasks by id also gives the scan on `tasks` its ids (`t.id = ANY(...)`)
+-- and, where its ids share one, their bucket (`%(bucket)s`, see schema.sql): the index is then the
+-- only way in (Conduit's sessions disable sequential scans) and one partition is opened. A plan
+-- cached while the table looked empty would otherwise scan or hash all of it once it fills.
 
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
@@ -62,6 +66,22 @@ SELECT queue, CASE WHEN owner IS NULL THEN 'pending' WHEN lease_expires_at IS NU
 FROM tasks GROUP BY 1, 2;
 INSERT INTO queue_counts SELECT queue, state, count(*) FROM history GROUP BY 1, 2;
 DROP TABLE tasks_v2, results_v2, brokers_v2;
+
+-- name: migrate_to_4_before
+-- Version 3 to 4: `tasks` becomes partitioned by bucket. The old table and what depends on it move
+-- aside; schema.sql then makes the new one, and migrate_to_4_after copies the rows across.
+DROP VIEW live_tasks;
+DROP INDEX tasks_due, tasks_leased;
+ALTER TABLE tasks RENAME TO tasks_v3;
+ALTER INDEX tasks_pkey RENAME TO tasks_v3_pkey;
+
+-- name: migrate_to_4_after
+INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, policy, owner, lease_expires_at, payload,
+                   idempotency_key, last_error)
+SELECT id, queue, priority, run_at, attempt, failures, policy, owner, lease_expires_at, payload,
+       idempotency_key, last_error
+FROM tasks_v3;
+DROP TABLE tasks_v3;
 
 -- name: policy_ids
 -- The policies of a batch, made where new (one row per distinct policy, not per task).
@@ -184,7 +204,7 @@ WITH owner AS (
     UPDATE tasks t
     SET owner = %(epoch)s, attempt = t.attempt + 1
     FROM picked
-    WHERE t.id = picked.id
+    WHERE t.id = picked.id AND t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, t.policy, t.payload
 ), counted AS (
     INSERT INTO queue_counts
@@ -201,6 +221,7 @@ WITH started AS (
     SET lease_expires_at = now() + p.lease_timeout * interval '1 second'
     FROM (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r, policies p
     WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner = %(epoch)s AND t.lease_expires_at IS NULL
+      AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
       AND p.id = t.policy
       AND EXISTS (SELECT 1 FROM brokers b WHERE b.epoch = %(epoch)s AND b.expires_at > now())
     RETURNING t.id, t.attempt, t.queue
@@ -219,13 +240,13 @@ WITH held AS (
     FROM tasks t
     JOIN (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r
       ON t.id = r.id AND t.attempt = r.attempt
-    WHERE t.owner IS NOT NULL
+    WHERE t.owner IS NOT NULL AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     FOR UPDATE OF t
 ), renewed AS (
     UPDATE tasks t
     SET owner = %(epoch)s, lease_expires_at = now() + p.lease_timeout * interval '1 second'
     FROM held h, policies p
-    WHERE t.id = h.id AND p.id = t.policy
+    WHERE t.id = h.id AND p.id = t.policy AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt, t.queue, h.was_buffered
 ), counted AS (
     INSERT INTO queue_counts
@@ -245,6 +266,7 @@ WITH r AS (
 ), done AS (
     DELETE FROM tasks t USING r
     WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
+      AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.queue, t.attempt, t.failures, t.priority, t.policy, t.idempotency_key, t.last_error,
               t.lease_expires_at IS NULL AS was_buffered, r.result
 ), kept AS (
@@ -287,7 +309,8 @@ WITH r AS (
     FROM tasks t
     JOIN r ON t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
     JOIN policies p ON p.id = t.policy
-    WHERE %(epoch)s::bigint IS NULL OR (t.owner = %(epoch)s::bigint AND t.lease_expires_at IS NULL)
+    WHERE (t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint)
+      AND (%(epoch)s::bigint IS NULL OR (t.owner = %(epoch)s::bigint AND t.lease_expires_at IS NULL))
     FOR UPDATE OF t
 ), retried AS (
     UPDATE tasks t
@@ -295,11 +318,11 @@ WITH r AS (
         run_at = now() + least(f.backoff_max, f.backoff_base * 2 ^ least(t.failures, 60))
                          * (0.5 + random() / 2) * interval '1 second'
     FROM failed f
-    WHERE t.id = f.id AND f.again
+    WHERE t.id = f.id AND f.again AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt
 ), buried AS (
     DELETE FROM tasks t USING failed f
-    WHERE t.id = f.id AND NOT f.again
+    WHERE t.id = f.id AND NOT f.again AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.*, f.error
 ), dead AS (
     INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, payload,
@@ -324,13 +347,13 @@ WITH held AS (
     FROM tasks t
     JOIN (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r
       ON t.id = r.id AND t.attempt = r.attempt
-    WHERE t.owner IS NOT NULL
+    WHERE t.owner IS NOT NULL AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     FOR UPDATE OF t
 ), released AS (
     UPDATE tasks t
     SET owner = NULL, lease_expires_at = NULL
     FROM held h
-    WHERE t.id = h.id
+    WHERE t.id = h.id AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt
 ), counted AS (
     INSERT INTO queue_counts
@@ -427,7 +450,7 @@ SELECT i.id,
        coalesce(h.last_error, t.last_error),
        coalesce(h.finished_at, c.finished_at)
 FROM unnest(%(id)b::bigint[]) WITH ORDINALITY AS i(id, ord)
-LEFT JOIN tasks t ON t.id = i.id
+LEFT JOIN tasks t ON t.id = i.id AND t.id = ANY(%(id)b::bigint[])
 LEFT JOIN history h ON h.id = i.id
 LEFT JOIN LATERAL (
     SELECT 'completed' AS state, b.attempts[k] AS attempt, b.results[k] AS result, b.finished_at
@@ -439,6 +462,9 @@ ORDER BY i.ord;
 
 -- name: queue_stats
 SELECT queue, state, sum(n)::bigint FROM queue_counts GROUP BY 1, 2 HAVING sum(n) <> 0 ORDER BY 1, 2;
+
+-- name: truncate_buckets
+SELECT truncate_buckets();
 
 -- name: compact_counts
 WITH d AS (DELETE FROM queue_counts RETURNING *)

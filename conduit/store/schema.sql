@@ -1,7 +1,8 @@
--- Conduit's whole schema, version 3 (queries.sql holds the migrations from earlier versions).
+-- Conduit's whole schema, version 4 (queries.sql holds the migrations from earlier versions).
 -- `conduit db init` applies it once, inside the schema named by CONDUIT_SCHEMA (default "conduit"),
--- with that schema first on the search_path; unqualified names below land there. The tables that
--- version 2 had and kept are made IF NOT EXISTS: migrate_to_3 runs this file over their remains.
+-- with that schema first on the search_path; unqualified names below land there. Every object but
+-- `tasks` is made only if missing (IF NOT EXISTS, OR REPLACE): a migration moves the old tables
+-- aside and runs this file over what is left.
 --
 -- The shape is chosen by what a task costs to write (docs/ARCHITECTURE.md, "Storage"): on the happy
 -- path a task is inserted once, already owned by the broker that will deliver it, and deleted once;
@@ -13,7 +14,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 
 -- Retry policies: a task carries its policy's number, not four numbers that most tasks share.
-CREATE TABLE policies (
+CREATE TABLE IF NOT EXISTS policies (
     id            serial PRIMARY KEY,
     max_attempts  integer NOT NULL CHECK (max_attempts >= 1),
     lease_timeout double precision NOT NULL CHECK (lease_timeout > 0),
@@ -22,7 +23,7 @@ CREATE TABLE policies (
     UNIQUE (max_attempts, lease_timeout, backoff_base, backoff_max)
 );
 
-CREATE FUNCTION policy_id(
+CREATE OR REPLACE FUNCTION policy_id(
     max_attempts integer, lease_timeout double precision, backoff_base double precision,
     backoff_max double precision
 ) RETURNS integer LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
@@ -50,9 +51,9 @@ END $$;
 -- owner; a task's `owner` is the epoch of the broker that holds it. Writes that make a broker an
 -- owner lock its row FOR SHARE and check it is live, so the reaper (which locks dead rows FOR
 -- UPDATE SKIP LOCKED) never misses tasks committed by a broker it is burying.
-CREATE SEQUENCE broker_epochs AS bigint;
+CREATE SEQUENCE IF NOT EXISTS broker_epochs AS bigint;
 
-CREATE TABLE brokers (
+CREATE TABLE IF NOT EXISTS brokers (
     epoch      bigint PRIMARY KEY,
     id         text NOT NULL,
     endpoint   text NOT NULL,
@@ -68,8 +69,15 @@ CREATE SEQUENCE IF NOT EXISTS task_ids AS bigint;
 -- runs (its own backlog). Ids stay unique; across sessions they are not in time order.
 ALTER SEQUENCE task_ids CACHE 1000;
 
+-- Eight partitions ("buckets") by id: 2^17 consecutive ids each, a ring of 2^20. Ids are taken in
+-- order, so a bucket fills in a stretch of time and then drains, and once no live row is left
+-- truncate_buckets() empties it: its dead rows and their index entries go at once, even while an
+-- old transaction keeps vacuum from removing any (PgQ's table rotation, without its ticks). A
+-- statement by id names the bucket (this key expression, equal to a parameter) so that it opens
+-- one partition; store.py computes buckets the same way. The primary key is each partition's: the
+-- bucket is a function of the id, so ids are unique across them.
 CREATE TABLE tasks (
-    id               bigint PRIMARY KEY DEFAULT nextval('task_ids'),
+    id               bigint NOT NULL DEFAULT nextval('task_ids'),
     queue            text NOT NULL,  -- naming rule checked on the way in (a CHECK costs every update)
     priority         smallint NOT NULL DEFAULT 0,  -- lower runs first
     run_at           timestamptz NOT NULL DEFAULT now(),
@@ -82,13 +90,57 @@ CREATE TABLE tasks (
     idempotency_key  text,
     last_error       text,
     CHECK (lease_expires_at IS NULL OR owner IS NOT NULL)
-);
+) PARTITION BY LIST (((id >> 17) & 7));
+DO $$
+BEGIN
+    FOR b IN 0..7 LOOP
+        EXECUTE format('CREATE TABLE tasks_%s PARTITION OF tasks (PRIMARY KEY (id)) FOR VALUES IN (%s)', b, b);
+    END LOOP;
+END $$;
 -- Partial indexes: each holds only the rows its path reads. A task inserted owned enters neither.
 CREATE INDEX tasks_due ON tasks (queue, priority, run_at, id) WHERE owner IS NULL;
 CREATE INDEX tasks_leased ON tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 
+-- Truncate the buckets that hold no live row; returns how many. The bucket ids are being taken
+-- from is left alone unless vacuum or analyze measured it empty: a plan made then would treat it
+-- as tiny once it fills, while a truncated bucket reads as never measured. One broker at a time;
+-- the lock waits at most 50 ms for statements in flight, else the bucket waits for the next pass.
+CREATE OR REPLACE FUNCTION truncate_buckets() RETURNS integer
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    current text := 'tasks_' || (((SELECT last_value FROM task_ids) >> 17) & 7);
+    part regclass;
+    busy boolean;
+    done integer := 0;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('conduit buckets ' || current_schema())) THEN
+        RETURN 0;
+    END IF;
+    PERFORM set_config('lock_timeout', '50ms', true);
+    FOR part IN
+        SELECT c.oid::regclass
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'tasks'::regclass
+          AND (c.reltuples >= 0 OR (c.relname <> current AND pg_relation_size(c.oid) > 0))
+    LOOP
+        EXECUTE format('SELECT EXISTS (SELECT FROM %s)', part) INTO busy;  -- no lock yet
+        CONTINUE WHEN busy;
+        BEGIN
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', part);
+            EXECUTE format('SELECT EXISTS (SELECT FROM %s)', part) INTO busy;
+            IF NOT busy THEN
+                EXECUTE format('TRUNCATE %s', part);
+                done := done + 1;
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+    END LOOP;
+    RETURN done;
+END $$;
+
 -- Live tasks with their state spelled out, for people and tests (not for hot paths).
-CREATE VIEW live_tasks AS
+CREATE OR REPLACE VIEW live_tasks AS
 SELECT t.*,
        CASE WHEN t.owner IS NULL THEN 'pending' WHEN t.lease_expires_at IS NULL THEN 'buffered'
             ELSE 'running' END AS state,
@@ -100,7 +152,7 @@ FROM tasks t LEFT JOIN brokers b ON b.epoch = t.owner;
 -- tasks completed at their first try: their ids, attempts and results as arrays, so a completion
 -- costs its result's bytes and a few more, and no index entry. `history` has a row per task with
 -- more to keep: an error, a payload to redrive (dead, cancelled).
-CREATE TABLE history (
+CREATE TABLE IF NOT EXISTS history (
     id              bigint NOT NULL,
     queue           text NOT NULL,
     state           text NOT NULL CHECK (state IN ('completed', 'dead', 'cancelled')),
@@ -114,10 +166,10 @@ CREATE TABLE history (
     last_error      text,
     finished_at     timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (finished_at);
-CREATE INDEX history_id ON history (id);
-CREATE INDEX history_dead ON history (queue, finished_at) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS history_id ON history (id);
+CREATE INDEX IF NOT EXISTS history_dead ON history (queue, finished_at) WHERE state = 'dead';
 
-CREATE TABLE completions (
+CREATE TABLE IF NOT EXISTS completions (
     queue       text NOT NULL,
     lo          bigint NOT NULL,  -- least and greatest id: a lookup reads the rows whose span holds it
     hi          bigint NOT NULL,
@@ -126,10 +178,10 @@ CREATE TABLE completions (
     results     bytea[],  -- NULL when none of them has a result
     finished_at timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (finished_at);
-CREATE INDEX completions_span ON completions USING gist (int8range(lo, hi, '[]'));
+CREATE INDEX IF NOT EXISTS completions_span ON completions USING gist (int8range(lo, hi, '[]'));
 
 -- Every finished task, one row each, for people and tests (not for hot paths).
-CREATE VIEW results AS
+CREATE OR REPLACE VIEW results AS
 SELECT h.id, h.queue, h.state, h.attempt, h.failures, p.max_attempts, h.result, h.last_error, h.payload,
        h.finished_at
 FROM history h LEFT JOIN policies p ON p.id = h.policy
@@ -139,7 +191,7 @@ FROM completions c CROSS JOIN LATERAL unnest(c.ids, c.attempts, c.results) AS u(
 
 -- Partitions for `days` days from `first` (UTC days); safe to run concurrently. Returns how many
 -- it made. Brokers keep a few days ahead, so no insert ever finds its partition missing.
-CREATE FUNCTION ensure_partitions(first timestamptz, days integer) RETURNS integer
+CREATE OR REPLACE FUNCTION ensure_partitions(first timestamptz, days integer) RETURNS integer
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     day timestamptz;
@@ -163,7 +215,7 @@ END $$;
 
 -- Drop the days that ended before now() - keep, with their counts; expire keys older than that.
 -- Returns the partitions dropped.
-CREATE FUNCTION prune(keep interval) RETURNS integer
+CREATE OR REPLACE FUNCTION prune(keep interval) RETURNS integer
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     cutoff timestamptz := now() - keep;
@@ -204,7 +256,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (queue, key)
 );
-CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
 
 -- Submit keys name a whole SUBMIT: a client's retry of a batch inserts nothing and gets the first
 -- one's ids. One row a batch, where a key on every task would cost a row and an index entry each.
@@ -213,7 +265,7 @@ CREATE TABLE IF NOT EXISTS submit_keys (
     ids        bigint[] NOT NULL DEFAULT '{}',
     created_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX submit_keys_created ON submit_keys (created_at);
+CREATE INDEX IF NOT EXISTS submit_keys_created ON submit_keys (created_at);
 
 -- Per-queue counters as append-only deltas, written by the statements that move tasks (no
 -- triggers): writers never contend on a counter row, and a reader sums a few rows per queue
@@ -265,6 +317,6 @@ BEGIN
     RETURN new_id;
 END $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '3'), ('retention_days', '7')
+INSERT INTO meta (key, value) VALUES ('schema_version', '4'), ('retention_days', '7')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE meta.key = 'schema_version';
 SELECT ensure_partitions(now(), 3);

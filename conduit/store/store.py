@@ -29,6 +29,7 @@ _POLICY = ("max_attempts", "lease_timeout", "backoff_base", "backoff_max")
 
 
 IDLE_IN_TRANSACTION_MS = 2000
+BUCKET_SHIFT, BUCKETS = 17, 8  # as schema.sql partitions `tasks`: bucket = (id >> 17) & 7
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ def connect(dsn: str, schema: str) -> psycopg.Connection[Any]:
     # swapped out). Its locks (a submit key a retry elsewhere waits on) go after about two
     # heartbeats, not when the process wakes up.
     conn.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_MS}ms'")
+    # Every path into `tasks` is an index. A plan is cached while a bucket looks empty (truncated,
+    # vacuumed between bursts) and kept as it fills: with sequential scans allowed it would read the
+    # whole bucket for every batch. The reaper's scan, which has no index, is still a sequential one.
+    conn.execute("SET enable_seqscan = off")
     return conn
 
 
@@ -82,15 +87,18 @@ def init_schema(dsn: str, schema: str) -> str:
         if version is None:
             conn.execute(SCHEMA.encode())
             return "created"
-        for step in range(version + 1, SCHEMA_VERSION + 1):  # migrate, in the same transaction
+        found = version
+        while version is not None and version < SCHEMA_VERSION:  # migrate, in the same transaction
+            step = version + 1
             if f"migrate_to_{step}" in QUERIES:
                 conn.execute(QUERIES[f"migrate_to_{step}"].encode())
-            else:  # old tables moved aside, the schema made over what is left, the rows copied
-                conn.execute(QUERIES[f"migrate_to_{step}_before"].encode())
-                conn.execute(SCHEMA.encode())
+            else:  # old tables moved aside, the schema made over what is left, the rows copied;
+                conn.execute(QUERIES[f"migrate_to_{step}_before"].encode())  # the schema is the
+                conn.execute(SCHEMA.encode())  # newest, so this may have been the last step
                 conn.execute(QUERIES[f"migrate_to_{step}_after"].encode())
+            version = _schema_version(conn)
         _check_version(conn, schema)
-        return "migrated" if version < SCHEMA_VERSION else "current"
+        return "migrated" if found < SCHEMA_VERSION else "current"
 
 
 def _schema_version(conn: psycopg.Connection[Any]) -> int | None:
@@ -331,7 +339,9 @@ class Store:
     ) -> list[Outcome]:
         if not items:
             return []
-        accepted = {(task_id, attempt) for task_id, attempt in self._rows(name, params)}
+        accepted = {
+            (task_id, attempt) for part in _by_bucket(params) for task_id, attempt in self._rows(name, part)
+        }
         outcomes: list[Outcome | None] = []
         for item in items:  # by id and attempt: a stale row beside the current one stays refused
             outcomes.append(Outcome.OK if (item.id, item.attempt) in accepted else None)
@@ -345,6 +355,11 @@ class Store:
 
     # -- recovery and administration ----------------------------------------------------------
 
+    def truncate_buckets(self) -> int:
+        """Empty the task buckets with no live row left (their dead rows go with them); returns how many."""
+        ((done,),) = self._rows("truncate_buckets")
+        return int(done)
+
     def reap(self, limit: int = 1000) -> Reaped:
         """Return expired leases: what lapsed brokers held to pending; expired runs count as failures."""
         with self._tx():
@@ -353,7 +368,8 @@ class Store:
                 Failure(task_id, attempt, "lease expired: the worker stopped heartbeating")
                 for task_id, attempt in self._rows("expired_running", {"limit": limit})
             ]
-            running = len(self._rows("fail", _failure_params(expired))) if expired else 0
+            parts = _by_bucket(_failure_params(expired)) if expired else []
+            running = sum(len(self._rows("fail", part)) for part in parts)
         return Reaped(buffered, running)
 
     def cancel(self, ids: Iterable[int]) -> list[Outcome]:
@@ -427,6 +443,22 @@ def _failure_params(
         "retry": [f.retry for f in failures],
         "epoch": only_buffered_by.epoch if only_buffered_by else None,
     }
+
+
+def _by_bucket(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """`params` of a statement by id, as one set per bucket of its ids (`bucket` added): one when
+    the ids are consecutive-ish, as a batch nearly always is."""
+    ids: list[int] = params["id"]
+    if min(ids) >> BUCKET_SHIFT == max(ids) >> BUCKET_SHIFT:
+        return [{**params, "bucket": (ids[0] >> BUCKET_SHIFT) % BUCKETS}]
+    rows: dict[int, list[int]] = {}
+    for i, task_id in enumerate(ids):
+        rows.setdefault((task_id >> BUCKET_SHIFT) % BUCKETS, []).append(i)
+    columns = [k for k, v in params.items() if isinstance(v, list)]
+    return [
+        {**params, **{k: [params[k][i] for i in picked] for k in columns}, "bucket": bucket}
+        for bucket, picked in rows.items()
+    ]
 
 
 def _column(params: dict[str, Any], name: str, values: list[Any]) -> None:
