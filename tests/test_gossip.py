@@ -153,3 +153,29 @@ def test_a_broker_found_gone_is_tried_last_though_its_old_gossip_is_still_queued
         gone.close()
         other.close()
         mesh.close()
+
+
+def test_a_submit_goes_first_where_workers_poll_or_run_its_queue(ctx) -> None:
+    """There it is held and handed out from memory; elsewhere it would wait for a lease."""
+    brokers = {
+        "polled": Broker(ctx, "polled", {"q": [0, 2, 0]}),
+        "running": Broker(ctx, "running", {"q": [0, 0, 40]}),
+        "deep": Broker(ctx, "deep", {"q": [300, 0, 0]}),  # a backlog, but nobody takes from it
+        "elsewhere": Broker(ctx, "elsewhere", {"r": [0, 5, 9]}),
+    }
+    e = {name: b.endpoint for name, b in brokers.items()}
+    mesh = Mesh(ctx, [CONFIGURED], [b.pub for b in brokers.values()])
+    try:
+        hear(mesh, list(brokers.values()), lambda: len(mesh.brokers) == 4)
+        firsts = {tuple(mesh.rank_for_submit(["q"])[:2]) for _ in range(100)}
+        assert firsts == {(e["polled"], e["running"]), (e["running"], e["polled"])}
+        assert mesh.rank_for_submit(["q"])[-1] == CONFIGURED
+        assert mesh.rank_for_submit(["r"])[0] == e["elsewhere"]
+        assert set(mesh.rank_for_submit(["q", "r"])[:3]) == {e["polled"], e["running"], e["elsewhere"]}
+        mesh.suspect(e["polled"])  # found gone: its gossip is forgotten until heard again
+        assert mesh.rank_for_submit(["q"])[0] == e["running"]
+        assert e["polled"] not in mesh.rank_for_submit(["q"])
+    finally:
+        for broker in brokers.values():
+            broker.close()
+        mesh.close()

@@ -73,12 +73,12 @@ class Client:
                 self._all.append(channels[endpoint])
         return channels[endpoint]
 
-    def _order(self) -> list[str]:
-        """Live brokers from gossip (fewest waiting polls first, random among equals), then the
-        configured ones."""
+    def _order(self, submitting: list[str] | None = None) -> list[str]:
+        """Live brokers from gossip (for a submit, those with workers on its queues first; random
+        among equals), then the configured ones."""
         with self._lock:
             self._mesh.update()
-            return self._mesh.rank([])
+            return self._mesh.rank([]) if submitting is None else self._mesh.rank_for_submit(submitting)
 
     def brokers(self) -> list[BrokerView]:
         """The live brokers and their queue depths, as gossip last told."""
@@ -101,11 +101,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, command: Command, body: dict[str, Any], *, retry_safe: bool) -> dict[str, Any]:
+    def _request(
+        self, command: Command, body: dict[str, Any], *, retry_safe: bool, submitting: list[str] | None = None
+    ) -> dict[str, Any]:
         """Ask the brokers in turn, each within the timeout; move on after a timeout only when
         repeating cannot duplicate."""
         errors = []
-        for endpoint in self._order():
+        for endpoint in self._order(submitting):
             channel = self._channel(endpoint)
             try:
                 reply = channel.request(command, body, self._timeout).body
@@ -178,7 +180,9 @@ class Client:
             body["idempotency_key"] = uuid.uuid4().hex  # one statement, where a submit key costs three
         key = body.get("idempotency_key")
         keyed = "key" in body or (key is not None and (isinstance(key, str) or None not in key))
-        return list(self._request(Command.SUBMIT, body, retry_safe=keyed)["ids"])
+        queue = body["queue"]
+        queues = [queue] if isinstance(queue, str) else list(dict.fromkeys(queue))
+        return list(self._request(Command.SUBMIT, body, retry_safe=keyed, submitting=queues)["ids"])
 
     def lookup(self, ids: Sequence[int]) -> list[TaskResult]:
         reply = self._request(Command.RESULT, {"ids": list(ids)}, retry_safe=True)

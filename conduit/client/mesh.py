@@ -113,6 +113,13 @@ class Mesh:
         ranked += [e for e in self.endpoints if e not in ranked]
         return sorted(ranked, key=lambda e: e in self.suspects)  # stable: the order above holds
 
+    def rank_for_submit(self, queues: list[str]) -> list[str]:
+        """Endpoints to submit to, best first: brokers where workers poll or run these queues, at
+        random among them (a task submitted there is held and handed out from memory, where
+        elsewhere it waits in the database for a lease, one more write); then as `rank`."""
+        wanted = {v.endpoint for v in self.live() if v.polls(queues) or any(v.delivered(q) for q in queues)}
+        return sorted(self.rank([]), key=lambda e: e not in wanted)  # stable: random within each
+
     def close(self) -> None:
         self.sub.close(linger=0)
 
