@@ -68,10 +68,12 @@ INSERT INTO queue_counts SELECT queue, state, count(*) FROM history GROUP BY 1, 
 DROP TABLE tasks_v2, results_v2, brokers_v2;
 
 -- name: migrate_to_4_before
--- Version 3 to 4: `tasks` becomes partitioned by bucket. The old table and what depends on it move
--- aside; schema.sql then makes the new one, and migrate_to_4_after copies the rows across.
+-- Version 3 to 4: `tasks` becomes partitioned by bucket, its columns reordered. The old table and
+-- what depends on it move aside; schema.sql then makes the new one, and migrate_to_4_after copies
+-- the rows across. A completion batch may now leave out its attempts (every one 1).
 DROP VIEW live_tasks;
 DROP INDEX tasks_due, tasks_leased;
+ALTER TABLE completions ALTER COLUMN attempts DROP NOT NULL;
 ALTER TABLE tasks RENAME TO tasks_v3;
 ALTER INDEX tasks_pkey RENAME TO tasks_v3_pkey;
 
@@ -277,7 +279,7 @@ WITH r AS (
     WHERE failures > 0 OR last_error IS NOT NULL
 ), batched AS (
     INSERT INTO completions (queue, lo, hi, ids, attempts, results)
-    SELECT queue, min(id), max(id), array_agg(id), array_agg(attempt),
+    SELECT queue, min(id), max(id), array_agg(id), CASE WHEN bool_or(attempt <> 1) THEN array_agg(attempt) END,
            CASE WHEN bool_or(result IS NOT NULL) THEN array_agg(result) END
     FROM done
     WHERE failures = 0 AND last_error IS NULL
@@ -453,7 +455,7 @@ FROM unnest(%(id)b::bigint[]) WITH ORDINALITY AS i(id, ord)
 LEFT JOIN tasks t ON t.id = i.id AND t.id = ANY(%(id)b::bigint[])
 LEFT JOIN history h ON h.id = i.id
 LEFT JOIN LATERAL (
-    SELECT 'completed' AS state, b.attempts[k] AS attempt, b.results[k] AS result, b.finished_at
+    SELECT 'completed' AS state, coalesce(b.attempts[k], 1) AS attempt, b.results[k] AS result, b.finished_at
     FROM completions b, array_position(b.ids, i.id) AS k
     WHERE int8range(b.lo, b.hi, '[]') @> i.id AND k IS NOT NULL
     LIMIT 1

@@ -41,7 +41,7 @@ BEGIN
         INSERT INTO chaos_audit (id, state, attempt, result) SELECT id, state, attempt, result FROM new_rows;
     ELSE
         INSERT INTO chaos_audit (id, state, attempt, result)
-        SELECT u.id, 'completed', u.attempt, u.result
+        SELECT u.id, 'completed', coalesce(u.attempt, 1), u.result  -- no attempts: every one 1
         FROM new_rows c, unnest(c.ids, c.attempts, c.results) AS u(id, attempt, result);
     END IF;
     RETURN NULL;
