@@ -681,11 +681,15 @@ class Core:
         """Publish depths every interval, and at once when a queue gains or loses work or polls."""
         if not self.config.pub_endpoint:
             return
-        depths = self.depths()
-        active = frozenset(name for name, (buffered, polls, _) in depths.items() if buffered or polls)
+        active = frozenset(  # on every tick: without counting deliveries, thousands in a burst
+            name
+            for name, q in self.queues.items()
+            if q.buffer or q.backlog_count or any(key in self._waiters for key in q.waiters)
+        )
         changed = active != self._gossiped and now - self._last_gossip >= GOSSIP_SOONEST
         if now < self._next_gossip and not changed:
             return
+        depths = self.depths()
         self._gossiped, self._last_gossip = active, now
         self._next_gossip = now + self.config.gossip_every
         self._gossip_seq += 1
