@@ -385,3 +385,24 @@ def test_worker_and_client_move_past_an_unreachable_broker(start_broker, db) -> 
     with Client([dead, broker.endpoint], timeout=1.0) as client, running(worker):
         task_id = client.submit("q", b"")  # never sent to the dead one: safe to move on, no key needed
         assert client.result(task_id, timeout=30).result == b"done"
+
+
+def test_the_broker_truncates_a_bucket_its_tasks_have_left(start_broker, db) -> None:
+    """No call from outside: the keeper's pass, about every second, finds the bucket drained."""
+    broker = start_broker()
+    worker = Worker(broker.endpoint, concurrency=4, poll_timeout=1.0)
+
+    @worker.handler("echo")
+    def echo(task: TaskContext) -> bytes:
+        return task.payload
+
+    size = "SELECT pg_relation_size('tasks_0')"
+    with Client(broker.endpoint) as client, running(worker):
+        ids = client.submit_batch("echo", [b"x%d" % i for i in range(500)])
+        assert all(i >> 17 == 0 for i in ids)
+        assert [client.result(i, timeout=30).state for i in ids] == ["completed"] * 500
+        assert db.query(size)[0][0] > 0  # the bucket ids are taken from is left alone
+        db.query("SELECT setval('task_ids', 3 << 17)")  # ids move on to bucket 3
+        wait_for(lambda: db.query(size) == [(0,)], timeout=10, what="tasks_0 truncated")
+        later = client.submit("echo", b"later")  # from the broker's block of ids: back in tasks_0
+        assert later >> 17 == 0 and client.result(later, timeout=30).result == b"later"
