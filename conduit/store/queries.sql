@@ -1,5 +1,7 @@
 -- Every statement Conduit runs, by name. conduit/store/store.py is the only code that runs them.
--- Batched statements take parallel arrays and unnest them: one statement for many tasks.
+-- Batched statements take parallel arrays and unnest them: one statement for many tasks. Arrays
+-- of ids and attempts come as text (`%(id)s`, "{1,2,3}"): the Store writes one with a join, where
+-- psycopg dumps a list of ints element by element in Python, four times the broker's time.
 -- A statement that finds tasks by id also gives the scan on `tasks` its ids (`t.id = ANY(...)`)
 -- and, where its ids share one, their bucket (`%(bucket)s`, see schema.sql): the index is then the
 -- only way in (Conduit's sessions disable sequential scans) and one partition is opened. A plan
@@ -182,7 +184,7 @@ SELECT key, ids FROM submit_keys WHERE key = ANY(%(key)s::text[]);
 -- The ids of the submits whose keys this transaction claimed: all ids in one array, and per key
 -- how many of them are its own, in order.
 UPDATE submit_keys s
-SET ids = (%(id)b::bigint[])[a.last - a.n + 1 : a.last]
+SET ids = (%(id)s::bigint[])[a.last - a.n + 1 : a.last]
 FROM (
     SELECT key, n, sum(n) OVER (ORDER BY ord) AS last
     FROM unnest(%(key)b::text[], %(n)b::int[]) WITH ORDINALITY AS u(key, n, ord)
@@ -221,9 +223,9 @@ FROM leased l JOIN policies p ON p.id = l.policy;
 WITH started AS (
     UPDATE tasks t
     SET lease_expires_at = now() + p.lease_timeout * interval '1 second'
-    FROM (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r, policies p
+    FROM (SELECT DISTINCT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS u(id, attempt)) r, policies p
     WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner = %(epoch)s AND t.lease_expires_at IS NULL
-      AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+      AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
       AND p.id = t.policy
       AND EXISTS (SELECT 1 FROM brokers b WHERE b.epoch = %(epoch)s AND b.expires_at > now())
     RETURNING t.id, t.attempt, t.queue
@@ -240,15 +242,15 @@ SELECT id, attempt FROM started;
 WITH held AS (
     SELECT t.id, t.lease_expires_at IS NULL AS was_buffered
     FROM tasks t
-    JOIN (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r
+    JOIN (SELECT DISTINCT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS u(id, attempt)) r
       ON t.id = r.id AND t.attempt = r.attempt
-    WHERE t.owner IS NOT NULL AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.owner IS NOT NULL AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     FOR UPDATE OF t
 ), renewed AS (
     UPDATE tasks t
     SET owner = %(epoch)s, lease_expires_at = now() + p.lease_timeout * interval '1 second'
     FROM held h, policies p
-    WHERE t.id = h.id AND p.id = t.policy AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = h.id AND p.id = t.policy AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt, t.queue, h.was_buffered
 ), counted AS (
     INSERT INTO queue_counts
@@ -262,13 +264,13 @@ SELECT id, attempt FROM renewed;
 -- done at its first try adds its id, attempt and result to one row a queue.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
-    FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(result)b::bytea[]) WITH ORDINALITY
+    FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(result)b::bytea[]) WITH ORDINALITY
         AS r(id, attempt, result, ord)
     ORDER BY id, attempt, ord
 ), done AS (
     DELETE FROM tasks t USING r
     WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
-      AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+      AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.queue, t.attempt, t.failures, t.priority, t.policy, t.idempotency_key, t.last_error,
               t.lease_expires_at IS NULL AS was_buffered, r.result
 ), kept AS (
@@ -302,7 +304,7 @@ SELECT id, attempt FROM done;
 -- expires its deliveries that no heartbeat ever turned into a task lease.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
-    FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(error)b::text[], %(retry)b::bool[]) WITH ORDINALITY
+    FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(error)b::text[], %(retry)b::bool[]) WITH ORDINALITY
         AS r(id, attempt, error, retry, ord)
     ORDER BY id, attempt, ord
 ), failed AS (
@@ -311,7 +313,7 @@ WITH r AS (
     FROM tasks t
     JOIN r ON t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
     JOIN policies p ON p.id = t.policy
-    WHERE (t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint)
+    WHERE (t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint)
       AND (%(epoch)s::bigint IS NULL OR (t.owner = %(epoch)s::bigint AND t.lease_expires_at IS NULL))
     FOR UPDATE OF t
 ), retried AS (
@@ -320,11 +322,11 @@ WITH r AS (
         run_at = now() + least(f.backoff_max, f.backoff_base * 2 ^ least(t.failures, 60))
                          * (0.5 + random() / 2) * interval '1 second'
     FROM failed f
-    WHERE t.id = f.id AND f.again AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = f.id AND f.again AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt
 ), buried AS (
     DELETE FROM tasks t USING failed f
-    WHERE t.id = f.id AND NOT f.again AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = f.id AND NOT f.again AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.*, f.error
 ), dead AS (
     INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, payload,
@@ -347,15 +349,15 @@ SELECT id, attempt FROM retried UNION ALL SELECT id, attempt FROM dead;
 WITH held AS (
     SELECT t.id, t.queue, t.lease_expires_at IS NULL AS was_buffered
     FROM tasks t
-    JOIN (SELECT DISTINCT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[]) AS u(id, attempt)) r
+    JOIN (SELECT DISTINCT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS u(id, attempt)) r
       ON t.id = r.id AND t.attempt = r.attempt
-    WHERE t.owner IS NOT NULL AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.owner IS NOT NULL AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     FOR UPDATE OF t
 ), released AS (
     UPDATE tasks t
     SET owner = NULL, lease_expires_at = NULL
     FROM held h
-    WHERE t.id = h.id AND t.id = ANY(%(id)b::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = h.id AND t.id = ANY(%(id)s::bigint[]) AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt
 ), counted AS (
     INSERT INTO queue_counts
@@ -397,7 +399,7 @@ SELECT count(*) FROM returned;
 
 -- name: cancel
 WITH gone AS (
-    DELETE FROM tasks WHERE id = ANY(%(id)b::bigint[]) RETURNING *
+    DELETE FROM tasks WHERE id = ANY(%(id)s::bigint[]) RETURNING *
 ), kept AS (
     INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, payload,
                          last_error)
@@ -451,8 +453,8 @@ SELECT i.id,
        coalesce(h.attempt, c.attempt, t.attempt), coalesce(h.result, c.result),
        coalesce(h.last_error, t.last_error),
        coalesce(h.finished_at, c.finished_at)
-FROM unnest(%(id)b::bigint[]) WITH ORDINALITY AS i(id, ord)
-LEFT JOIN tasks t ON t.id = i.id AND t.id = ANY(%(id)b::bigint[])
+FROM unnest(%(id)s::bigint[]) WITH ORDINALITY AS i(id, ord)
+LEFT JOIN tasks t ON t.id = i.id AND t.id = ANY(%(id)s::bigint[])
 LEFT JOIN history h ON h.id = i.id
 LEFT JOIN LATERAL (
     SELECT 'completed' AS state, coalesce(b.attempts[k], 1) AS attempt, b.results[k] AS result, b.finished_at

@@ -241,7 +241,7 @@ class Store:
         params = {
             "key": list(ids),
             "n": [len(task_ids) for task_ids in ids.values()],
-            "id": [task_id for task_ids in ids.values() for task_id in task_ids],
+            "id": _ints(task_id for task_ids in ids.values() for task_id in task_ids),
         }
         self.conn.execute(QUERIES["record_submits"], params, binary=True)
 
@@ -342,7 +342,7 @@ class Store:
         if not items:
             return []
         accepted = {
-            (task_id, attempt) for part in _by_bucket(params) for task_id, attempt in self._rows(name, part)
+            (task_id, attempt) for part in _by_id(params) for task_id, attempt in self._rows(name, part)
         }
         outcomes: list[Outcome | None] = []
         for item in items:  # by id and attempt: a stale row beside the current one stays refused
@@ -370,14 +370,14 @@ class Store:
                 Failure(task_id, attempt, "lease expired: the worker stopped heartbeating")
                 for task_id, attempt in self._rows("expired_running", {"limit": limit})
             ]
-            parts = _by_bucket(_failure_params(expired)) if expired else []
+            parts = _by_id(_failure_params(expired)) if expired else []
             running = sum(len(self._rows("fail", part)) for part in parts)
         return Reaped(buffered, running)
 
     def cancel(self, ids: Iterable[int]) -> list[Outcome]:
         """Cancel live tasks, whatever their state; a running one's later complete is refused."""
         ids = list(ids)
-        cancelled = {row[0] for row in self._rows("cancel", {"id": ids})}
+        cancelled = {row[0] for row in self._rows("cancel", {"id": _ints(ids)})}
         outcomes = []
         for info in self.lookup(ids):
             outcomes.append(Outcome.OK if info.id in cancelled else _refusal(info))
@@ -390,7 +390,7 @@ class Store:
         return sorted(row[0] for row in self._rows("redrive", params))
 
     def lookup(self, ids: Sequence[int]) -> list[TaskInfo]:
-        return [TaskInfo(*row) for row in self._rows("lookup", {"id": list(ids)})]
+        return [TaskInfo(*row) for row in self._rows("lookup", {"id": _ints(ids)})]
 
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """Per queue, tasks by state, from the counters (never a COUNT over the backlog)."""
@@ -447,20 +447,27 @@ def _failure_params(
     }
 
 
-def _by_bucket(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """`params` of a statement by id, as one set per bucket of its ids (`bucket` added): one when
-    the ids are consecutive-ish, as a batch nearly always is."""
+def _by_id(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """`params` of a statement by id and attempt, as one set per bucket of its ids (`bucket`
+    added): one when the ids are consecutive-ish, as a batch nearly always is."""
     ids: list[int] = params["id"]
     if min(ids) >> BUCKET_SHIFT == max(ids) >> BUCKET_SHIFT:
-        return [{**params, "bucket": (ids[0] >> BUCKET_SHIFT) % BUCKETS}]
-    rows: dict[int, list[int]] = {}
-    for i, task_id in enumerate(ids):
-        rows.setdefault((task_id >> BUCKET_SHIFT) % BUCKETS, []).append(i)
-    columns = [k for k, v in params.items() if isinstance(v, list)]
-    return [
-        {**params, **{k: [params[k][i] for i in picked] for k in columns}, "bucket": bucket}
-        for bucket, picked in rows.items()
-    ]
+        parts = [{**params, "bucket": (ids[0] >> BUCKET_SHIFT) % BUCKETS}]
+    else:
+        rows: dict[int, list[int]] = {}
+        for i, task_id in enumerate(ids):
+            rows.setdefault((task_id >> BUCKET_SHIFT) % BUCKETS, []).append(i)
+        columns = [k for k, v in params.items() if isinstance(v, list)]
+        parts = [
+            {**params, **{k: [params[k][i] for i in picked] for k in columns}, "bucket": bucket}
+            for bucket, picked in rows.items()
+        ]
+    return [{**part, "id": _ints(part["id"]), "attempt": _ints(part["attempt"])} for part in parts]
+
+
+def _ints(values: Iterable[int]) -> str:
+    """An array literal of integers, for a `%(name)s::bigint[]` parameter (see queries.sql)."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _column(params: dict[str, Any], name: str, values: list[Any]) -> None:
