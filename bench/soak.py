@@ -77,7 +77,7 @@ class Feed:
                 if self.stopped or n <= 0:
                     return
                 self.claimed += n
-            self.client.submit_many([self.spec] * n)
+            self.client.submit_batch(self.spec.queue, [self.spec.payload] * n)
 
     def update(self, done: int) -> None:
         with self.cond:

@@ -304,8 +304,8 @@ class PayloadClient:
         self.client = client
         self.payload = payload
 
-    def submit_many(self, specs: Sequence[TaskSpec]) -> list[int]:
-        return self.client.submit_many([s._replace(payload=self.payload) for s in specs])
+    def submit_batch(self, queue: str, payloads: Sequence[bytes], **options: Any) -> list[int]:
+        return self.client.submit_batch(queue, [self.payload] * len(payloads), **options)
 
     def submit(self, queue: str, payload: bytes, **options: Any) -> int:
         return self.client.submit(queue, self.payload, **options)
@@ -481,7 +481,7 @@ def drain(plan: Plan) -> tuple[Prefill, Body]:
     def prefill(client: Any) -> None:
         n = plan.drain_tasks
         sizes = [min(plan.batch, n - start) for start in range(0, n, plan.batch)]
-        submit = lambda k: client.submit_many([TaskSpec(demo.QUEUE, b"")] * k)  # noqa: E731
+        submit = lambda k: client.submit_batch(demo.QUEUE, [b""] * k)  # noqa: E731
         with (
             ThreadPoolExecutor(plan.producers) as pool,
             click.progressbar(length=n, label="submitting, no worker yet", file=sys.stderr) as bar,
