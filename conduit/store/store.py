@@ -390,7 +390,9 @@ class Store:
         return sorted(row[0] for row in self._rows("redrive", params))
 
     def lookup(self, ids: Sequence[int]) -> list[TaskInfo]:
-        return [TaskInfo(*row) for row in self._rows("lookup", {"id": _ints(ids)})]
+        if not ids:
+            return []
+        return [TaskInfo(*row) for row in self._rows("lookup", {"id": _ints(ids), **_span(ids)})]
 
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """Per queue, tasks by state, from the counters (never a COUNT over the backlog)."""
@@ -462,7 +464,15 @@ def _by_id(params: dict[str, Any]) -> list[dict[str, Any]]:
             {**params, **{k: [params[k][i] for i in picked] for k in columns}, "bucket": bucket}
             for bucket, picked in rows.items()
         ]
-    return [{**part, "id": _ints(part["id"]), "attempt": _ints(part["attempt"])} for part in parts]
+    return [
+        {**part, "id": _ints(part["id"]), "attempt": _ints(part["attempt"]), **_span(part["id"])}
+        for part in parts
+    ]
+
+
+def _span(ids: Sequence[int]) -> dict[str, int]:
+    """The least and greatest of `ids`, which bound a statement's scan of `tasks` (queries.sql)."""
+    return {"lo": min(ids), "hi": max(ids)}
 
 
 def _ints(values: Iterable[int]) -> str:
