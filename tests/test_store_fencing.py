@@ -8,6 +8,7 @@ import pytest
 
 from conduit.errors import BrokerLeaseLost
 from conduit.store import Store
+from conduit.store.store import Reaped
 from conduit.task import Ack, Completion, Failure, TaskSpec
 
 
@@ -165,3 +166,18 @@ def test_an_own_backlog_is_read_back_without_a_write_and_given_back_by_span(stor
     ]
     assert store.complete([Completion(t.id, 1) for t in got]) == ["ok"] * 3
     assert store.queue_stats()["q"] == {"pending": 1, "buffered": 1, "completed": 3}
+
+
+def test_the_reaper_yields_to_a_writer_instead_of_waiting_into_a_deadlock(store: Store, db) -> None:
+    """A row of a dead broker's that a commit holds: the reaper gives up at once (100 ms) and
+    returns it on a later pass, so a deadlock never picks the commit as its victim."""
+    gone = store.acquire_broker("gone", "tcp://gone", 30)
+    (sub,) = store.insert([TaskSpec("q", b"x")], [True], gone)
+    store.drop_broker(gone)
+    with db.store() as writer, writer.conn.transaction():
+        writer.conn.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (sub.id,))
+        began = time.monotonic()
+        assert store.reap() == Reaped(0, 0)
+        assert time.monotonic() - began < 1.0  # deadlock_timeout: it never waited that long
+    assert store.reap() == Reaped(1, 0)
+    assert _task_row(db, sub.id)[:2] == ("pending", 1)
