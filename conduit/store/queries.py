@@ -15,4 +15,4 @@ def load(text: str) -> dict[str, str]:
 
 QUERIES = load(resources.files("conduit.store").joinpath("queries.sql").read_text())
 SCHEMA = resources.files("conduit.store").joinpath("schema.sql").read_text()
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4

@@ -1,4 +1,4 @@
--- Conduit's whole schema, version 3 (queries.sql holds the migrations from earlier versions).
+-- Conduit's whole schema, version 4 (queries.sql holds the migrations from earlier versions).
 -- `conduit db init` applies it once, inside the schema named by CONDUIT_SCHEMA (default "conduit"),
 -- with that schema first on the search_path; unqualified names below land there. The tables that
 -- version 2 had and kept are made IF NOT EXISTS: migrate_to_3 runs this file over their remains.
@@ -115,7 +115,8 @@ CREATE TABLE history (
     finished_at     timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (finished_at);
 CREATE INDEX history_id ON history (id);
-CREATE INDEX history_dead ON history (queue, finished_at) WHERE state = 'dead';
+-- By queue and state, newest last: redrive reads the dead, `conduit tasks list` pages through any.
+CREATE INDEX history_queue ON history (queue, state, finished_at, id);
 
 CREATE TABLE completions (
     queue       text NOT NULL,
@@ -127,6 +128,8 @@ CREATE TABLE completions (
     finished_at timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (finished_at);
 CREATE INDEX completions_span ON completions USING gist (int8range(lo, hi, '[]'));
+-- One entry a batch row, not a task: lets a listing of completed tasks page by time.
+CREATE INDEX completions_queue ON completions (queue, finished_at);
 
 -- Every finished task, one row each, for people and tests (not for hot paths).
 CREATE VIEW results AS
@@ -265,6 +268,6 @@ BEGIN
     RETURN new_id;
 END $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '3'), ('retention_days', '7')
+INSERT INTO meta (key, value) VALUES ('schema_version', '4'), ('retention_days', '7')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE meta.key = 'schema_version';
 SELECT ensure_partitions(now(), 3);

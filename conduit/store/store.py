@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +12,7 @@ import psycopg
 from psycopg import sql
 
 from conduit.errors import BrokerLeaseLost, DatabaseError, SchemaError
+from conduit.store.ops import Operations, refusal
 from conduit.store.queries import QUERIES, SCHEMA, SCHEMA_VERSION
 from conduit.task import (
     Ack,
@@ -20,7 +21,6 @@ from conduit.task import (
     LeasedTask,
     Outcome,
     Submitted,
-    TaskInfo,
     TaskSpec,
     check_queue_name,
 )
@@ -112,7 +112,7 @@ def _check_version(conn: psycopg.Connection[Any], schema: str) -> None:
         )
 
 
-class Store:
+class Store(Operations):
     """Batched operations on tasks and leases. Each call commits on its own, or within `transaction()`.
 
     Most calls are one statement, atomic by itself, so outside a transaction they cost one round
@@ -156,9 +156,6 @@ class Store:
     def _tx(self) -> Any:
         in_tx = self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
         return nullcontext() if in_tx else self.conn.transaction()
-
-    def _rows(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.conn.execute(QUERIES[name], params, binary=True).fetchall()
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -340,7 +337,7 @@ class Store:
         if refused:
             infos = self.lookup([items[i].id for i in refused])
             for i, info in zip(refused, infos, strict=True):
-                outcomes[i] = _refusal(info)
+                outcomes[i] = refusal(info)
         return [o for o in outcomes if o is not None]
 
     # -- recovery and administration ----------------------------------------------------------
@@ -355,31 +352,6 @@ class Store:
             ]
             running = len(self._rows("fail", _failure_params(expired))) if expired else 0
         return Reaped(buffered, running)
-
-    def cancel(self, ids: Iterable[int]) -> list[Outcome]:
-        """Cancel live tasks, whatever their state; a running one's later complete is refused."""
-        ids = list(ids)
-        cancelled = {row[0] for row in self._rows("cancel", {"id": ids})}
-        outcomes = []
-        for info in self.lookup(ids):
-            outcomes.append(Outcome.OK if info.id in cancelled else _refusal(info))
-        return outcomes
-
-    def redrive(self, queue: str, ids: Sequence[int] | None = None, limit: int = 10_000) -> list[int]:
-        """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""
-        check_queue_name(queue)
-        params = {"queue": queue, "id": list(ids) if ids is not None else None, "limit": limit}
-        return sorted(row[0] for row in self._rows("redrive", params))
-
-    def lookup(self, ids: Sequence[int]) -> list[TaskInfo]:
-        return [TaskInfo(*row) for row in self._rows("lookup", {"id": list(ids)})]
-
-    def queue_stats(self) -> dict[str, dict[str, int]]:
-        """Per queue, tasks by state, from the counters (never a COUNT over the backlog)."""
-        stats: dict[str, dict[str, int]] = {}
-        for queue, state, n in self._rows("queue_stats"):
-            stats.setdefault(queue, {})[state] = n
-        return stats
 
     def notify(self, queues: Sequence[str]) -> None:
         """Tell listening brokers that these queues got due tasks; sent when the transaction commits."""
@@ -435,16 +407,6 @@ def _column(params: dict[str, Any], name: str, values: list[Any]) -> None:
     uniform = all(v == values[0] for v in values)
     params[name] = None if uniform else values
     params[f"{name}_all"] = values[0] if uniform else None
-
-
-def _refusal(info: TaskInfo) -> Outcome:
-    if info.state is None:
-        return Outcome.UNKNOWN
-    if info.state == "cancelled":
-        return Outcome.CANCELLED
-    if info.state in ("completed", "dead"):
-        return Outcome.FINISHED
-    return Outcome.STALE
 
 
 def _one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
