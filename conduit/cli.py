@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -12,6 +11,8 @@ from typing import Any
 
 import click
 
+from conduit.commands import dburl, queues, status, submit, tasks, workers
+from conduit.commands.common import Endpoint, db_options
 from conduit.config import Settings
 from conduit.errors import ConduitError
 from conduit.store import Store, describe_dsn, dsn_for, init_schema
@@ -21,25 +22,29 @@ from conduit.task import Completion, TaskSpec
 
 
 class _Cli(click.Group):
+    """Every error is one line on stderr and a non-zero exit: Conduit's own errors (1), and usage
+    errors (2) too, without click's usage banner and hint lines."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ConduitError as exc:
             raise click.ClickException(str(exc)) from None
 
-
-def _db_options(command: Any) -> Any:
-    command = click.option(
-        "--dsn", help="PostgreSQL DSN (env CONDUIT_DSN); without one, the embedded server is used."
-    )(command)
-    command = click.option(
-        "--data-dir",
-        type=click.Path(path_type=Path),
-        help="Embedded server's folder (env CONDUIT_DATA_DIR).",
-    )(command)
-    return click.option(
-        "--schema", help="Schema for Conduit's tables (env CONDUIT_SCHEMA; default conduit)."
-    )(command)
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message().rstrip('.')}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=_Cli)
@@ -53,6 +58,14 @@ def db() -> None:
     """Set up and check the database."""
 
 
+db.add_command(dburl.url)
+main.add_command(tasks.tasks)
+main.add_command(queues.queues)
+main.add_command(workers.workers)
+main.add_command(submit.submit)
+main.add_command(status.status)
+
+
 _RETENTION = click.option(
     "--retention-days",
     type=click.FloatRange(min=1),
@@ -61,7 +74,7 @@ _RETENTION = click.option(
 
 
 @db.command("init")
-@_db_options
+@db_options
 @_RETENTION
 def db_init(dsn: str | None, data_dir: Path | None, schema: str | None, retention_days: float | None) -> None:
     """Create Conduit's schema, or migrate an older one (idempotent)."""
@@ -79,7 +92,7 @@ def db_init(dsn: str | None, data_dir: Path | None, schema: str | None, retentio
 
 
 @db.command("prune")
-@_db_options
+@db_options
 @_RETENTION
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 def db_prune(
@@ -104,7 +117,7 @@ def db_prune(
 
 
 @db.command("check")
-@_db_options
+@db_options
 def db_check(dsn: str | None, data_dir: Path | None, schema: str | None) -> None:
     """Push one task through the store and back: enqueue, lease, complete, read the result."""
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
@@ -148,103 +161,18 @@ def db_stop(data_dir: Path | None, force: bool) -> None:
 
 
 @main.command()
-@_db_options
-@click.option("--gossip", multiple=True, help="Gossip endpoint(s) of brokers, to show the mesh too.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(
-    dsn: str | None, data_dir: Path | None, schema: str | None, gossip: tuple[str, ...], as_json: bool
-) -> None:
-    """Per-queue task counts by state, from counters (cheap on any backlog), and with --gossip
-    the live brokers with their buffered tasks and waiting polls per queue.
-
-    A task a broker handed to a worker stays `buffered` in the database until the worker's first
-    heartbeat; the live brokers' gossip says how many, and they are counted as running."""
-    settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
-    with Store.open(dsn_for(settings), schema=settings.schema) as store:
-        stats = store.queue_stats()
-        live = store.live_brokers()
-    brokers = _listen_to_gossip(list(gossip) or _gossip_endpoints(live), len(live))
-    for queue, counts in stats.items():
-        delivered = min(counts.get("buffered", 0), sum(b.delivered(queue) for b in brokers))
-        if delivered:
-            counts["buffered"] -= delivered
-            counts["running"] = counts.get("running", 0) + delivered
-    if as_json:
-        mesh = {b.broker: {"endpoint": b.endpoint, "queues": b.queues} for b in brokers}
-        click.echo(json.dumps({"queues": stats, "brokers": mesh}, sort_keys=True))
-        return
-    states = ["pending", "buffered", "running", "completed", "dead", "cancelled"]
-    click.echo(f"{'queue':<24}" + "".join(f"{s:>11}" for s in states))
-    for queue, counts in sorted(stats.items()):
-        click.echo(f"{queue:<24}" + "".join(f"{counts.get(s, 0):>11}" for s in states))
-    if gossip:
-        click.echo(f"\n{'broker':<20}{'endpoint':<28}{'queue':<24}{'buffered':>10}{'polls':>8}")
-        for b in sorted(brokers, key=lambda b: b.broker):
-            for queue, counts in sorted(b.queues.items()) or [("-", [0, 0])]:
-                click.echo(f"{b.broker:<20}{b.endpoint:<28}{queue:<24}{counts[0]:>10}{counts[1]:>8}")
-
-
-def _gossip_endpoints(brokers: list[str], seconds: float = 0.5) -> list[str]:
-    """Ask every live broker at once where it gossips (PING's `pub`); one that does not answer
-    within `seconds` is left out."""
-    import zmq
-
-    from conduit.client.link import dealer
-    from conduit.wire import REPLIES, Command, ProtocolError, decode, encode
-
-    ctx = zmq.Context()
-    socks = [dealer(ctx, endpoint) for endpoint in brokers]
-    poller = zmq.Poller()
-    found: list[str] = []
-    for sock in socks:
-        poller.register(sock, zmq.POLLOUT)  # writable once connected (IMMEDIATE)
-    try:
-        deadline = time.monotonic() + seconds
-        while poller.sockets and (left := deadline - time.monotonic()) > 0:
-            for sock, event in poller.poll(round(left * 1000)):
-                if event & zmq.POLLOUT:
-                    sock.send_multipart(encode(Command.PING, {"rid": 1}), zmq.NOBLOCK)
-                    poller.modify(sock, zmq.POLLIN)
-                    continue
-                poller.unregister(sock)
-                with contextlib.suppress(ProtocolError):
-                    found.append(str(decode(sock.recv_multipart(), allowed=REPLIES).body.get("pub") or ""))
-    finally:
-        for sock in socks:
-            sock.close(linger=0)
-        ctx.term()
-    return [pub for pub in found if pub]
-
-
-def _listen_to_gossip(endpoints: list[str], expect: int = 0, seconds: float = 1.5) -> list[Any]:
-    """Brokers heard within a few gossip intervals (slow joiners hear the next round); done as
-    soon as `expect` brokers are heard."""
-    import zmq
-
-    from conduit.client.mesh import Mesh
-
-    if not endpoints:
-        return []
-    ctx = zmq.Context()
-    mesh = Mesh(ctx, [], endpoints)
-    try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not (expect and len(mesh.brokers) >= expect):
-            mesh.sub.poll(100)
-            mesh.update()
-        return mesh.live()
-    finally:
-        mesh.close()
-        ctx.term()
-
-
-@main.command()
-@_db_options
+@db_options
 @click.option(
-    "--bind", default="tcp://127.0.0.1:5555", show_default=True, help="ROUTER endpoint ('*' port: any)."
+    "--bind",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    type=Endpoint(bind=True),
+    help="ROUTER endpoint ('*' port: any).",
 )
 @click.option(
-    "--pub", help="PUB endpoint for gossip (queue depths), e.g. tcp://127.0.0.1:5556 ('*' port: any)."
+    "--pub",
+    type=Endpoint(bind=True),
+    help="PUB endpoint for gossip (queue depths), e.g. tcp://127.0.0.1:5556 ('*' port: any).",
 )
 @click.option("--broker-id", help="Unique id of this broker (default: random).")
 @click.option("--buffer-size", default=1000, show_default=True, help="Tasks buffered per queue at most.")
@@ -328,48 +256,28 @@ def worker(
 
 
 @main.command()
-@click.argument("queue")
-@click.argument("payload")
-@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="Broker endpoint.")
-@click.option("--key", help="Idempotency key: a repeat returns the first task's id.")
-@click.option("--priority", default=0, show_default=True, help="Lower runs first.")
-@click.option("--delay", default=0.0, show_default=True, help="Seconds before it may run.")
-@click.option("--wait", is_flag=True, help="Wait for the task to end and print its result.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def submit(
-    queue: str,
-    payload: str,
-    connect: str,
-    key: str | None,
-    priority: int,
-    delay: float,
-    wait: bool,
-    as_json: bool,
-) -> None:
-    """Submit one task whose payload is PAYLOAD's UTF-8 bytes ('-' reads stdin); prints its id."""
-    from conduit.client import Client
-
-    data = sys.stdin.buffer.read() if payload == "-" else payload.encode()
-    with Client(connect) as client:
-        task_id = client.submit(queue, data, key=key, priority=priority, delay=delay)
-        out: dict[str, Any] = {"id": task_id}
-        if wait:
-            res = client.result(task_id)
-            out |= {"state": res.state, "attempt": res.attempt, "error": res.error}
-            out["result"] = None if res.result is None else res.result.decode("utf-8", "replace")
-    if as_json:
-        click.echo(json.dumps(out))
-    else:
-        click.echo(" ".join(f"{k}={v}" for k, v in out.items() if v is not None))
-
-
-@main.command()
-@_db_options
-@click.option("--tasks", default=20_000, show_default=True, help="Tasks in the burst.")
-@click.option("--batch", default=500, show_default=True, help="Tasks per submit.")
-@click.option("--workers", default=2, show_default=True, help="Worker processes.")
-@click.option("--producers", default=4, show_default=True, help="Threads submitting the burst.")
-@click.option("--single", default=200, show_default=True, help="One-at-a-time tasks for sync-match latency.")
+@db_options
+@click.option(
+    "--tasks", default=20_000, show_default=True, type=click.IntRange(min=1), help="Tasks in the burst."
+)
+@click.option(
+    "--batch", default=500, show_default=True, type=click.IntRange(1, 10_000), help="Tasks per submit."
+)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Worker processes.")
+@click.option(
+    "--producers",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Threads submitting the burst.",
+)
+@click.option(
+    "--single",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="One-at-a-time tasks for sync-match latency.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def demo(
     dsn: str | None,

@@ -132,6 +132,7 @@ class Outcome(enum.StrEnum):
     FINISHED = "finished"  # completed or dead already
     CANCELLED = "cancelled"
     UNKNOWN = "unknown"
+    LIVE = "live"  # a retry refused: the task has not ended
 
 
 @dataclass(frozen=True)

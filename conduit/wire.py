@@ -49,13 +49,16 @@ class Command(enum.StrEnum):
     FAIL = "FAIL"
     RELEASE = "RELEASE"
     CANCEL = "CANCEL"
+    RETRY = "RETRY"
     RESULT = "RESULT"
+    WORKERS = "WORKERS"
     PING = "PING"
     # replies (broker -> client or worker)
     SUBMITTED = "SUBMITTED"
     DELIVER = "DELIVER"
     ACK = "ACK"
     RESULTS = "RESULTS"
+    WORKER_LIST = "WORKER_LIST"
     PONG = "PONG"
     ERROR = "ERROR"
     # broadcast on a broker's PUB socket
@@ -71,14 +74,24 @@ REQUESTS = frozenset(
         Command.FAIL,
         Command.RELEASE,
         Command.CANCEL,
+        Command.RETRY,
         Command.RESULT,
+        Command.WORKERS,
         Command.PING,
     }
 )
 
 
 REPLIES = frozenset(
-    {Command.SUBMITTED, Command.DELIVER, Command.ACK, Command.RESULTS, Command.PONG, Command.ERROR}
+    {
+        Command.SUBMITTED,
+        Command.DELIVER,
+        Command.ACK,
+        Command.RESULTS,
+        Command.WORKER_LIST,
+        Command.PONG,
+        Command.ERROR,
+    }
 )
 
 

@@ -1,5 +1,6 @@
 """`conduit submit --wait` end to end, as the README shows it: against a broker and a worker it
-prints the task's id, how it ended and its result (or error); without a broker, a one-line error."""
+prints the task's id at once, then how it ended and its result (or error), and exits with a code
+that says how it ended; without a broker, a one-line error."""
 
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ def test_submit_wait_prints_id_state_and_result(start_broker, db) -> None:
         dead = conduit_submit(broker.endpoint, "shout", "nothing", "--wait", "--json")
     assert (done.returncode, done.stderr) == (0, ""), done.stderr
     (task_id,) = [int(field[3:]) for field in done.stdout.split() if field.startswith("id=")]
-    assert done.stdout == f"id={task_id} state=completed attempt=1 result=HELLO!\n"
+    assert done.stdout == f"id={task_id}\nstate=completed attempt=1 result=HELLO!\n"
     assert db.query("SELECT state, result FROM results WHERE id = %s", (task_id,)) == [
         ("completed", b"HELLO!")
     ]
     assert piped.returncode == 0, piped.stderr
-    out = json.loads(piped.stdout)
+    first, last = map(json.loads, piped.stdout.splitlines())
+    assert first == {"id": last["id"]}
+    out = last
     assert out == {
         "id": out["id"],
         "state": "completed",
@@ -51,8 +54,9 @@ def test_submit_wait_prints_id_state_and_result(start_broker, db) -> None:
         "error": None,
         "result": "FROM STDIN!",
     }
-    out = json.loads(dead.stdout)
+    out = json.loads(dead.stdout.splitlines()[-1])
     assert (out["state"], out["result"]) == ("dead", None) and "nothing to shout" in out["error"]
+    assert dead.returncode == 3  # dead, as --help lists
 
 
 def test_submit_without_wait_prints_only_the_id(start_broker, db) -> None:

@@ -620,3 +620,47 @@ def test_a_sync_matched_task_is_never_inside_a_backlog_span() -> None:
     assert [i for _, body in sent(actions, WORKER) for i in body["id"]] == [15]
     submit_and_commit(c, 1, 0.09, 16, rid=7)
     assert list(c.queues["q"].backlog) == [[13, 14], [16, 16]]
+
+
+# -- operations --------------------------------------------------------------------------------
+
+
+def workers(c: Core, now: float) -> dict[str, Any]:
+    ((command, body),) = sent(request(c, CLIENT, "WORKERS", now, rid=77), CLIENT)
+    assert command == "WORKER_LIST" and body["rid"] == 77 and body["broker"] == "b1"
+    return body
+
+
+def test_workers_lists_who_polls_what_holds_what_and_when_it_was_last_heard() -> None:
+    c = make_core()
+    assert workers(c, 0.0)["worker"] == []  # a client that only submits is no worker
+    poll(c, max=3, queues=["q", "r"])
+    c.handle(Leased("q", [task(1), task(2)], None, 0.1))  # delivered: the poll is answered
+    body = workers(c, 0.5)
+    assert (body["worker"], body["queues"], body["polls"], body["holding"]) == (
+        ["w1"],
+        [["q", "r"]],
+        [0],
+        [2],
+    )
+    assert body["peer"] == [WORKER.hex()] and body["heard"] == [0.5]
+    poll(c, now=1.0, rid=2, queues=["q", "r"])  # waiting now
+    request(c, WORKER, "COMPLETE", 2.0, rid=3, id=[1], attempt=[1])
+    body = workers(c, 3.0)
+    assert (body["polls"], body["holding"], body["heard"]) == ([1], [1], [1.0])
+    request(c, b"other", "HEARTBEAT", 3.0, rid=4, id=[7, 8, 9], attempt=[1, 1, 1])  # failed over to us
+    body = workers(c, 3.0)
+    assert body["worker"] == [None, "w1"] and body["holding"] == [3, 1]  # known only by its heartbeats
+    request(c, b"other", "HEARTBEAT", 3.5, rid=5, id=[7], attempt=[1], worker="w2")  # one that names it
+    body = workers(c, 4.0)
+    assert body["worker"] == ["w1", "w2"] and body["holding"] == [1, 1] and body["heard"] == [2.0, 0.5]
+    c.handle(Tick(70.0))  # silent for a minute: forgotten
+    assert workers(c, 70.0)["worker"] == []
+
+
+def test_retry_goes_through_the_group_commit_and_is_acknowledged_after_it() -> None:
+    c = make_core()
+    (write,) = of(request(c, CLIENT, "RETRY", 0.0, rid=5, ids=[3, 4]), core.Write)
+    assert [(op.kind, op.items) for op in write.batch.ops] == [("retry", [3, 4])]
+    actions = c.handle(Written(write.batch, WriteResult([], [[Outcome.OK, Outcome.LIVE]]), None, 0.1))
+    assert sent(actions, CLIENT) == [("ACK", {"rid": 5, "outcomes": ["ok", "live"]})]

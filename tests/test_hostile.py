@@ -88,9 +88,9 @@ def accepted_by_the_parsers(frames: list[bytes]) -> bool:
             parse_submit_key(msg)
         elif msg.command is Command.POLL:
             parse_poll(msg)
-        elif msg.command in (Command.CANCEL, Command.RESULT):
+        elif msg.command in (Command.CANCEL, Command.RETRY, Command.RESULT):
             parse_ids(msg)
-        elif msg.command is not Command.PING:
+        elif msg.command not in (Command.PING, Command.WORKERS):
             core._SETTLING[msg.command][1](msg)
     except ProtocolError:
         return False

@@ -200,6 +200,7 @@ def test_a_version_3_schema_with_tasks_migrates_to_what_init_creates(server_dsn:
             assert store.queue_stats() == {"q": {"pending": 1, "buffered": 1, "running": 1, "completed": 1}}
             (fresh,) = store.enqueue([TaskSpec("q", b"d")])
             assert fresh.id > 300000
+            assert [r.id for r in store.list_tasks(state="completed").rows] == [4]  # version 4's indexes
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             for schema in (old, new):

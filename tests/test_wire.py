@@ -84,7 +84,9 @@ REQUEST_BODIES: dict[Command, dict[str, Any]] = {
     Command.FAIL: {"id": [1], "attempt": [1], "error": ["boom"], "retry": True},
     Command.RELEASE: {"id": [7], "attempt": [2]},
     Command.CANCEL: {"ids": [1, 2, 3]},
+    Command.RETRY: {"ids": [4]},
     Command.RESULT: {"ids": [UINT63_MAX]},
+    Command.WORKERS: {},
     Command.PING: {},
 }
 
@@ -94,6 +96,7 @@ REPLY_BODIES: dict[Command, dict[str, Any]] = {
     Command.DELIVER: {"broker": "b-1", "id": [1], "attempt": [1], "queue": ["q"], "payload": [b"p"]},
     Command.ACK: {"outcomes": ["ok", "stale"]},
     Command.RESULTS: {"id": [1], "state": ["completed"], "attempt": [1], "result": [b"r"], "error": [None]},
+    Command.WORKER_LIST: {"broker": "b-1", "worker": ["w-1"], "peer": ["00ab"], "queues": [["q"]]},
     Command.PONG: {"broker": "b-1"},
     Command.ERROR: {"code": "busy", "message": "retry"},
 }
@@ -933,9 +936,9 @@ def parse(msg: Message) -> object:
             return parse_poll(msg)
         case Command.HEARTBEAT | Command.RELEASE | Command.COMPLETE | Command.FAIL:
             return SETTLING[msg.command](msg)
-        case Command.CANCEL | Command.RESULT:
+        case Command.CANCEL | Command.RETRY | Command.RESULT:
             return parse_ids(msg)
-        case Command.PING:
+        case Command.PING | Command.WORKERS:
             return msg.rid
     raise AssertionError(msg.command)
 
@@ -960,11 +963,11 @@ def check_parsed(msg: Message, parsed: object) -> None:
             assert 0 < len(parsed.worker) <= MAX_NAME_CHARS
             assert 1 <= parsed.max_tasks <= MAX_BATCH
             assert 0 <= parsed.timeout <= MAX_POLL_TIMEOUT
-        case Command.CANCEL | Command.RESULT:
+        case Command.CANCEL | Command.RETRY | Command.RESULT:
             assert isinstance(parsed, list)
             assert 1 <= len(parsed) <= MAX_BATCH
             assert all(type(i) is int and 0 <= i <= UINT63_MAX for i in parsed)
-        case Command.PING:
+        case Command.PING | Command.WORKERS:
             pass
         case _:
             assert isinstance(parsed, list)

@@ -27,6 +27,7 @@ from conduit.broker.events import (
     Tick,
     Written,
 )
+from conduit.broker.peers import Peers
 from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
 from conduit.store import BrokerLease
 from conduit.task import Ack, Completion, Failure, LeasedTask, Submitted, TaskSpec
@@ -220,6 +221,7 @@ class Core:
         self._next_gossip = 0.0
         self._last_gossip = -1.0
         self._gossiped: frozenset[str] = frozenset()  # queues that had work or polls when last told
+        self.peers = Peers()  # the workers heard lately, for WORKERS
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -286,6 +288,11 @@ class Core:
         if msg.command is Command.RESULT:
             out.append(Lookup(peer, rid, parse_ids(msg)))
             return
+        if msg.command is Command.WORKERS:
+            polls = Counter(w.peer for w in self._waiters.values())
+            body = self.peers.body(rid, self.config.broker_id, polls, now)
+            out.append(Send(peer, encode(Command.WORKER_LIST, body)))
+            return
         if msg.command is Command.POLL:
             self._on_poll(peer, rid, parse_poll(msg), now, out)
             return
@@ -295,11 +302,19 @@ class Core:
             specs = parse_submit(msg, self.config.max_payload_bytes)
             self._on_submit(peer, rid, specs, parse_submit_key(msg), now)
             return
-        if msg.command is Command.CANCEL:
-            self._pending.add_request(peer, rid, "cancel", parse_ids(msg))
+        if msg.command in (Command.CANCEL, Command.RETRY):
+            self._pending.add_request(peer, rid, msg.command.lower(), parse_ids(msg))
             return
         kind, parse = _SETTLING[msg.command]
-        self._pending.add_request(peer, rid, kind, parse(msg))
+        items = parse(msg)
+        if kind == "renew":
+            named = msg.body.get("worker")
+            self.peers.heartbeat(
+                peer, (item.id for item in items), now, named if isinstance(named, str) else None
+            )
+        else:
+            self.peers.settled(peer, (item.id for item in items), now)
+        self._pending.add_request(peer, rid, kind, items)
 
     def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], key: str | None, now: float) -> None:
         """Due tasks of a queue at the end of its backlog (no older task due) that this broker has
@@ -359,6 +374,7 @@ class Core:
         return None
 
     def _on_poll(self, peer: bytes, rid: int, poll: Poll, now: float, out: list[Action]) -> None:
+        self.peers.polled(peer, poll.worker, poll.queues, now)
         waiter = _Waiter(next(self._keys), peer, rid, poll, now + poll.timeout)
         self._waiters[waiter.key] = waiter
         for name in poll.queues:
@@ -397,6 +413,7 @@ class Core:
             self._next_expiry = min(self._next_expiry, now + lease_timeout)
             if self._stopping:
                 self._pending.starts.append(Ack(task_id, attempt))
+        self.peers.delivered(waiter.peer, (row[0] for row in rows))
         self._finish(waiter, rows, out)
 
     def _serve_queue(self, name: str, now: float, out: list[Action]) -> None:
@@ -545,7 +562,7 @@ class Core:
             self._pending.releases.extend(batch.releases)
             return
         for op in batch.ops:  # deliveries heard of again, now committed: task leases, or finished
-            for item in op.items if op.kind != "cancel" else ():
+            for item in op.items if op.kind not in ("cancel", "retry") else ():
                 if self._delivered.get(item.id, (None,))[0] == item.attempt:
                     del self._delivered[item.id]
         for op, outcomes in zip(batch.ops, result.outcomes, strict=True):
@@ -659,6 +676,7 @@ class Core:
             if prune:
                 self._next_prune = now + self.config.prune_every
             out.append(Reap(compact, prune))
+            self.peers.forget_silent(now)
         self._lease_live(now, out)
         for name, q in self.queues.items():
             if len(q.waiters) > 2 * len(self._waiters) + 16:  # answered polls leave their keys behind

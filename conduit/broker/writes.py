@@ -28,7 +28,7 @@ class SubmitOp:
 class RequestOp:
     peer: bytes
     rid: int
-    kind: str  # a Store method: renew, complete, fail, release, cancel
+    kind: str  # a Store method: renew, complete, fail, release, cancel, retry
     items: list[Any]
 
 

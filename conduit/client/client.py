@@ -14,12 +14,27 @@ import zmq
 from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
 from conduit.client.link import LIVENESS
 from conduit.client.mesh import BrokerView, Mesh
+from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
 from conduit.task import TaskSpec
 from conduit.wire import MAX_BATCH, Command, submit_body
 
 FINAL = frozenset({"completed", "dead", "cancelled"})
 MOVE_ON = frozenset({"shutting_down", "busy", "bad_version"})  # nothing was done: try another broker
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    """A worker connection as one broker sees it (`Client.workers`)."""
+
+    broker: str
+    endpoint: str
+    worker: str | None  # the name it polls with; None if it only heartbeated here
+    peer: str  # its connection's routing id, hex
+    queues: list[str]  # what its last poll here asked for
+    polls: int  # polls of it waiting here now
+    holding: int  # tasks it holds through this broker: delivered here, or heartbeated here
+    heard: float  # seconds since this broker last heard from it
 
 
 @dataclass(frozen=True)
@@ -52,10 +67,12 @@ class Client:
         creating a duplicate (a batch costs one key row; a lone task gets a task key instead).
         `timeout` bounds a request; a broker that goes quiet for two `liveness` intervals (or
         drops the connection) is given up on sooner, and a keyed request goes to the next."""
-        self._ctx = zmq.Context()
         self._endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self._endpoints:
             raise ValueError("give at least one broker endpoint")
+        for endpoint in [*self._endpoints, *gossip]:
+            check_endpoint(endpoint)
+        self._ctx = zmq.Context()
         self._timeout = timeout
         self._liveness = liveness
         self._retry_submits = retry_submits
@@ -209,6 +226,41 @@ class Client:
         reply = self._request(Command.CANCEL, {"ids": [task_id]}, retry_safe=True)
         return reply["outcomes"][0] == "ok"
 
+    def cancel_many(self, ids: Sequence[int]) -> list[str]:
+        """Cancel live tasks; per task `ok`, or why not (`finished`, `cancelled`, `unknown`)."""
+        return self._outcomes(Command.CANCEL, ids)
+
+    def retry(self, ids: Sequence[int]) -> list[str]:
+        """Dead or cancelled tasks back to pending, failures forgiven; per task `ok`, or why not
+        (`live`: it has not ended, `finished`: it completed, `unknown`). Safe to repeat."""
+        return self._outcomes(Command.RETRY, ids)
+
+    def _outcomes(self, command: Command, ids: Sequence[int]) -> list[str]:
+        outcomes: list[str] = []
+        for start in range(0, len(ids), MAX_BATCH):
+            body = {"ids": list(ids[start : start + MAX_BATCH])}
+            outcomes += self._request(command, body, retry_safe=True)["outcomes"]
+        return outcomes
+
+    def workers(self, timeout: float = 1.0) -> list[WorkerSeen]:
+        """The workers every reachable broker heard in the last minute (live brokers from gossip,
+        and the configured ones); a broker that does not answer within `timeout` is left out, and
+        if none does, BrokerTimeout says why."""
+        seen: list[WorkerSeen] = []
+        errors: list[str] = []
+        endpoints = list(dict.fromkeys(self._order()))
+        for endpoint in endpoints:
+            try:
+                body = self._channel(endpoint).request(Command.WORKERS, {}, timeout).body
+            except ConduitError as exc:
+                errors.append(str(exc))
+                continue
+            columns = (body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard"))
+            seen += [WorkerSeen(str(body["broker"]), endpoint, *row) for row in zip(*columns, strict=True)]
+        if len(errors) == len(endpoints):
+            raise BrokerTimeout("no broker answered: " + "; ".join(errors))
+        return seen
+
     def ping(self) -> str:
         return str(self._request(Command.PING, {}, retry_safe=True)["broker"])
 
@@ -218,4 +270,4 @@ def _rows(value: Any, start: int, end: int) -> Any:
     return list(value[start:end]) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
-__all__ = ["BrokerError", "BrokerTimeout", "Client", "TaskResult"]
+__all__ = ["BrokerError", "BrokerTimeout", "Client", "TaskResult", "WorkerSeen"]

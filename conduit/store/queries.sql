@@ -75,9 +75,10 @@ DROP TABLE tasks_v2, results_v2, brokers_v2;
 -- name: migrate_to_4_before
 -- Version 3 to 4: `tasks` becomes partitioned by bucket, its columns reordered. The old table and
 -- what depends on it move aside; schema.sql then makes the new one, and migrate_to_4_after copies
--- the rows across. A completion batch may now leave out its attempts (every one 1).
+-- the rows across. A completion batch may now leave out its attempts (every one 1); history and
+-- completions get the indexes that page through finished tasks by queue, state and time.
 DROP VIEW live_tasks;
-DROP INDEX tasks_due, tasks_leased;
+DROP INDEX tasks_due, tasks_leased, history_dead;
 ALTER TABLE completions ALTER COLUMN attempts DROP NOT NULL;
 ALTER TABLE tasks RENAME TO tasks_v3;
 ALTER INDEX tasks_pkey RENAME TO tasks_v3_pkey;
@@ -445,6 +446,127 @@ WITH back AS (
            LATERAL (VALUES ('dead', -g.c), ('pending', g.c)) AS v(s, n)
 )
 SELECT id FROM revived;
+
+-- name: retry
+-- Dead or cancelled tasks back to pending, failures forgiven. The attempt is kept (and grows at
+-- the next lease), so a delivery from before the cancel stays fenced off.
+WITH back AS (
+    DELETE FROM history
+    WHERE (id, finished_at) IN (SELECT id, finished_at FROM history
+                                WHERE id = ANY(%(id)b::bigint[]) AND state IN ('dead', 'cancelled')
+                                FOR UPDATE SKIP LOCKED)
+    RETURNING *
+), revived AS (
+    INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, policy, idempotency_key, payload,
+                       last_error)
+    SELECT id, queue, priority, now(), attempt, 0, policy, idempotency_key, payload, last_error
+    FROM back
+), counted AS (
+    INSERT INTO queue_counts
+    SELECT queue, state, sum(n) FROM (
+        SELECT queue, state, -1 AS n FROM back
+        UNION ALL
+        SELECT queue, 'pending', 1 FROM back
+    ) d GROUP BY 1, 2
+)
+SELECT id FROM back;
+
+-- name: purge_pending
+-- A page of a queue's pending tasks, from tasks_due, for `cancel` in the same transaction.
+SELECT id FROM tasks
+WHERE queue = %(queue)s AND owner IS NULL
+ORDER BY queue, priority, run_at, id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: purge_held
+-- A queue's tasks held by brokers and not yet started under a task lease (buffered, the brokers'
+-- own backlogs, deliveries no heartbeat confirmed). No index holds them: one pass over the live
+-- table, which holds live tasks only.
+SELECT id FROM tasks
+WHERE queue = %(queue)s AND owner IS NOT NULL AND lease_expires_at IS NULL
+FOR UPDATE SKIP LOCKED;
+
+-- name: list_pending
+-- Pending tasks in the order they will run, a page at a time: a keyset on tasks_due's columns.
+-- "since" is run_at: when the task came (or comes) due.
+SELECT id, queue, 'pending', priority, attempt, failures, run_at, NULL::text, last_error
+FROM tasks
+WHERE owner IS NULL
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(older)s::float8 IS NULL OR run_at <= now() - %(older)s::float8 * interval '1 second')
+  AND (%(newer)s::float8 IS NULL OR run_at >= now() - %(newer)s::float8 * interval '1 second')
+  AND (%(k_id)s::bigint IS NULL
+       OR (queue, priority, run_at, id) > (%(k_queue)s::text, %(k_priority)s::smallint,
+                                           %(k_at)s::timestamptz, %(k_id)s::bigint))
+ORDER BY queue, priority, run_at, id
+LIMIT %(limit)s;
+
+-- name: list_live
+-- Live tasks in id order (the primary key), of one state or any: held and running tasks are few
+-- (buffers, backlogs and workers' hands), but pending ones are many, so their own listing above
+-- reads tasks_due. "since" is run_at.
+SELECT id, queue, state, priority, attempt, failures, run_at, broker, last_error
+FROM live_tasks
+WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(older)s::float8 IS NULL OR run_at <= now() - %(older)s::float8 * interval '1 second')
+  AND (%(newer)s::float8 IS NULL OR run_at >= now() - %(newer)s::float8 * interval '1 second')
+  AND (%(k_id)s::bigint IS NULL OR id > %(k_id)s::bigint)
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: list_finished
+-- Finished tasks of one state, newest first, a page at a time: a keyset on (finished_at, id),
+-- read per queue from history_queue and completions_queue (the queues are the counters' own,
+-- so no index scan leaves its queue). "since" is finished_at.
+SELECT f.* FROM (SELECT DISTINCT queue FROM queue_counts
+                 WHERE %(queue)s::text IS NULL OR queue = %(queue)s::text) q
+CROSS JOIN LATERAL (
+    (SELECT h.id, h.queue, h.state, h.priority, h.attempt, h.failures, h.finished_at, NULL::text,
+            h.last_error
+     FROM history h
+     WHERE h.queue = q.queue AND h.state = %(state)s::text
+       AND (%(older)s::float8 IS NULL OR h.finished_at <= now() - %(older)s::float8 * interval '1 second')
+       AND (%(newer)s::float8 IS NULL OR h.finished_at >= now() - %(newer)s::float8 * interval '1 second')
+       AND (%(k_id)s::bigint IS NULL OR (h.finished_at, h.id) < (%(k_at)s::timestamptz, %(k_id)s::bigint))
+     ORDER BY h.finished_at DESC, h.id DESC
+     LIMIT %(limit)s)
+    UNION ALL
+    (SELECT u.id, c.queue, 'completed', NULL::smallint, coalesce(u.attempt, 1), 0, c.finished_at, NULL::text,
+            NULL::text
+     FROM completions c CROSS JOIN LATERAL unnest(c.ids, c.attempts) AS u(id, attempt)
+     WHERE c.queue = q.queue AND %(state)s::text = 'completed'
+       AND (%(older)s::float8 IS NULL OR c.finished_at <= now() - %(older)s::float8 * interval '1 second')
+       AND (%(newer)s::float8 IS NULL OR c.finished_at >= now() - %(newer)s::float8 * interval '1 second')
+       AND (%(k_id)s::bigint IS NULL OR c.finished_at <= %(k_at)s::timestamptz)
+       AND (%(k_id)s::bigint IS NULL OR (c.finished_at, u.id) < (%(k_at)s::timestamptz, %(k_id)s::bigint))
+     ORDER BY c.finished_at DESC, u.id DESC
+     LIMIT %(limit)s)
+) f
+ORDER BY f.finished_at DESC, f.id DESC
+LIMIT %(limit)s;
+
+-- name: show
+-- Everything kept about tasks, wherever they are: live, in history, or in a completions batch.
+SELECT t.id, t.queue, t.state, t.priority, t.attempt, t.failures, p.max_attempts, p.lease_timeout,
+       p.backoff_base, p.backoff_max, t.run_at, t.lease_expires_at, t.broker, t.idempotency_key,
+       t.payload, NULL::bytea, t.last_error, NULL::timestamptz
+FROM live_tasks t JOIN policies p ON p.id = t.policy
+WHERE t.id = ANY(%(id)b::bigint[])
+UNION ALL
+SELECT h.id, h.queue, h.state, h.priority, h.attempt, h.failures, p.max_attempts, p.lease_timeout,
+       p.backoff_base, p.backoff_max, NULL, NULL, NULL, h.idempotency_key, h.payload, h.result,
+       h.last_error, h.finished_at
+FROM history h JOIN policies p ON p.id = h.policy
+WHERE h.id = ANY(%(id)b::bigint[])
+UNION ALL
+SELECT i.id, c.queue, 'completed', NULL, coalesce(c.attempts[k], 1), 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, c.results[k], NULL, c.finished_at
+FROM unnest(%(id)b::bigint[]) AS i(id)
+JOIN completions c ON int8range(c.lo, c.hi, '[]') @> i.id
+CROSS JOIN LATERAL array_position(c.ids, i.id) AS k
+WHERE k IS NOT NULL;
 
 -- name: lookup
 -- Live, kept in history, completed in a batch row, or (every column NULL) unknown: never

@@ -168,7 +168,8 @@ CREATE TABLE IF NOT EXISTS history (
     finished_at     timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (finished_at);
 CREATE INDEX IF NOT EXISTS history_id ON history (id);
-CREATE INDEX IF NOT EXISTS history_dead ON history (queue, finished_at) WHERE state = 'dead';
+-- By queue and state, newest last: redrive reads the dead, `conduit tasks list` pages through any.
+CREATE INDEX IF NOT EXISTS history_queue ON history (queue, state, finished_at, id);
 
 CREATE TABLE IF NOT EXISTS completions (
     queue       text NOT NULL,
@@ -180,6 +181,8 @@ CREATE TABLE IF NOT EXISTS completions (
     finished_at timestamptz NOT NULL DEFAULT now()
 ) PARTITION BY RANGE (finished_at);
 CREATE INDEX IF NOT EXISTS completions_span ON completions USING gist (int8range(lo, hi, '[]'));
+-- One entry a batch row, not a task: lets a listing of completed tasks page by time.
+CREATE INDEX IF NOT EXISTS completions_queue ON completions (queue, finished_at);
 
 -- Every finished task, one row each, for people and tests (not for hot paths).
 CREATE OR REPLACE VIEW results AS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +12,8 @@ import psycopg
 from psycopg import sql
 
 from conduit.errors import BrokerLeaseLost, DatabaseError, SchemaError
-from conduit.store.queries import QUERIES, SCHEMA, SCHEMA_VERSION
+from conduit.store.ops import Operations, refusal
+from conduit.store.queries import QUERIES, SCHEMA, SCHEMA_VERSION, id_span, int_array
 from conduit.task import (
     Ack,
     Completion,
@@ -20,7 +21,6 @@ from conduit.task import (
     LeasedTask,
     Outcome,
     Submitted,
-    TaskInfo,
     TaskSpec,
     check_queue_name,
 )
@@ -123,7 +123,7 @@ def _check_version(conn: psycopg.Connection[Any], schema: str) -> None:
         )
 
 
-class Store:
+class Store(Operations):
     """Batched operations on tasks and leases. Each call commits on its own, or within `transaction()`.
 
     Most calls are one statement, atomic by itself, so outside a transaction they cost one round
@@ -163,9 +163,6 @@ class Store:
         finally:  # a policy made in a rolled-back transaction does not exist
             made, self._tentative = self._tentative, {}
         self._policies.update(made)
-
-    def _rows(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.conn.execute(QUERIES[name], params, binary=True).fetchall()
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -238,7 +235,7 @@ class Store:
         params = {
             "key": list(ids),
             "n": [len(task_ids) for task_ids in ids.values()],
-            "id": _ints(task_id for task_ids in ids.values() for task_id in task_ids),
+            "id": int_array(task_id for task_ids in ids.values() for task_id in task_ids),
         }
         self.conn.execute(QUERIES["record_submits"], params, binary=True)
 
@@ -349,7 +346,7 @@ class Store:
         if refused:
             infos = self.lookup([items[i].id for i in refused])
             for i, info in zip(refused, infos, strict=True):
-                outcomes[i] = _refusal(info)
+                outcomes[i] = refusal(info)
         return [o for o in outcomes if o is not None]
 
     # -- recovery and administration ----------------------------------------------------------
@@ -378,33 +375,6 @@ class Store:
         except psycopg.errors.LockNotAvailable:
             return Reaped(0, 0)
         return Reaped(buffered, running)
-
-    def cancel(self, ids: Iterable[int]) -> list[Outcome]:
-        """Cancel live tasks, whatever their state; a running one's later complete is refused."""
-        ids = list(ids)
-        cancelled = {row[0] for row in self._rows("cancel", {"id": _ints(ids)})}
-        outcomes = []
-        for info in self.lookup(ids):
-            outcomes.append(Outcome.OK if info.id in cancelled else _refusal(info))
-        return outcomes
-
-    def redrive(self, queue: str, ids: Sequence[int] | None = None, limit: int = 10_000) -> list[int]:
-        """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""
-        check_queue_name(queue)
-        params = {"queue": queue, "id": list(ids) if ids is not None else None, "limit": limit}
-        return sorted(row[0] for row in self._rows("redrive", params))
-
-    def lookup(self, ids: Sequence[int]) -> list[TaskInfo]:
-        if not ids:
-            return []
-        return [TaskInfo(*row) for row in self._rows("lookup", {"id": _ints(ids), **_span(ids)})]
-
-    def queue_stats(self) -> dict[str, dict[str, int]]:
-        """Per queue, tasks by state, from the counters (never a COUNT over the backlog)."""
-        stats: dict[str, dict[str, int]] = {}
-        for queue, state, n in self._rows("queue_stats"):
-            stats.setdefault(queue, {})[state] = n
-        return stats
 
     def notify(self, queues: Sequence[str]) -> None:
         """Tell listening brokers that these queues got due tasks; sent when the transaction commits."""
@@ -470,19 +440,9 @@ def _by_id(params: dict[str, Any]) -> list[dict[str, Any]]:
             for bucket, picked in rows.items()
         ]
     return [
-        {**part, "id": _ints(part["id"]), "attempt": _ints(part["attempt"]), **_span(part["id"])}
+        {**part, "id": int_array(part["id"]), "attempt": int_array(part["attempt"]), **id_span(part["id"])}
         for part in parts
     ]
-
-
-def _span(ids: Sequence[int]) -> dict[str, int]:
-    """The least and greatest of `ids`, which bound a statement's scan of `tasks` (queries.sql)."""
-    return {"lo": min(ids), "hi": max(ids)}
-
-
-def _ints(values: Iterable[int]) -> str:
-    """An array literal of integers, for a `%(name)s::bigint[]` parameter (see queries.sql)."""
-    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _column(params: dict[str, Any], name: str, values: list[Any]) -> None:
@@ -491,16 +451,6 @@ def _column(params: dict[str, Any], name: str, values: list[Any]) -> None:
     uniform = all(v == values[0] for v in values)
     params[name] = None if uniform else values
     params[f"{name}_all"] = values[0] if uniform else None
-
-
-def _refusal(info: TaskInfo) -> Outcome:
-    if info.state is None:
-        return Outcome.UNKNOWN
-    if info.state == "cancelled":
-        return Outcome.CANCELLED
-    if info.state in ("completed", "dead"):
-        return Outcome.FINISHED
-    return Outcome.STALE
 
 
 def _one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:

@@ -1,0 +1,53 @@
+"""`conduit workers`: who polls which broker, holding what, last heard, as brokers tell it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from conduit.commands.common import JSON, Endpoints, db_options, emit, flat, open_store
+from conduit.errors import ConduitError
+
+
+@click.command()
+@db_options
+@click.option(
+    "--connect",
+    "endpoints",
+    multiple=True,
+    type=Endpoints(),
+    help="Broker endpoint(s) to ask (repeat the option, or separate with commas). "
+    "Default: every live broker the database knows.",
+)
+@JSON
+def workers(
+    dsn: str | None,
+    data_dir: Path | None,
+    schema: str | None,
+    endpoints: tuple[list[str], ...],
+    as_json: bool,
+) -> None:
+    """The workers each broker heard in the last minute: the queues of their last poll, polls
+    waiting, tasks held through that broker (delivered there, or heartbeated there), and seconds
+    since it last heard them. A worker on several brokers shows once for each."""
+    from conduit.client import Client
+
+    asked = flat(endpoints)
+    if not asked:
+        with open_store(dsn, data_dir, schema) as store:
+            asked = store.live_brokers()
+    if not asked:
+        raise ConduitError("no live broker in the database: start one, or name brokers with --connect")
+    with Client(asked) as client:
+        seen = client.workers()
+    if as_json:
+        emit({"workers": [vars(w) for w in seen]})
+        return
+    click.echo(f"{'worker':<28}{'broker':<20}{'queues':<28}{'polls':>6}{'holding':>9}{'heard':>8}")
+    for w in sorted(seen, key=lambda w: (w.worker or "", w.broker)):
+        name = w.worker or f"(peer {w.peer[:8]})"
+        heard = f"{w.heard:.1f}s"
+        click.echo(
+            f"{name:<28}{w.broker:<20}{','.join(w.queues) or '-':<28}{w.polls:>6}{w.holding:>9}{heard:>8}"
+        )

@@ -1,0 +1,216 @@
+"""What people do to tasks by hand: look them up, list, cancel, retry, redrive, purge.
+
+A base of `Store` (which adds the hot paths): every call is a named query or two from
+queries.sql, and each one that moves tasks writes its own counter deltas, so `queue_stats` stays
+exact. Listings page by keyset on an index (`Page.next` is the cursor), never by OFFSET or COUNT.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from conduit.errors import ConduitError
+from conduit.store.queries import QUERIES, id_span, int_array
+from conduit.task import Outcome, TaskInfo, check_queue_name
+
+LIVE_STATES = ("pending", "buffered", "running")
+FINAL_STATES = ("completed", "dead", "cancelled")
+STATES = (*LIVE_STATES, *FINAL_STATES)
+PURGE_BATCH = 10_000
+
+
+class BadCursor(ConduitError):
+    """A --after cursor that no listing of this kind printed."""
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One line of a listing. `since`: when a live task came due (run_at), or a finished one ended."""
+
+    id: int
+    queue: str
+    state: str
+    priority: int | None  # None: completed in a batch row, which keeps no priority
+    attempt: int
+    failures: int
+    since: datetime
+    broker: str | None  # the broker holding a live task
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[TaskRow]
+    next: str | None  # pass as `after` for the next page; None: this was the last
+
+
+@dataclass(frozen=True)
+class TaskDetail:
+    id: int
+    queue: str
+    state: str
+    priority: int | None
+    attempt: int
+    failures: int
+    max_attempts: int | None
+    lease_timeout: float | None
+    backoff_base: float | None
+    backoff_max: float | None
+    run_at: datetime | None
+    lease_expires_at: datetime | None
+    broker: str | None
+    idempotency_key: str | None
+    payload: bytes | None  # live tasks, and dead or cancelled ones (kept to retry)
+    result: bytes | None
+    error: str | None
+    finished_at: datetime | None
+
+
+class Operations:
+    """Needs `conn`, an autocommit connection with Conduit's schema on its search path."""
+
+    conn: psycopg.Connection[Any]
+
+    def _rows(self, name: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.conn.execute(QUERIES[name], params, binary=True).fetchall()
+
+    def lookup(self, ids: Sequence[int]) -> list[TaskInfo]:
+        if not ids:
+            return []
+        return [TaskInfo(*row) for row in self._rows("lookup", {"id": int_array(ids), **id_span(ids)})]
+
+    def show(self, ids: Sequence[int]) -> list[TaskDetail]:
+        """All that is kept about each task found, in the order of `ids` (unknown ones left out)."""
+        found = {row[0]: TaskDetail(*row) for row in self._rows("show", {"id": list(ids)})}
+        return [found[i] for i in dict.fromkeys(ids) if i in found]
+
+    def queue_stats(self) -> dict[str, dict[str, int]]:
+        """Per queue, tasks by state, from the counters (never a COUNT over the backlog)."""
+        stats: dict[str, dict[str, int]] = {}
+        for queue, state, n in self._rows("queue_stats"):
+            stats.setdefault(queue, {})[state] = n
+        return stats
+
+    def list_tasks(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page:
+        """A page of tasks. `state` None lists live tasks by id; "pending" lists them in the order
+        they run; a final state lists them newest first. Ages are seconds before now."""
+        if queue is not None:
+            check_queue_name(queue)
+        if state is not None and state not in STATES:
+            raise ConduitError(f"state {state!r} is not one of {', '.join(STATES)}")
+        if not 1 <= limit <= 10_000:
+            raise ConduitError(f"limit must be 1..10000, got {limit}")
+        kind = "pending" if state == "pending" else "finished" if state in FINAL_STATES else "live"
+        params: dict[str, Any] = {
+            "queue": queue,
+            "state": state,
+            "older": older_than,
+            "newer": newer_than,
+            "limit": limit,
+            **_keyset(kind, after),
+        }
+        rows = [TaskRow(*row) for row in self._rows(f"list_{kind}", params)]
+        return Page(rows, _cursor(kind, rows[-1]) if len(rows) == limit else None)
+
+    def cancel(self, ids: Iterable[int]) -> list[Outcome]:
+        """Cancel live tasks, whatever their state; a running one's later complete is refused."""
+        ids = list(ids)
+        cancelled = {row[0] for row in self._rows("cancel", {"id": int_array(ids)})}
+        return [Outcome.OK if info.id in cancelled else refusal(info) for info in self.lookup(ids)]
+
+    def retry(self, ids: Iterable[int]) -> list[Outcome]:
+        """Dead or cancelled tasks back to pending, failures forgiven. Refused: `live` (it has not
+        ended), `finished` (it completed), `unknown`."""
+        ids = list(ids)
+        back = {row[0] for row in self._rows("retry", {"id": ids})}
+        return [
+            Outcome.OK if info.id in back else Outcome.LIVE if info.state in LIVE_STATES else refusal(info)
+            for info in self.lookup(ids)
+        ]
+
+    def redrive(self, queue: str, ids: Sequence[int] | None = None, limit: int = 10_000) -> list[int]:
+        """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""
+        check_queue_name(queue)
+        params = {"queue": queue, "id": list(ids) if ids is not None else None, "limit": limit}
+        return sorted(row[0] for row in self._rows("redrive", params))
+
+    def redrive_all(self, queue: str) -> int:
+        """Every dead task of `queue` back to pending, a batch a commit; returns how many."""
+        done = 0
+        while batch := self.redrive(queue):
+            done += len(batch)
+        return done
+
+    def purge(self, queue: str) -> int:
+        """Cancel every task of `queue` that has not started: pending ones a batch a commit, then
+        those brokers hold (buffered, their own backlog, deliveries not yet confirmed by a
+        heartbeat). Running tasks are left to finish. Purged tasks are kept as cancelled with
+        their payloads, so a client waiting on one hears it ended, and `retry` can undo it."""
+        check_queue_name(queue)
+        done = 0
+        for name, params in (
+            ("purge_pending", {"queue": queue, "limit": PURGE_BATCH}),
+            ("purge_held", {"queue": queue}),
+        ):
+            while True:
+                with self.conn.transaction():
+                    ids = [row[0] for row in self._rows(name, params)]
+                    if ids:
+                        done += len(self._rows("cancel", {"id": int_array(ids)}))
+                if len(ids) < PURGE_BATCH:
+                    break
+        return done
+
+
+def refusal(info: TaskInfo) -> Outcome:
+    if info.state is None:
+        return Outcome.UNKNOWN
+    if info.state == "cancelled":
+        return Outcome.CANCELLED
+    if info.state in ("completed", "dead"):
+        return Outcome.FINISHED
+    return Outcome.STALE
+
+
+# A cursor is the last row's sort key, as url-safe base64 of JSON, tagged with its listing's kind.
+def _cursor(kind: str, row: TaskRow) -> str:
+    key: list[Any] = [kind, row.id]
+    if kind == "pending":
+        key += [row.queue, row.priority, row.since.isoformat()]
+    elif kind == "finished":
+        key.append(row.since.isoformat())
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+
+
+def _keyset(kind: str, after: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"k_id": None, "k_queue": None, "k_priority": None, "k_at": None}
+    if after is None:
+        return params
+    try:
+        key = json.loads(base64.urlsafe_b64decode(after + "=" * (-len(after) % 4)))
+        if key[0] != kind:
+            raise ValueError(key[0])
+        params["k_id"] = int(key[1])
+        if kind == "pending":
+            params |= {"k_queue": str(key[2]), "k_priority": int(key[3])}
+        if kind != "live":
+            params["k_at"] = datetime.fromisoformat(key[-1])
+    except (ValueError, TypeError, IndexError, KeyError):
+        raise BadCursor(f"cursor {after!r} is not one this listing printed") from None
+    return params
