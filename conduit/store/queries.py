@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from importlib import resources
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -23,8 +23,3 @@ def int_array(values: Iterable[int]) -> str:
     """An array literal of integers, for a `%(name)s::bigint[]` parameter: one join, where psycopg
     would dump a list element by element in Python (see queries.sql)."""
     return "{" + ",".join(map(str, values)) + "}"
-
-
-def id_span(ids: Sequence[int]) -> dict[str, int]:
-    """The least and greatest of `ids`, which bound a statement's scan of `tasks` (queries.sql)."""
-    return {"lo": min(ids), "hi": max(ids)}

@@ -2,13 +2,12 @@
 -- Batched statements take parallel arrays and unnest them: one statement for many tasks. Arrays
 -- of ids and attempts come as text (`%(id)s`, "{1,2,3}"): the Store writes one with a join, where
 -- psycopg dumps a list of ints element by element in Python, four times the broker's time.
--- A statement that finds tasks by id also bounds the scan on `tasks` by its least and greatest id
--- (`%(lo)s`, `%(hi)s`) and, where its ids share one, names their bucket (`%(bucket)s`, see
--- schema.sql): the index is then the only way in (Conduit's sessions disable sequential scans) and
--- one partition is opened. A plan cached while the table looked empty would otherwise scan or hash
--- all of it once it fills. A range, not `t.id = ANY(ids)`: in a nested loop that array would be
--- sorted again for every row (chaos at 2,000 tasks/s found a lookup of a few thousand ids taking
--- seconds, inside a commit that held a submit key other brokers waited on).
+-- Statements that read `tasks` by id or in order are planned at every run (the Store does not
+-- prepare them: see store.py), so the plan fits the buckets as they are. A plan cached while a
+-- bucket looked small (truncated, vacuumed between bursts) would scan, hash or sort all of it once
+-- it fills: a chaos run at 2,000 tasks/s saw leases sorting every pending row of their queue and
+-- lookups taking seconds inside a commit other brokers waited on. A statement by id also names
+-- the bucket of its ids (`%(bucket)s`, see schema.sql), so it is planned for one partition.
 
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
@@ -212,7 +211,7 @@ WITH owner AS (
     UPDATE tasks t
     SET owner = %(epoch)s, attempt = t.attempt + 1
     FROM picked
-    WHERE t.id = picked.id AND t.id BETWEEN (SELECT min(id) FROM picked) AND (SELECT max(id) FROM picked)
+    WHERE t.id = picked.id
     RETURNING t.id, t.queue, t.priority, t.run_at, t.attempt, t.failures, t.policy, t.payload
 ), counted AS (
     INSERT INTO queue_counts
@@ -229,7 +228,7 @@ WITH started AS (
     SET lease_expires_at = now() + p.lease_timeout * interval '1 second'
     FROM (SELECT DISTINCT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS u(id, attempt)) r, policies p
     WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner = %(epoch)s AND t.lease_expires_at IS NULL
-      AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+      AND ((t.id >> 17) & 7) = %(bucket)s::bigint
       AND p.id = t.policy
       AND EXISTS (SELECT 1 FROM brokers b WHERE b.epoch = %(epoch)s AND b.expires_at > now())
     RETURNING t.id, t.attempt, t.queue
@@ -248,13 +247,13 @@ WITH held AS (
     FROM tasks t
     JOIN (SELECT DISTINCT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS u(id, attempt)) r
       ON t.id = r.id AND t.attempt = r.attempt
-    WHERE t.owner IS NOT NULL AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.owner IS NOT NULL AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     FOR UPDATE OF t
 ), renewed AS (
     UPDATE tasks t
     SET owner = %(epoch)s, lease_expires_at = now() + p.lease_timeout * interval '1 second'
     FROM held h, policies p
-    WHERE t.id = h.id AND p.id = t.policy AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = h.id AND p.id = t.policy AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt, t.queue, h.was_buffered
 ), counted AS (
     INSERT INTO queue_counts
@@ -265,7 +264,9 @@ SELECT id, attempt FROM renewed;
 
 -- name: complete
 -- The first of duplicate completions in one batch wins; the rest are refused as finished. A task
--- done at its first try adds its id, attempt and result to one row a queue.
+-- done at its first try adds its id, attempt and result to one row per queue and block of 4,096
+-- ids: a batch that mixes old ids with new (retries) would otherwise span all between, and every
+-- lookup of an id there would search its array.
 WITH r AS (
     SELECT DISTINCT ON (id, attempt) *
     FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(result)b::bytea[]) WITH ORDINALITY
@@ -274,7 +275,7 @@ WITH r AS (
 ), done AS (
     DELETE FROM tasks t USING r
     WHERE t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
-      AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+      AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.queue, t.attempt, t.failures, t.priority, t.policy, t.idempotency_key, t.last_error,
               t.lease_expires_at IS NULL AS was_buffered, r.result
 ), kept AS (
@@ -289,7 +290,7 @@ WITH r AS (
            CASE WHEN bool_or(result IS NOT NULL) THEN array_agg(result) END
     FROM done
     WHERE failures = 0 AND last_error IS NULL
-    GROUP BY queue
+    GROUP BY queue, id >> 12  -- a row per 4,096 ids: a lookup's span search finds few rows
 ), counted AS (
     INSERT INTO queue_counts
     SELECT queue, s, n
@@ -317,7 +318,7 @@ WITH r AS (
     FROM tasks t
     JOIN r ON t.id = r.id AND t.attempt = r.attempt AND t.owner IS NOT NULL
     JOIN policies p ON p.id = t.policy
-    WHERE (t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint)
+    WHERE ((t.id >> 17) & 7) = %(bucket)s::bigint
       AND (%(epoch)s::bigint IS NULL OR (t.owner = %(epoch)s::bigint AND t.lease_expires_at IS NULL))
     FOR UPDATE OF t
 ), retried AS (
@@ -326,11 +327,11 @@ WITH r AS (
         run_at = now() + least(f.backoff_max, f.backoff_base * 2 ^ least(t.failures, 60))
                          * (0.5 + random() / 2) * interval '1 second'
     FROM failed f
-    WHERE t.id = f.id AND f.again AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = f.id AND f.again AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt
 ), buried AS (
     DELETE FROM tasks t USING failed f
-    WHERE t.id = f.id AND NOT f.again AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = f.id AND NOT f.again AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.*, f.error
 ), dead AS (
     INSERT INTO history (id, queue, state, attempt, failures, priority, policy, idempotency_key, payload,
@@ -355,13 +356,13 @@ WITH held AS (
     FROM tasks t
     JOIN (SELECT DISTINCT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS u(id, attempt)) r
       ON t.id = r.id AND t.attempt = r.attempt
-    WHERE t.owner IS NOT NULL AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.owner IS NOT NULL AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     FOR UPDATE OF t
 ), released AS (
     UPDATE tasks t
     SET owner = NULL, lease_expires_at = NULL
     FROM held h
-    WHERE t.id = h.id AND t.id BETWEEN %(lo)s AND %(hi)s AND ((t.id >> 17) & 7) = %(bucket)s::bigint
+    WHERE t.id = h.id AND ((t.id >> 17) & 7) = %(bucket)s::bigint
     RETURNING t.id, t.attempt
 ), counted AS (
     INSERT INTO queue_counts
@@ -579,7 +580,7 @@ SELECT i.id,
        coalesce(h.last_error, t.last_error),
        coalesce(h.finished_at, c.finished_at)
 FROM unnest(%(id)s::bigint[]) WITH ORDINALITY AS i(id, ord)
-LEFT JOIN tasks t ON t.id = i.id AND t.id BETWEEN %(lo)s AND %(hi)s
+LEFT JOIN tasks t ON t.id = i.id
 LEFT JOIN history h ON h.id = i.id
 LEFT JOIN LATERAL (
     SELECT 'completed' AS state, coalesce(b.attempts[k], 1) AS attempt, b.results[k] AS result, b.finished_at
