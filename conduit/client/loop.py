@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from conduit.client.context import TaskContext, contexts
+from conduit.client.context import TaskContext, contexts, forget
 from conduit.client.link import Link
 from conduit.client.mesh import Mesh
-from conduit.client.runners import ProcessRunner, ThreadRunner
-from conduit.logs import log
+from conduit.client.processes import ProcessRunner
+from conduit.client.runners import AsyncRunner, ThreadRunner
+from conduit.logs import Outage, log
 from conduit.wire import (
     MAX_BATCH,
     REPLIES,
@@ -40,15 +41,25 @@ RESEND_AFTER = 5.0  # seconds without an ACK before a complete or fail is sent a
 MAX_UNACKED = 2  # report messages awaiting their commit; later outcomes wait and go together
 REFUSED_PAUSE = 0.1  # after a refusal (busy, database down), wait this long before sending again
 STOP_GRACE = 30.0  # on stop, how long to keep resending unacknowledged reports before giving up
+ALONE_BACKOFF = (0.5, 1.0, 2.0)  # pauses before polling the only broker again after failovers
 
 
 class Loop:
     """The worker's bookkeeping, owned by one thread."""
 
-    def __init__(self, worker: Worker, ctx: zmq.Context[Any], runner: ThreadRunner | ProcessRunner) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        ctx: zmq.Context[Any],
+        runner: ThreadRunner | ProcessRunner,
+        aio: AsyncRunner | None = None,
+    ) -> None:
         self.w = worker
         self.ctx = ctx
         self.runner = runner
+        self.aio = aio  # for async def handlers
+        self.routes = worker.routes
+        self.queues = worker.queues
         self.poller = zmq.Poller()
         self.poller.register(worker._wakeup.fd, zmq.POLLIN)
         self.mesh = Mesh(ctx, worker.endpoints, worker.gossip)
@@ -78,6 +89,9 @@ class Loop:
         self.unpinged = set(worker.endpoints)  # to ask where they gossip, until they answer
         self.next_discovery = 0.0
         self.wrong_version: set[str] = set()  # brokers of another protocol version, told once
+        self.alone_failovers = 0  # in a row, with no other broker to go to: polls back off
+        self.poll_after = 0.0
+        self.outage = Outage(logger, "broker")
 
     def link(self, endpoint: str) -> Link:
         if endpoint not in self.links:
@@ -215,14 +229,15 @@ class Loop:
         while self.prefetched and len(self.running) < self.w.concurrency and not self.w._stop.is_set():
             task = self.prefetched.popleft()
             self.running[task.id] = task
-            self.runner.submit(self.w.handlers[task.queue], task)
+            route = self.routes[task.queue].route(task)
+            (self.aio if route.is_async and self.aio else self.runner).submit(route, task)
         if self.w._stop.is_set() and self.prefetched:
             self.outbox[Command.RELEASE].extend((t.id, t.attempt) for t in self.prefetched)
             self.prefetched.clear()
         room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
-        if self.poll_rid is None and room > 0 and not self.w._stop.is_set():
+        if self.poll_rid is None and room > 0 and not self.w._stop.is_set() and now >= self.poll_after:
             self.choose_broker()
-            body = {"worker": self.w.worker_id, "queues": list(self.w.handlers), "max": room}
+            body = {"worker": self.w.worker_id, "queues": self.queues, "max": room}
             self.poll_rid = self.send(Command.POLL, {**body, "timeout": self.w.poll_timeout})
             self.poll_deadline = now + self.w.poll_timeout + 5
             if self.poll_rid is None:  # no connection: try the next broker
@@ -261,13 +276,26 @@ class Loop:
         while self.w._done:
             outcome = self.w._done.popleft()
             task = outcome.task
-            self.running.pop(task.id, None)
+            if outcome.handler_done:
+                forget(task)
+            if self.running.pop(task.id, None) is None:
+                continue  # not ours any more: a second outcome, refused
             if (task.id, task.attempt) in self.lost:
                 self.lost.discard((task.id, task.attempt))  # the broker would refuse it
             elif outcome.ok:
                 self.outbox[Command.COMPLETE].append((task.id, task.attempt, outcome.result))
             else:
                 self.outbox[Command.FAIL].append((task.id, task.attempt, outcome.error, outcome.retry))
+                log(
+                    logger,
+                    "warning",
+                    "task_failed",
+                    task=task.id,
+                    queue=task.queue,
+                    attempt=task.attempt,
+                    retry=outcome.retry,
+                    error=outcome.error.partition("\n")[0][:500],
+                )
 
     def choose_broker(self) -> None:
         """Deepest first: while polls bring tasks, stay (a busy worker talks to one broker); after
@@ -276,7 +304,7 @@ class Loop:
         if not self.last_poll_empty:
             return
         self.mesh.update()
-        ranked = self.mesh.rank(list(self.w.handlers), avoid=self.current)
+        ranked = self.mesh.rank(self.queues, avoid=self.current)
         if not self.mesh.live():  # no gossip yet: go round the configured list
             i = ranked.index(self.current) if self.current in ranked else -1
             ranked = ranked[i + 1 :] + ranked[: i + 1]
@@ -289,6 +317,10 @@ class Loop:
             except zmq.Again:
                 return
             link.heard(time.monotonic())
+            if self.alone_failovers:  # the only broker answers again
+                self.alone_failovers = 0
+                self.poll_after = 0.0
+                self.outage.over()
             try:
                 msg = decode(frames, allowed=REPLIES)
                 tasks = contexts(parse_deliver(msg)) if msg.command is Command.DELIVER else []
@@ -321,7 +353,7 @@ class Loop:
             if msg.rid == self.poll_rid:
                 self.poll_rid = None
                 self.last_poll_empty = not tasks
-            handled = self.w.handlers
+            handled = self.routes
             self.prefetched.extend(t for t in tasks if t.queue in handled)  # given back if stopping
             self.outbox[Command.RELEASE].extend((t.id, t.attempt) for t in tasks if t.queue not in handled)
             return
@@ -367,13 +399,25 @@ class Loop:
         for (task_id, attempt), outcome in refused:
             log(logger, "warning", "lease_lost", task=task_id, attempt=attempt, outcome=outcome)
         self.prefetched = deque(t for t in self.prefetched if (t.id, t.attempt) not in lost)
-        self.lost |= {(t.id, t.attempt) for t in self.running.values()} & lost
+        for task in self.running.values():
+            if (task.id, task.attempt) in lost:  # tell its handler: an event, or CancelledError
+                self.lost.add((task.id, task.attempt))
+                self.runner.cancel(task)
+                if self.aio:
+                    self.aio.cancel(task)
 
     def failover(self) -> None:
         """The broker is gone, cut off or refusing: drop its socket (nothing queued for it is sent
         later), move to the next broker, and send everything unacknowledged again there (reports
         are fenced, so a repeat is harmless; task leases are renewed through any broker)."""
-        log(logger, "warning", "failover", endpoint=self.current)
+        alone = len(self.mesh.rank([])) <= 1
+        if alone:  # nowhere else to go: try it again after a pause that grows, logged once a minute
+            pause = ALONE_BACKOFF[min(self.alone_failovers, len(ALONE_BACKOFF) - 1)]
+            self.alone_failovers += 1
+            self.poll_after = time.monotonic() + pause
+            self.outage.failed("failover", "warning", endpoint=self.current, retry_in_s=pause)
+        else:
+            log(logger, "warning", "failover", endpoint=self.current)
         self.close_link(self.current)
         self.poll_rid = None
         self.heartbeats = {}  # its answer would come on the socket just closed
@@ -381,6 +425,7 @@ class Loop:
         self.last_poll_empty = True
         self.choose_broker()  # away from this broker, at once: reports and heartbeats follow
         self.last_poll_empty = False
-        time.sleep(0.1 if len(self.mesh.rank([])) > 1 else 0.5)
+        if not alone:
+            time.sleep(0.1)
         for rid in list(self.unacked):
             self.requeue(rid)
