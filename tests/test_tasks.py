@@ -86,6 +86,9 @@ def test_payloads_say_their_format_by_their_first_byte() -> None:
     assert shout.payload(("x",), {}) == b'["shout",["x"],{}]'
     assert decode_call(b'["shout",["x"],{}]') == ("json", "shout", ["x"], {})
     assert peek_name(add.payload((1, 2), {})) == "add" and peek_name(b"plain text") is None
+    # The bytes docs/PROTOCOL.md §17 shows.
+    payload = task_ref("scale").payload(([1, 2],), {"factor": 10})
+    assert payload.hex(" ") == "93 a5 73 63 61 6c 65 91 92 01 02 81 a6 66 61 63 74 6f 72 0a"
 
 
 def test_errors_are_raised_from_the_handle_and_retried_as_the_policy_says(start_broker, db) -> None:

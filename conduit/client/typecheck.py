@@ -38,7 +38,7 @@ def unencodable(fn: Callable[..., Any], serializer: str) -> str | None:
 
 
 def _first_bad(tp: Any, serializer: str) -> Any:
-    if tp is Any or isinstance(tp, typing.TypeVar) or tp is None:
+    if tp is Any or tp is object or isinstance(tp, typing.TypeVar) or tp is None:
         return None
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
