@@ -45,8 +45,9 @@ class QueueRoutes:
         route = self.tasks.get(peek_name(task.payload) or "")
         return route if route is not None else Route(self._unknown)
 
-    def has_async(self) -> bool:
-        return any(r.is_async for r in (*self.tasks.values(), *([self.raw] if self.raw else [])))
+    def kinds(self) -> set[bool]:
+        """is_async of its routes: {True}, {False} or both."""
+        return {r.is_async for r in (*self.tasks.values(), *([self.raw] if self.raw else []))}
 
     def _unknown(self, task: TaskContext) -> None:
         name = peek_name(task.payload)

@@ -130,9 +130,13 @@ class Worker:
             signal.signal(signal.SIGTERM, self._signalled)
             signal.signal(signal.SIGINT, self._signalled)
         sys.setswitchinterval(0.0005)  # hand outcomes and deliveries between threads promptly
-        runner_type = ProcessRunner if self.pool == "process" else ThreadRunner
-        runner = runner_type(self.concurrency, self._finished)
-        aio = AsyncRunner(self._finished) if any(r.has_async() for r in self.routes.values()) else None
+        kinds = set().union(*(r.kinds() for r in self.routes.values()))
+        if False in kinds:
+            runner_type = ProcessRunner if self.pool == "process" else ThreadRunner
+            runner = runner_type(self.concurrency, self._finished)
+        else:  # async only: one thread, for what fails before reaching a handler (an unknown name)
+            runner = ThreadRunner(1, self._finished)
+        aio = AsyncRunner(self._finished) if True in kinds else None
         log(
             logger,
             "info",
