@@ -293,7 +293,7 @@ class Loop:
                     task=task.id,
                     queue=task.queue,
                     attempt=task.attempt,
-                    retry=outcome.retry,
+                    retry=outcome.retry and task.failures + 1 < task.max_attempts,
                     error=outcome.error.partition("\n")[0][:500],
                 )
 
