@@ -162,6 +162,8 @@ class Client:
         if isinstance(target, Task):
             spec = TaskSpec(target.queue, target.payload(args, kwargs), **target.policy())
             return TaskHandle(self.submit_many([spec])[0], target, self)
+        if len(args) != 1:
+            raise TypeError("submit(queue, payload, **options) takes one payload of bytes")
         (payload,) = args
         key = kwargs.pop("key", None)
         return self.submit_many([TaskSpec(target, payload, idempotency_key=key, **kwargs)])[0]
@@ -169,7 +171,8 @@ class Client:
     def map(self, task: Task[..., R], calls: Iterable[Sequence[Any]]) -> list[TaskHandle[R]]:
         """Call a task once per sequence of positional arguments, submitted in batches as columns."""
         payloads = [task.payload(tuple(args), {}) for args in calls]
-        ids = self.submit_batch(task.queue, payloads, **task.policy())
+        options = {name: value for name, value in task.policy().items() if value is not None}
+        ids = self.submit_batch(task.queue, payloads, **options)
         return [TaskHandle(i, task, self) for i in ids]
 
     def submit_many(self, tasks: Iterable[TaskSpec]) -> list[int]:

@@ -2,7 +2,7 @@
 
 It keeps one long-poll outstanding for as much room as it has, starts what it holds, heartbeats
 every task it holds, sends reports until their commit is acknowledged, and leaves a broker that
-went quiet or dropped it (docs/PROTOCOL.md §11) for another.
+went quiet or dropped it (docs/PROTOCOL.md §11) for another (conduit.client.switching).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from conduit.client.link import Link
 from conduit.client.mesh import Mesh
 from conduit.client.processes import ProcessRunner
 from conduit.client.runners import AsyncRunner, ThreadRunner
+from conduit.client.switching import awaited, check_brokers, choose_broker, failover, give_up
 from conduit.logs import Outage, log
 from conduit.wire import (
     MAX_BATCH,
@@ -41,7 +42,6 @@ RESEND_AFTER = 5.0  # seconds without an ACK before a complete or fail is sent a
 MAX_UNACKED = 2  # report messages awaiting their commit; later outcomes wait and go together
 REFUSED_PAUSE = 0.1  # after a refusal (busy, database down), wait this long before sending again
 STOP_GRACE = 30.0  # on stop, how long to keep resending unacknowledged reports before giving up
-ALONE_BACKOFF = (0.5, 1.0, 2.0)  # pauses before polling the only broker again after failovers
 
 
 class Loop:
@@ -106,7 +106,7 @@ class Loop:
         (not at all once the broker is known to be down); None if there is none (the caller
         tries again)."""
         link = self.link(endpoint or self.current)
-        if not self.awaits(link.endpoint):
+        if link.endpoint not in awaited(self):
             link.begin(time.monotonic())
         rid = next(self.rids)
         frames = encode(command, {**body, "rid": rid})
@@ -167,57 +167,7 @@ class Loop:
             for link in [link for link in self.links.values() if link.sock in ready]:
                 self.receive(link)
             self.collect()
-            self.check_brokers()
-
-    def check_brokers(self) -> None:
-        """Leave a broker we wait on that went quiet or dropped us (§11): the current one by
-        failing over, another (reports sent before we moved) by sending its rows again. Leave the
-        current one too when it is down while we hold tasks, so heartbeats go elsewhere at once."""
-        now = time.monotonic()
-        for endpoint in self.awaited():
-            if endpoint in self.links and (why := self.links[endpoint].gone(now)):
-                log(logger, "warning", "broker_gone", endpoint=endpoint, why=why)
-                self.give_up(endpoint)
-        if self.poll_rid is not None and now > self.poll_deadline:
-            self.failover()
-        elif (
-            self.link(self.current).down
-            and (self.running or self.prefetched or self.pending_reports())
-            and any(e != self.current for e in self.mesh.rank([]))
-        ):
-            log(logger, "warning", "broker_gone", endpoint=self.current, why="its connection dropped")
-            self.failover()
-
-    def awaited(self) -> set[str]:
-        """The brokers something sent awaits an answer from: their silence counts."""
-        endpoints = {u[3] for u in self.unacked.values()}
-        if self.poll_rid is not None:
-            endpoints.add(self.current)
-        if self.heartbeats:
-            endpoints.add(self.heartbeat_to)
-        return endpoints
-
-    def awaits(self, endpoint: str) -> bool:
-        return endpoint in self.awaited()
-
-    def give_up(self, endpoint: str) -> None:
-        if endpoint == self.current:
-            self.failover()
-            return
-        self.close_link(endpoint)
-        for rid in [rid for rid, u in self.unacked.items() if u[3] == endpoint]:
-            self.requeue(rid)
-        if self.heartbeat_to == endpoint:
-            self.heartbeats = {}
-            self.next_heartbeat = 0.0
-
-    def close_link(self, endpoint: str) -> None:
-        """Drop its socket, so nothing queued for it is sent later, and rank it last for now."""
-        link = self.links.pop(endpoint, None)
-        if link is not None:
-            self.poller.unregister(link.sock)
-            link.close()
-        self.mesh.suspect(endpoint)
+            check_brokers(self)
 
     def step_out(self) -> None:
         """Start what can run, give back what will not, ask for more, heartbeat."""
@@ -236,12 +186,12 @@ class Loop:
             self.prefetched.clear()
         room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
         if self.poll_rid is None and room > 0 and not self.w._stop.is_set() and now >= self.poll_after:
-            self.choose_broker()
+            choose_broker(self)
             body = {"worker": self.w.worker_id, "queues": self.queues, "max": room}
             self.poll_rid = self.send(Command.POLL, {**body, "timeout": self.w.poll_timeout})
             self.poll_deadline = now + self.w.poll_timeout + 5
             if self.poll_rid is None:  # no connection: try the next broker
-                self.failover()
+                failover(self)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.w.heartbeat_interval
             held = [
@@ -255,7 +205,7 @@ class Loop:
             self.heartbeat_misses = self.heartbeat_misses + 1 if missed else 0
             if self.heartbeat_misses >= 2:
                 self.heartbeat_misses = 0
-                self.failover()
+                failover(self)
             if held:  # one that cannot even be sent (no connection) counts as unanswered
                 # Sent while the last is still awaited: an unanswered one keeps the silence going.
                 body = {"worker": self.w.worker_id, **report_body(Command.HEARTBEAT, held)}
@@ -297,19 +247,6 @@ class Loop:
                     error=outcome.error.partition("\n")[0][:500],
                 )
 
-    def choose_broker(self) -> None:
-        """Deepest first: while polls bring tasks, stay (a busy worker talks to one broker); after
-        an empty poll, go where gossip shows the most buffered for our queues, or, with nothing
-        buffered anywhere, to the broker with the fewest waiting polls, so idle workers spread."""
-        if not self.last_poll_empty:
-            return
-        self.mesh.update()
-        ranked = self.mesh.rank(self.queues, avoid=self.current)
-        if not self.mesh.live():  # no gossip yet: go round the configured list
-            i = ranked.index(self.current) if self.current in ranked else -1
-            ranked = ranked[i + 1 :] + ranked[: i + 1]
-        self.current = ranked[0]
-
     def receive(self, link: Link) -> None:
         while True:
             try:
@@ -332,7 +269,7 @@ class Loop:
                     self.wrong_version.add(link.endpoint)
                     log(logger, "error", "bad_version", endpoint=link.endpoint, error=str(exc))
                 self.unpinged.discard(link.endpoint)
-                self.give_up(link.endpoint)
+                give_up(self, link.endpoint)
                 return
             if msg.command is Command.PONG:
                 self.unpinged.discard(link.endpoint)
@@ -340,7 +277,7 @@ class Loop:
             if link.sock.closed:  # the reply made us fail over
                 return
             if msg.command is Command.ERROR and msg.body.get("code") == "shutting_down":
-                self.give_up(link.endpoint)  # what it refused goes to another broker now
+                give_up(self, link.endpoint)  # what it refused goes to another broker now
                 return
 
     def on_reply(self, msg: Message, tasks: list[TaskContext]) -> None:
@@ -360,7 +297,7 @@ class Loop:
         if msg.rid == self.poll_rid:  # shutting down, or refusing: another broker, or this one anew
             self.poll_rid = None
             log(logger, "warning", "poll_refused", error=str(msg.body.get("message")))
-            self.failover()
+            failover(self)
             return
         if msg.command is Command.ERROR and msg.rid in self.unacked:
             self.requeue(msg.rid)  # refused for now (busy, database down): send it again shortly
@@ -405,27 +342,3 @@ class Loop:
                 self.runner.cancel(task)
                 if self.aio:
                     self.aio.cancel(task)
-
-    def failover(self) -> None:
-        """The broker is gone, cut off or refusing: drop its socket (nothing queued for it is sent
-        later), move to the next broker, and send everything unacknowledged again there (reports
-        are fenced, so a repeat is harmless; task leases are renewed through any broker)."""
-        alone = len(self.mesh.rank([])) <= 1
-        if alone:  # nowhere else to go: try it again after a pause that grows, logged once a minute
-            pause = ALONE_BACKOFF[min(self.alone_failovers, len(ALONE_BACKOFF) - 1)]
-            self.alone_failovers += 1
-            self.poll_after = time.monotonic() + pause
-            self.outage.failed("failover", "warning", endpoint=self.current, retry_in_s=pause)
-        else:
-            log(logger, "warning", "failover", endpoint=self.current)
-        self.close_link(self.current)
-        self.poll_rid = None
-        self.heartbeats = {}  # its answer would come on the socket just closed
-        self.next_heartbeat = 0.0  # keep the task leases alive through the next broker at once
-        self.last_poll_empty = True
-        self.choose_broker()  # away from this broker, at once: reports and heartbeats follow
-        self.last_poll_empty = False
-        if not alone:
-            time.sleep(0.1)
-        for rid in list(self.unacked):
-            self.requeue(rid)

@@ -59,6 +59,8 @@ class Task(Generic[P, R]):
     backoff_base: float = 1.0
     backoff_max: float = 300.0
     lease_timeout: float = 30.0
+    delay: float = 0.0  # per call, through options(): seconds before it may run
+    key: str | None = None  # per call, through options(): an idempotency key
     time_limit: float | None = None
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     dont_retry: tuple[type[BaseException], ...] = ()
@@ -95,6 +97,8 @@ class Task(Generic[P, R]):
             "backoff_base": self.backoff_base,
             "backoff_max": self.backoff_max,
             "lease_timeout": self.lease_timeout,
+            "delay": self.delay,
+            "idempotency_key": self.key,
         }
 
     def payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -217,8 +221,9 @@ def task(fn: Callable[..., Any] | None = None, /, **defaults: Any) -> Any:
     `retry_on`, fail the task for good; others are retried with backoff."""
 
     def make(f: Callable[..., Any]) -> Task[Any, Any]:
-        name = defaults.pop("name", None) or f.__name__
-        return Task(f, name, defaults.pop("queue", None) or name, **defaults)
+        options = dict(defaults)
+        name = options.pop("name", None) or f.__name__
+        return Task(f, name, options.pop("queue", None) or name, **options)
 
     return make if fn is None else make(fn)
 
