@@ -19,6 +19,7 @@ from conduit.client import (
     task_ref,
 )
 from conduit.client.serializers import decode_call, peek_name
+from conduit.errors import ConduitError
 
 
 @task(max_attempts=3, backoff_base=0)
@@ -86,6 +87,10 @@ def test_payloads_say_their_format_by_their_first_byte() -> None:
     assert shout.payload(("x",), {}) == b'["shout",["x"],{}]'
     assert decode_call(b'["shout",["x"],{}]') == ("json", "shout", ["x"], {})
     assert peek_name(add.payload((1, 2), {})) == "add" and peek_name(b"plain text") is None
+    with pytest.raises(
+        ConduitError, match="the arguments of task 'shout' cannot be sent: json cannot encode"
+    ):
+        shout.payload((b"bytes",), {})  # JSON has no bytes: refused before anything is sent
     # The bytes docs/PROTOCOL.md §17 shows.
     payload = task_ref("scale").payload(([1, 2],), {"factor": 10})
     assert payload.hex(" ") == "93 a5 73 63 61 6c 65 91 92 01 02 81 a6 66 61 63 74 6f 72 0a"
@@ -162,3 +167,12 @@ def test_a_wrong_return_type_at_run_time_fails_for_good(start_broker, db) -> Non
     assert raw.state == "dead" and "returned str, not bytes or None" in (raw.error or "")
     assert garbage.state == "dead" and "not a call by name" in (garbage.error or "")
     assert db.query("SELECT state, failures FROM results WHERE state = 'dead'") == [("dead", 1)] * 3
+
+
+def test_a_process_pool_runs_tasks(start_broker) -> None:
+    broker = start_broker()
+    worker = Worker(broker.endpoint, pool="process", concurrency=2, poll_timeout=1.0)
+    worker.register(add, shout, count)  # sent to the processes by reference: module and name
+    with Client(broker.endpoint) as client, running(worker):
+        assert client.submit(add, 1, 2).result(timeout=30) == {"sum": 3, "args": [1, 2], "attempt": 1}
+        assert client.submit(count, "abc").result(timeout=30) == 3
