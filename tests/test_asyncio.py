@@ -25,6 +25,25 @@ async def broken() -> None:
     raise LookupError("async failure")
 
 
+@task(queue="mixed")
+def plain(x: int) -> str:
+    return f"plain {x} in {threading.current_thread().name}"
+
+
+@task(queue="mixed")
+async def awaited(x: int) -> str:
+    return f"awaited {x} in {threading.current_thread().name}"
+
+
+def test_sync_and_async_tasks_share_a_queue(start_broker) -> None:
+    broker = start_broker()
+    worker = Worker(broker.endpoint, concurrency=2, poll_timeout=1.0)
+    worker.register(plain, awaited)
+    with Client(broker.endpoint) as client, running(worker):
+        assert client.submit(plain, 1).result(timeout=30).startswith("plain 1 in conduit-handler-")
+        assert client.submit(awaited, 2).result(timeout=30) == "awaited 2 in conduit-asyncio"
+
+
 def test_async_handlers_run_many_at_once_on_one_thread(start_broker) -> None:
     broker = start_broker()
     worker = Worker(broker.endpoint, concurrency=50, poll_timeout=1.0, heartbeat_interval=0.5)

@@ -45,6 +45,7 @@ class _Slot:
         self.task: tuple[int, int] | None = None
         self.process: Any = None
         self.conn: Connection | None = None
+        self.limit_hit = False  # the running task's process was ended at its time limit
         self.thread = threading.Thread(target=self.serve, name=f"conduit-process-{number}", daemon=True)
 
     def start_process(self) -> Connection:

@@ -119,7 +119,7 @@ class ThreadRunner:
         self.abort()
 
     def abort(self) -> None:
-        """Stop at once: threads still running handlers are left (they are daemons)."""
+        """Stop the time-limit watchdog; threads still running handlers are left (daemons)."""
         with self._lock:
             self._closing = True
             self._watch.notify()
