@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -232,27 +233,28 @@ def broker(
 def worker(
     target: str, endpoints: tuple[str, ...], concurrency: int | None, prefetch: int | None, log_level: str
 ) -> None:
-    """Run the conduit.client.Worker named by TARGET, as module:attribute."""
-    import importlib
+    """Run the conduit.client.Worker named by TARGET, as module:attribute (attribute: worker).
 
+    The current directory is on the import path. SIGINT or SIGTERM stops it once the running
+    tasks finish; a second one stops it at once (exit 130), and what it held runs again."""
     from conduit import logs
-    from conduit.client import Worker
+    from conduit.client import WorkerAborted
+    from conduit.client.launch import load
 
     logs.setup(log_level)
-    module_name, _, attr = target.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr or "worker")
-    except (ImportError, AttributeError) as exc:
-        raise ConduitError(f"cannot load {target}: {exc}") from None
-    if not isinstance(obj, Worker):
-        raise ConduitError(f"{target} is a {type(obj).__name__}, not a conduit.client.Worker")
+    obj = load(target)
     if endpoints:
         obj.endpoints = list(endpoints)
     if concurrency:
         obj.concurrency = concurrency
     if prefetch is not None:
         obj.prefetch = prefetch
-    obj.run()
+    try:
+        obj.run()
+    except WorkerAborted as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.stderr.flush()
+        os._exit(130)  # handler threads may still run: do not wait for them
 
 
 @main.command()

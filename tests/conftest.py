@@ -98,9 +98,13 @@ class Process:
     """A Conduit process started by a test; stopped by the test's teardown whatever happens."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, program: list[str] | None = None
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        program: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
-        """`args` to `program`, by default `python -m conduit`."""
+        """`args` to `program`, by default `python -m conduit`, in `cwd` (by default this one)."""
         self.args = args
         # A file, not a pipe: a chatty process never blocks. Closed by the processes fixture.
         self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
@@ -110,6 +114,7 @@ class Process:
             stderr=self.stderr,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
 
     def kill(self) -> None:

@@ -1,8 +1,41 @@
-"""Clients of Conduit: Client submits tasks and reads results; Worker runs handlers."""
+"""Clients of Conduit: Client (and AsyncClient) submit tasks and read results; Worker runs them."""
 
+from conduit.client.aio import AsyncClient
 from conduit.client.channel import BrokerError, BrokerTimeout
 from conduit.client.client import Client, TaskResult
-from conduit.client.context import PermanentError, TaskContext
-from conduit.client.worker import Worker
+from conduit.client.context import PermanentError, TaskContext, TimeLimitExceeded
+from conduit.client.tasks import (
+    AsyncTaskHandle,
+    Task,
+    TaskCancelled,
+    TaskFailed,
+    TaskHandle,
+    current_task,
+    task,
+    task_ref,
+)
+from conduit.client.worker import NoHandlers, Worker, WorkerAborted
+from conduit.task import TaskSpec
 
-__all__ = ["BrokerError", "BrokerTimeout", "Client", "PermanentError", "TaskContext", "TaskResult", "Worker"]
+__all__ = [
+    "AsyncClient",
+    "AsyncTaskHandle",
+    "BrokerError",
+    "BrokerTimeout",
+    "Client",
+    "NoHandlers",
+    "PermanentError",
+    "Task",
+    "TaskCancelled",
+    "TaskContext",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskResult",
+    "TaskSpec",
+    "TimeLimitExceeded",
+    "Worker",
+    "WorkerAborted",
+    "current_task",
+    "task",
+    "task_ref",
+]

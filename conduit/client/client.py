@@ -7,13 +7,14 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, overload
 
 import zmq
 
 from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
 from conduit.client.link import LIVENESS
 from conduit.client.mesh import BrokerView, Mesh
+from conduit.client.tasks import Task, TaskHandle
 from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
 from conduit.task import TaskSpec
@@ -21,6 +22,8 @@ from conduit.wire import MAX_BATCH, Command, submit_body
 
 FINAL = frozenset({"completed", "dead", "cancelled"})
 MOVE_ON = frozenset({"shutting_down", "busy", "bad_version"})  # nothing was done: try another broker
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -165,10 +168,31 @@ class Client:
                 with self._lock:
                     self._mesh.subscribe(str(pub))
 
-    def submit(self, queue: str, payload: bytes, **options: Any) -> int:
-        """Enqueue one task; options are TaskSpec's (priority, delay, max_attempts, key, ...)."""
-        key = options.pop("key", None)
-        return self.submit_many([TaskSpec(queue, payload, idempotency_key=key, **options)])[0]
+    @overload
+    def submit(self, target: Task[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]: ...
+    @overload
+    def submit(self, target: str, payload: bytes, /, **options: Any) -> int: ...
+    def submit(self, target: Task[Any, Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """`submit(task, *args, **kwargs)`: call a task (conduit.client.task) by name with these
+        arguments, with the task's defaults (`task.options(...)` for others); returns a handle
+        whose result() waits for its return value. `submit(queue, payload, **options)`: one task
+        of raw bytes; options are TaskSpec's (priority, delay, max_attempts, key, ...); returns
+        its id."""
+        if isinstance(target, Task):
+            spec = TaskSpec(target.queue, target.payload(args, kwargs), **target.policy())
+            return TaskHandle(self.submit_many([spec])[0], target, self)
+        if len(args) != 1:
+            raise TypeError("submit(queue, payload, **options) takes one payload of bytes")
+        (payload,) = args
+        key = kwargs.pop("key", None)
+        return self.submit_many([TaskSpec(target, payload, idempotency_key=key, **kwargs)])[0]
+
+    def map(self, task: Task[..., R], calls: Iterable[Sequence[Any]]) -> list[TaskHandle[R]]:
+        """Call a task once per sequence of positional arguments, submitted in batches as columns."""
+        payloads = [task.payload(tuple(args), {}) for args in calls]
+        options = {name: value for name, value in task.policy().items() if value is not None}
+        ids = self.submit_batch(task.queue, payloads, **options)
+        return [TaskHandle(i, task, self) for i in ids]
 
     def submit_many(self, tasks: Iterable[TaskSpec]) -> list[int]:
         """Enqueue many tasks, up to MAX_BATCH to a message, each batch in one commit."""

@@ -2,7 +2,7 @@
 
 It keeps one long-poll outstanding for as much room as it has, starts what it holds, heartbeats
 every task it holds, sends reports until their commit is acknowledged, and leaves a broker that
-went quiet or dropped it (docs/PROTOCOL.md §11) for another.
+went quiet or dropped it (docs/PROTOCOL.md §11) for another (conduit.client.switching).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from conduit.client.context import TaskContext, contexts
+from conduit.client.context import TaskContext, contexts, forget
 from conduit.client.link import Link
 from conduit.client.mesh import Mesh
-from conduit.client.runners import ProcessRunner, ThreadRunner
-from conduit.logs import log
+from conduit.client.processes import ProcessRunner
+from conduit.client.runners import AsyncRunner, ThreadRunner
+from conduit.client.switching import awaited, check_brokers, choose_broker, failover, give_up
+from conduit.logs import Outage, log
 from conduit.wire import (
     MAX_BATCH,
     REPLIES,
@@ -45,10 +47,19 @@ STOP_GRACE = 30.0  # on stop, how long to keep resending unacknowledged reports 
 class Loop:
     """The worker's bookkeeping, owned by one thread."""
 
-    def __init__(self, worker: Worker, ctx: zmq.Context[Any], runner: ThreadRunner | ProcessRunner) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        ctx: zmq.Context[Any],
+        runner: ThreadRunner | ProcessRunner,
+        aio: AsyncRunner | None = None,
+    ) -> None:
         self.w = worker
         self.ctx = ctx
         self.runner = runner
+        self.aio = aio  # for async def handlers
+        self.routes = worker.routes
+        self.queues = worker.queues
         self.poller = zmq.Poller()
         self.poller.register(worker._wakeup.fd, zmq.POLLIN)
         self.mesh = Mesh(ctx, worker.endpoints, worker.gossip)
@@ -78,6 +89,9 @@ class Loop:
         self.unpinged = set(worker.endpoints)  # to ask where they gossip, until they answer
         self.next_discovery = 0.0
         self.wrong_version: set[str] = set()  # brokers of another protocol version, told once
+        self.alone_failovers = 0  # in a row, with no other broker to go to: polls back off
+        self.poll_after = 0.0
+        self.outage = Outage(logger, "broker")
 
     def link(self, endpoint: str) -> Link:
         if endpoint not in self.links:
@@ -92,7 +106,7 @@ class Loop:
         (not at all once the broker is known to be down); None if there is none (the caller
         tries again)."""
         link = self.link(endpoint or self.current)
-        if not self.awaits(link.endpoint):
+        if link.endpoint not in awaited(self):
             link.begin(time.monotonic())
         rid = next(self.rids)
         frames = encode(command, {**body, "rid": rid})
@@ -153,57 +167,7 @@ class Loop:
             for link in [link for link in self.links.values() if link.sock in ready]:
                 self.receive(link)
             self.collect()
-            self.check_brokers()
-
-    def check_brokers(self) -> None:
-        """Leave a broker we wait on that went quiet or dropped us (§11): the current one by
-        failing over, another (reports sent before we moved) by sending its rows again. Leave the
-        current one too when it is down while we hold tasks, so heartbeats go elsewhere at once."""
-        now = time.monotonic()
-        for endpoint in self.awaited():
-            if endpoint in self.links and (why := self.links[endpoint].gone(now)):
-                log(logger, "warning", "broker_gone", endpoint=endpoint, why=why)
-                self.give_up(endpoint)
-        if self.poll_rid is not None and now > self.poll_deadline:
-            self.failover()
-        elif (
-            self.link(self.current).down
-            and (self.running or self.prefetched or self.pending_reports())
-            and any(e != self.current for e in self.mesh.rank([]))
-        ):
-            log(logger, "warning", "broker_gone", endpoint=self.current, why="its connection dropped")
-            self.failover()
-
-    def awaited(self) -> set[str]:
-        """The brokers something sent awaits an answer from: their silence counts."""
-        endpoints = {u[3] for u in self.unacked.values()}
-        if self.poll_rid is not None:
-            endpoints.add(self.current)
-        if self.heartbeats:
-            endpoints.add(self.heartbeat_to)
-        return endpoints
-
-    def awaits(self, endpoint: str) -> bool:
-        return endpoint in self.awaited()
-
-    def give_up(self, endpoint: str) -> None:
-        if endpoint == self.current:
-            self.failover()
-            return
-        self.close_link(endpoint)
-        for rid in [rid for rid, u in self.unacked.items() if u[3] == endpoint]:
-            self.requeue(rid)
-        if self.heartbeat_to == endpoint:
-            self.heartbeats = {}
-            self.next_heartbeat = 0.0
-
-    def close_link(self, endpoint: str) -> None:
-        """Drop its socket, so nothing queued for it is sent later, and rank it last for now."""
-        link = self.links.pop(endpoint, None)
-        if link is not None:
-            self.poller.unregister(link.sock)
-            link.close()
-        self.mesh.suspect(endpoint)
+            check_brokers(self)
 
     def step_out(self) -> None:
         """Start what can run, give back what will not, ask for more, heartbeat."""
@@ -215,18 +179,19 @@ class Loop:
         while self.prefetched and len(self.running) < self.w.concurrency and not self.w._stop.is_set():
             task = self.prefetched.popleft()
             self.running[task.id] = task
-            self.runner.submit(self.w.handlers[task.queue], task)
+            route = self.routes[task.queue].route(task)
+            (self.aio if route.is_async and self.aio else self.runner).submit(route, task)
         if self.w._stop.is_set() and self.prefetched:
             self.outbox[Command.RELEASE].extend((t.id, t.attempt) for t in self.prefetched)
             self.prefetched.clear()
         room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
-        if self.poll_rid is None and room > 0 and not self.w._stop.is_set():
-            self.choose_broker()
-            body = {"worker": self.w.worker_id, "queues": list(self.w.handlers), "max": room}
+        if self.poll_rid is None and room > 0 and not self.w._stop.is_set() and now >= self.poll_after:
+            choose_broker(self)
+            body = {"worker": self.w.worker_id, "queues": self.queues, "max": room}
             self.poll_rid = self.send(Command.POLL, {**body, "timeout": self.w.poll_timeout})
             self.poll_deadline = now + self.w.poll_timeout + 5
             if self.poll_rid is None:  # no connection: try the next broker
-                self.failover()
+                failover(self)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.w.heartbeat_interval
             held = [
@@ -240,7 +205,7 @@ class Loop:
             self.heartbeat_misses = self.heartbeat_misses + 1 if missed else 0
             if self.heartbeat_misses >= 2:
                 self.heartbeat_misses = 0
-                self.failover()
+                failover(self)
             if held:  # one that cannot even be sent (no connection) counts as unanswered
                 # Sent while the last is still awaited: an unanswered one keeps the silence going.
                 body = {"worker": self.w.worker_id, **report_body(Command.HEARTBEAT, held)}
@@ -261,26 +226,26 @@ class Loop:
         while self.w._done:
             outcome = self.w._done.popleft()
             task = outcome.task
-            self.running.pop(task.id, None)
+            if outcome.handler_done:
+                forget(task)
+            if self.running.pop(task.id, None) is None:
+                continue  # not ours any more: a second outcome, refused
             if (task.id, task.attempt) in self.lost:
                 self.lost.discard((task.id, task.attempt))  # the broker would refuse it
             elif outcome.ok:
                 self.outbox[Command.COMPLETE].append((task.id, task.attempt, outcome.result))
             else:
                 self.outbox[Command.FAIL].append((task.id, task.attempt, outcome.error, outcome.retry))
-
-    def choose_broker(self) -> None:
-        """Deepest first: while polls bring tasks, stay (a busy worker talks to one broker); after
-        an empty poll, go where gossip shows the most buffered for our queues, or, with nothing
-        buffered anywhere, to the broker with the fewest waiting polls, so idle workers spread."""
-        if not self.last_poll_empty:
-            return
-        self.mesh.update()
-        ranked = self.mesh.rank(list(self.w.handlers), avoid=self.current)
-        if not self.mesh.live():  # no gossip yet: go round the configured list
-            i = ranked.index(self.current) if self.current in ranked else -1
-            ranked = ranked[i + 1 :] + ranked[: i + 1]
-        self.current = ranked[0]
+                log(
+                    logger,
+                    "warning",
+                    "task_failed",
+                    task=task.id,
+                    queue=task.queue,
+                    attempt=task.attempt,
+                    retry=outcome.retry and task.failures + 1 < task.max_attempts,
+                    error=outcome.error.partition("\n")[0][:500],
+                )
 
     def receive(self, link: Link) -> None:
         while True:
@@ -289,6 +254,10 @@ class Loop:
             except zmq.Again:
                 return
             link.heard(time.monotonic())
+            if self.alone_failovers:  # the only broker answers again
+                self.alone_failovers = 0
+                self.poll_after = 0.0
+                self.outage.over()
             try:
                 msg = decode(frames, allowed=REPLIES)
                 tasks = contexts(parse_deliver(msg)) if msg.command is Command.DELIVER else []
@@ -300,7 +269,7 @@ class Loop:
                     self.wrong_version.add(link.endpoint)
                     log(logger, "error", "bad_version", endpoint=link.endpoint, error=str(exc))
                 self.unpinged.discard(link.endpoint)
-                self.give_up(link.endpoint)
+                give_up(self, link.endpoint)
                 return
             if msg.command is Command.PONG:
                 self.unpinged.discard(link.endpoint)
@@ -308,7 +277,7 @@ class Loop:
             if link.sock.closed:  # the reply made us fail over
                 return
             if msg.command is Command.ERROR and msg.body.get("code") == "shutting_down":
-                self.give_up(link.endpoint)  # what it refused goes to another broker now
+                give_up(self, link.endpoint)  # what it refused goes to another broker now
                 return
 
     def on_reply(self, msg: Message, tasks: list[TaskContext]) -> None:
@@ -321,14 +290,14 @@ class Loop:
             if msg.rid == self.poll_rid:
                 self.poll_rid = None
                 self.last_poll_empty = not tasks
-            handled = self.w.handlers
+            handled = self.routes
             self.prefetched.extend(t for t in tasks if t.queue in handled)  # given back if stopping
             self.outbox[Command.RELEASE].extend((t.id, t.attempt) for t in tasks if t.queue not in handled)
             return
         if msg.rid == self.poll_rid:  # shutting down, or refusing: another broker, or this one anew
             self.poll_rid = None
             log(logger, "warning", "poll_refused", error=str(msg.body.get("message")))
-            self.failover()
+            failover(self)
             return
         if msg.command is Command.ERROR and msg.rid in self.unacked:
             self.requeue(msg.rid)  # refused for now (busy, database down): send it again shortly
@@ -367,20 +336,9 @@ class Loop:
         for (task_id, attempt), outcome in refused:
             log(logger, "warning", "lease_lost", task=task_id, attempt=attempt, outcome=outcome)
         self.prefetched = deque(t for t in self.prefetched if (t.id, t.attempt) not in lost)
-        self.lost |= {(t.id, t.attempt) for t in self.running.values()} & lost
-
-    def failover(self) -> None:
-        """The broker is gone, cut off or refusing: drop its socket (nothing queued for it is sent
-        later), move to the next broker, and send everything unacknowledged again there (reports
-        are fenced, so a repeat is harmless; task leases are renewed through any broker)."""
-        log(logger, "warning", "failover", endpoint=self.current)
-        self.close_link(self.current)
-        self.poll_rid = None
-        self.heartbeats = {}  # its answer would come on the socket just closed
-        self.next_heartbeat = 0.0  # keep the task leases alive through the next broker at once
-        self.last_poll_empty = True
-        self.choose_broker()  # away from this broker, at once: reports and heartbeats follow
-        self.last_poll_empty = False
-        time.sleep(0.1 if len(self.mesh.rank([])) > 1 else 0.5)
-        for rid in list(self.unacked):
-            self.requeue(rid)
+        for task in self.running.values():
+            if (task.id, task.attempt) in lost:  # tell its handler: an event, or CancelledError
+                self.lost.add((task.id, task.attempt))
+                self.runner.cancel(task)
+                if self.aio:
+                    self.aio.cancel(task)

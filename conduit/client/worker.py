@@ -1,12 +1,15 @@
 """conduit.client.Worker: long-polls a broker, runs handlers concurrently, heartbeats, reports back.
 
 One thread owns the sockets and all bookkeeping (conduit.client.loop); handlers run in a thread
-or process pool and hand their outcomes back through a queue and a wake-up pipe. Completions are
-resent until the broker acknowledges their commit, so a finished task is not run again for nothing.
+or process pool, `async def` ones on an event loop, and hand their outcomes back through a queue
+and a wake-up pipe. Completions are resent until the broker acknowledges their commit, so a
+finished task is not run again for nothing.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import signal
 import socket
@@ -15,16 +18,25 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import zmq
 
-from conduit.client.context import Handler, Outcome
+from conduit.client.context import Handler, Outcome, Route
 from conduit.client.link import LIVENESS
 from conduit.client.loop import Loop
-from conduit.client.runners import ProcessRunner, ThreadRunner
+from conduit.client.processes import ProcessRunner
+from conduit.client.routes import QueueRoutes
+from conduit.client.runners import AsyncRunner, ThreadRunner
+from conduit.client.tasks import Task
+from conduit.client.typecheck import unencodable
 from conduit.client.wakeup import Wakeup
+from conduit.errors import ConduitError
+from conduit.logs import log
 from conduit.task import check_queue_name
 from conduit.wire import MAX_BATCH, MAX_NAME_CHARS, MAX_POLL_TIMEOUT, MAX_QUEUES
+
+logger = logging.getLogger("conduit.worker")
 
 
 class Worker:
@@ -53,22 +65,46 @@ class Worker:
         self.liveness = liveness
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         _check(self)
-        self.handlers: dict[str, Handler] = {}
+        self.routes: dict[str, QueueRoutes] = {}
         self._stop = threading.Event()
         self._done: deque[Outcome] = deque()  # appended by handler threads, drained by the loop
         self._wakeup = Wakeup()
 
-    def handler(self, queue_name: str) -> Callable[[Handler], Handler]:
-        """Decorator: run this function for tasks of `queue_name`; it returns bytes or None."""
-        check_queue_name(queue_name)
-        if len(self.handlers) >= MAX_QUEUES and queue_name not in self.handlers:
-            raise ValueError(f"a worker polls at most {MAX_QUEUES} queues")
+    def handler(self, queue_name: str, *, time_limit: float | None = None) -> Callable[[Handler], Handler]:
+        """Decorator: run this function (or `async def`) for tasks of `queue_name`, with the task's
+        TaskContext; it returns bytes or None. Past `time_limit` seconds the task fails."""
 
         def register(fn: Handler) -> Handler:
-            self.handlers[queue_name] = fn
+            problem = unencodable(fn, "raw")
+            if problem:
+                raise TypeError(f"the handler for queue {queue_name!r} {problem} (or define it with @task)")
+            if time_limit is not None and not 0 < time_limit < 1e9:
+                raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit}")
+            route = Route(fn, inspect.iscoroutinefunction(fn), time_limit)
+            self._queue(queue_name).add_handler(route)
             return fn
 
+        self._queue(queue_name)  # a bad name fails here, before the function
         return register
+
+    def register(self, *tasks: Task[Any, Any]) -> None:
+        """Run these tasks (made with @task), each on its queue."""
+        for t in tasks:
+            if not isinstance(t, Task) or t.fn is None:
+                raise TypeError(f"{t!r} is not a task with a function: make it with @task")
+            self._queue(t.queue).add_task(t)
+
+    def _queue(self, name: str) -> QueueRoutes:
+        check_queue_name(name)
+        if name not in self.routes:
+            if len(self.routes) >= MAX_QUEUES:
+                raise ValueError(f"a worker polls at most {MAX_QUEUES} queues")
+            self.routes[name] = QueueRoutes(name)
+        return self.routes[name]
+
+    @property
+    def queues(self) -> list[str]:
+        return [q for q, r in self.routes.items() if r.only is not None or r.tasks]
 
     def stop(self) -> None:
         """Finish the tasks in hand, give back the prefetched ones, then return from run()."""
@@ -79,21 +115,61 @@ class Worker:
         self._done.append(outcome)
         self._wakeup.set()
 
+    def _signalled(self, signum: int, _frame: object) -> None:
+        """The first SIGINT or SIGTERM stops gracefully; a second one stops at once."""
+        if self._stop.is_set():
+            raise WorkerAborted("stopped at once: the tasks it held run again once their leases expire")
+        log(logger, "info", "stopping", signal=signal.Signals(signum).name, hint="a second one stops at once")
+        self.stop()
+
     def run(self) -> None:
-        if not self.handlers:
-            raise ValueError("register at least one handler before run()")
+        """Serve until stop() or a signal; raises WorkerAborted on a second signal."""
+        if not self.queues:
+            raise NoHandlers("the worker has no handlers: register a task (worker.register) or a handler")
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.stop())
-            signal.signal(signal.SIGINT, lambda *_: self.stop())
+            signal.signal(signal.SIGTERM, self._signalled)
+            signal.signal(signal.SIGINT, self._signalled)
         sys.setswitchinterval(0.0005)  # hand outcomes and deliveries between threads promptly
-        runner_type = ProcessRunner if self.pool == "process" else ThreadRunner
-        runner = runner_type(self.concurrency, self._finished)
+        kinds = set().union(*(r.kinds() for r in self.routes.values()))
+        if False in kinds:
+            runner_type = ProcessRunner if self.pool == "process" else ThreadRunner
+            runner = runner_type(self.concurrency, self._finished)
+        else:  # async only: one thread, for what fails before reaching a handler (an unknown name)
+            runner = ThreadRunner(1, self._finished)
+        aio = AsyncRunner(self._finished) if True in kinds else None
+        log(
+            logger,
+            "info",
+            "worker_started",
+            worker=self.worker_id,
+            brokers=",".join(self.endpoints),
+            queues=",".join(self.queues),
+            concurrency=self.concurrency,
+            pool=self.pool + ("+asyncio" if aio else ""),
+        )
         ctx = zmq.Context()
         try:
-            Loop(self, ctx, runner).run()
-        finally:
+            Loop(self, ctx, runner, aio).run()
+        except WorkerAborted:
+            runner.abort()
+            if aio:
+                aio.abort()
+            raise
+        else:
             runner.shutdown()
+            if aio:
+                aio.shutdown()
+        finally:
             ctx.term()
+        log(logger, "info", "worker_stopped", worker=self.worker_id)
+
+
+class NoHandlers(ConduitError):
+    """Worker.run() with nothing to run."""
+
+
+class WorkerAborted(ConduitError):
+    """A second SIGINT or SIGTERM stopped the worker without waiting for its tasks."""
 
 
 def _check(w: Worker) -> None:

@@ -5,9 +5,11 @@
 import { hostname } from "node:os";
 import { randomBytes } from "node:crypto";
 
+import { PermanentError } from "./errors.js";
 import { LIVENESS, Link } from "./link.js";
 import { logfmt } from "./log.js";
 import { Gossip, MeshTable } from "./mesh.js";
+import { dispatcher } from "./tasks.js";
 import {
   MAX_BATCH,
   ProtocolError,
@@ -27,14 +29,7 @@ const REFUSED_PAUSE = 100; // ms to wait after an ERROR to a report (busy, unava
 const STOP_GRACE = 30_000; // ms a stopping worker keeps resending unacknowledged reports
 const TICK = 100; // ms between bookkeeping passes when nothing else happens
 
-/** Raise from a handler to fail the task without retries (FAIL with retry false: dead at once). */
-export class PermanentError extends Error {
-  /** @param {string} message */
-  constructor(message) {
-    super(message);
-    this.name = "PermanentError";
-  }
-}
+export { PermanentError };
 
 /**
  * What a handler receives: one delivery of a task. `attempt` grows with every delivery and a task
@@ -76,6 +71,8 @@ export class Worker {
     this.log = options.log ?? logfmt("conduit.worker");
     /** @type {Map<string, Handler>} */
     this.handlers = new Map();
+    /** @type {Map<string, Map<string, (...args: any[]) => unknown>>} tasks by name, per queue */
+    this.tasks = new Map();
     this.stopping = false;
     /** @type {Promise<void> | null} */
     this.running = null;
@@ -89,7 +86,31 @@ export class Worker {
    */
   handle(queue, fn) {
     checkQueueName(queue);
+    if (this.tasks.has(queue)) throw new TypeError(`queue ${queue} runs tasks by name: give the handler another`);
     this.handlers.set(queue, fn);
+    return this;
+  }
+
+  /**
+   * Run `fn` for calls of the task `name` (docs/PROTOCOL.md §17), on its queue (by default its
+   * name, as Python's @task has it). `fn` takes the call's arguments, then its keyword arguments
+   * as one object if there are any; it returns the result, sent in the format of the call.
+   * `currentTask()` gives the delivery inside it.
+   * @param {string} name
+   * @param {(...args: any[]) => unknown} fn
+   * @param {{queue?: string}} [options]
+   */
+  task(name, fn, options = {}) {
+    const queue = options.queue ?? name;
+    checkQueueName(queue);
+    let functions = this.tasks.get(queue);
+    if (functions === undefined) {
+      if (this.handlers.has(queue)) throw new TypeError(`queue ${queue} has a handler: give task ${name} another`);
+      functions = new Map();
+      this.tasks.set(queue, functions);
+      this.handlers.set(queue, dispatcher(queue, functions));
+    }
+    functions.set(name, fn);
     return this;
   }
 

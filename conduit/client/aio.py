@@ -1,0 +1,100 @@
+"""conduit.client.AsyncClient: the Client's methods as coroutines, for asyncio applications.
+
+Each request runs the synchronous Client's code on a small thread pool of the AsyncClient's own,
+so the event loop never blocks and the app's default executor is left alone. The Client is
+thread-safe (sockets per thread), so concurrent awaits go out concurrently and share the
+broker's group commits. Waiting for a result sleeps on the event loop between lookups, so a
+thousand awaited results hold no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar, overload
+
+from conduit.client.channel import BrokerError
+from conduit.client.client import FINAL, Client, TaskResult
+from conduit.client.mesh import BrokerView
+from conduit.client.tasks import AsyncTaskHandle, Task
+from conduit.task import TaskSpec
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """Takes the Client's arguments; `threads` bounds the requests in flight at once."""
+
+    def __init__(self, endpoints: str | Sequence[str], *, threads: int = 8, **options: Any) -> None:
+        self._client = Client(endpoints, **options)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="conduit-client")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    @overload
+    async def submit(
+        self, target: Task[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> AsyncTaskHandle[R]: ...
+    @overload
+    async def submit(self, target: str, payload: bytes, /, **options: Any) -> int: ...
+    async def submit(self, target: Task[Any, Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """As Client.submit; a task's handle is awaited: `await (await c.submit(t, x)).result()`."""
+        if isinstance(target, Task):
+            handle = await self._call(self._client.submit, target, *args, **kwargs)
+            return AsyncTaskHandle(handle.id, target, self)
+        return await self._call(self._client.submit, target, *args, **kwargs)
+
+    async def map(self, task: Task[..., R], calls: Iterable[Sequence[Any]]) -> list[AsyncTaskHandle[R]]:
+        handles = await self._call(self._client.map, task, list(calls))
+        return [AsyncTaskHandle(h.id, task, self) for h in handles]
+
+    async def submit_many(self, tasks: Iterable[TaskSpec]) -> list[int]:
+        return await self._call(self._client.submit_many, list(tasks))
+
+    async def submit_batch(self, queue: str, payloads: Sequence[bytes], **options: Any) -> list[int]:
+        return await self._call(self._client.submit_batch, queue, payloads, **options)
+
+    async def lookup(self, ids: Sequence[int]) -> list[TaskResult]:
+        return await self._call(self._client.lookup, ids)
+
+    async def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
+        """Wait until the task ends, as Client.result does, sleeping on the event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            (info,) = await self.lookup([task_id])
+            if info.state in FINAL:
+                return info
+            if info.state is None:
+                raise BrokerError("unknown", f"no task {task_id}")
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise TimeoutError(f"task {task_id} is still {info.state} after {timeout:g}s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.1)
+
+    async def cancel(self, task_id: int) -> bool:
+        return await self._call(self._client.cancel, task_id)
+
+    async def ping(self) -> str:
+        return await self._call(self._client.ping)
+
+    async def brokers(self) -> list[BrokerView]:
+        return await self._call(self._client.brokers)
+
+    async def close(self) -> None:
+        await self._call(lambda: None)  # requests queued before this one are done
+        self._pool.shutdown(wait=True)
+        self._client.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
