@@ -226,7 +226,13 @@ def broker(
 
 @main.command()
 @click.argument("target")
-@click.option("--connect", "endpoints", multiple=True, help="Broker endpoint(s), overriding the Worker's.")
+@click.option(
+    "--connect",
+    "endpoints",
+    multiple=True,
+    type=Endpoint(),
+    help="Broker endpoint(s), overriding the Worker's.",
+)
 @click.option("--concurrency", type=int, help="Handlers running at once, overriding the Worker's.")
 @click.option("--prefetch", type=int, help="Tasks held beyond the running ones, overriding the Worker's.")
 @click.option("--log-level", default="info", show_default=True)

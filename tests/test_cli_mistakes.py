@@ -46,6 +46,12 @@ def conduit(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProces
             "(see 'python -m conduit demo --help')",
         ),
         (
+            ["worker", "handlers:worker", "--connect", "localhost:5555"],
+            2,
+            "Error: Invalid value for '--connect': endpoint 'localhost:5555' has no transport: "
+            "write tcp://localhost:5555 (see 'python -m conduit worker --help')",
+        ),
+        (
             ["workers", "--connect", "localhost:5555"],
             2,
             "Error: Invalid value for '--connect': endpoint 'localhost:5555' has no transport: "
