@@ -87,22 +87,25 @@ def measure(url: str, impl: str, shape: str, args: argparse.Namespace) -> tuple[
                     list(pool.map(lambda n: client.submit_many([TaskSpec(QUEUE, b"x" * 16)] * n), batches))
 
             worker = worker_command(impl, cluster.endpoint, args.concurrency, args.prefetch)
+            began = 0.0  # a drain is timed from its first completion
             if shape == "drain":
                 submit_all()
                 pid = cluster.add_worker(*worker).pid
             else:
                 pid = cluster.add_worker(*worker).pid
                 time.sleep(2.0)  # started and polling
+                began = time.time()  # the clock of a burst starts with its first submit
                 submit_all()
             deadline = time.monotonic() + 600
             while finished(conn, schema) < args.tasks:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{impl} {shape}: not done in 600 s")
                 time.sleep(0.1)
-        first = "min(created_at)" if shape == "burst" else "min(finished_at)"
-        query = f"SELECT extract(epoch FROM max(finished_at) - {first}) FROM {{}}.results"
-        (seconds,) = conn.execute(sql.SQL(query).format(sql.Identifier(schema))).fetchone()  # type: ignore[misc]
-        return args.tasks / float(seconds), cpu_seconds(pid) / args.tasks * 1e6
+        query = "SELECT extract(epoch FROM min(finished_at)), extract(epoch FROM max(finished_at))"
+        query += " FROM {}.results"
+        first, last = conn.execute(sql.SQL(query).format(sql.Identifier(schema))).fetchone()  # type: ignore[misc]
+        seconds = float(last) - (began if shape == "burst" else float(first))
+        return args.tasks / seconds, cpu_seconds(pid) / args.tasks * 1e6
     finally:
         cluster.close()
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
