@@ -1,9 +1,9 @@
 -- Every statement Conduit runs, by name. conduit/store/store.py is the only code that runs them.
 -- Batched statements take parallel arrays and unnest them: one statement for many tasks. Arrays
 -- of ids and attempts come as text (`%(id)s`, "{1,2,3}"): the Store writes one with a join, where
--- psycopg dumps a list of ints element by element in Python, four times the broker's time.
+-- psycopg would dump a list of ints element by element in Python, about four times as slow.
 -- Statements that read `tasks` by id or in order are planned at every run (the Store does not
--- prepare them: see store.py), so the plan fits the buckets as they are. A plan cached while a
+-- prepare them: REPLANNED in ops.py), so the plan fits the buckets as they are. A plan cached while a
 -- bucket looked small (truncated, vacuumed between bursts) would scan, hash or sort all of it once
 -- it fills: a chaos run at 2,000 tasks/s saw leases sorting every pending row of their queue and
 -- lookups taking seconds inside a commit other brokers waited on. A statement by id also names
