@@ -90,9 +90,13 @@ def test_async_client_round_trip(start_broker) -> None:
             (info,) = await client.lookup([task_id])
             assert info.state == "completed"
             assert [h.id for h in await client.map(nap, [(0.0, "m")])] and await client.ping()
-            later = await client.submit_batch("echo", [b"x"], delay=3600)
+            later = await client.submit_batch("echo", [b"x", b"y"], delay=3600)
             assert await client.cancel(later[0]) is True
             assert (await client.result(later[0], timeout=5)).state == "cancelled"
+            assert await client.cancel_many(later) == ["cancelled", "ok"]
+            assert await client.retry(later[:1]) == ["ok"]  # pending again, and it runs
+            assert (await client.result(later[0], timeout=30)).result == b"x"
+            assert any("echo" in w.queues for w in await client.workers())
 
     with running(worker):
         asyncio.run(main())

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
 from conduit.client.channel import BrokerError
-from conduit.client.client import FINAL, Client, TaskResult
+from conduit.client.client import FINAL, Client, TaskResult, WorkerSeen
 from conduit.client.mesh import BrokerView
 from conduit.client.tasks import AsyncTaskHandle, Task
 from conduit.task import TaskSpec
@@ -81,6 +81,15 @@ class AsyncClient:
 
     async def cancel(self, task_id: int) -> bool:
         return await self._call(self._client.cancel, task_id)
+
+    async def cancel_many(self, ids: Sequence[int]) -> list[str]:
+        return await self._call(self._client.cancel_many, ids)
+
+    async def retry(self, ids: Sequence[int]) -> list[str]:
+        return await self._call(self._client.retry, ids)
+
+    async def workers(self, timeout: float = 1.0) -> list[WorkerSeen]:
+        return await self._call(self._client.workers, timeout)
 
     async def ping(self) -> str:
         return await self._call(self._client.ping)
