@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -25,14 +26,26 @@ from conduit.client.context import Outcome, Route, TaskContext, invoke, timed_ou
 from conduit.client.runners import Done
 
 _mp = multiprocessing.get_context()
+# Slots fork from threads of their own. A process forked while another slot's pipe is open at
+# both ends in the worker keeps a copy of that pipe's far end: when that slot's process died, its
+# thread never saw EOF and waited forever (a task left running, a worker that would not stop).
+_forking = threading.Lock()
+ORPHAN_CHECK = 1.0  # seconds between a handler process's checks that its worker still lives
 
 
-def _serve(conn: Connection, event: Event) -> None:
-    """A handler process: run what the slot sends until it sends None."""
+def _serve(conn: Connection, event: Event, worker: int) -> None:
+    """A handler process: run what the slot sends until it sends None, or until the worker is gone
+    (other handler processes may hold copies of this pipe, so its end is not always seen)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to act on, not ours
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     context._process_event = event
-    while (job := conn.recv()) is not None:
+    while True:
+        if not conn.poll(ORPHAN_CHECK):
+            if os.getppid() != worker:
+                return
+            continue
+        if (job := conn.recv()) is None:
+            return
         handler, task = job
         conn.send(invoke(handler, task))
 
@@ -49,10 +62,11 @@ class _Slot:
         self.thread = threading.Thread(target=self.serve, name=f"conduit-process-{number}", daemon=True)
 
     def start_process(self) -> Connection:
-        ours, theirs = _mp.Pipe()
-        self.process = _mp.Process(target=_serve, args=(theirs, self.event), daemon=True)
-        self.process.start()
-        theirs.close()
+        with _forking:  # no other slot forks while this pipe's far end is open here
+            ours, theirs = _mp.Pipe()
+            self.process = _mp.Process(target=_serve, args=(theirs, self.event, os.getpid()), daemon=True)
+            self.process.start()
+            theirs.close()
         self.conn = ours
         return ours
 
