@@ -7,6 +7,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from conduit.errors import ConduitError
 from conduit.store import Store
 from conduit.store.ops import BadCursor
 from conduit.store.queries import QUERIES
@@ -200,3 +201,20 @@ def test_redrive_all_and_show(store: Store, db) -> None:
     assert (completed.state, completed.result, completed.payload) == ("completed", b"r", None)
     assert completed.finished_at is not None
     assert (back.state, back.failures, back.error) == ("pending", 0, f"boom {dead[0]}")
+
+
+def test_a_pause_is_durable_and_wakes_listening_brokers(store: Store, db) -> None:
+    listener = db.store()
+    try:
+        listener.listen()
+        assert store.pause("mail") is True
+        assert store.pause("mail") is False  # already paused: nothing changes
+        assert list(store.paused()) == ["mail"]
+        assert [n.payload for n in listener.conn.notifies(timeout=2, stop_after=1)] == ["!paused"]
+        assert store.resume("mail") is True
+        assert store.resume("mail") is False
+        assert store.paused() == {}
+        with pytest.raises(ConduitError, match="not valid"):
+            store.pause("no spaces")
+    finally:
+        listener.close()

@@ -207,6 +207,27 @@ def test_a_version_3_schema_with_tasks_migrates_to_what_init_creates(server_dsn:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
+def test_a_version_4_schema_migrates_to_what_init_creates_and_keeps_its_tasks(server_dsn: str) -> None:
+    """Version 5 only adds paused queues: a version 4 schema keeps every row and can pause."""
+    old, new = (f"t_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    try:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(old)))
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(old)))
+            conn.execute(old_schema(4).encode())
+            conn.execute("SELECT enqueue('q', 'a')")
+        assert init_schema(server_dsn, old) == "migrated"
+        assert init_schema(server_dsn, new) == "created"
+        assert _shape(server_dsn, old) == _shape(server_dsn, new)
+        with Store.open(server_dsn, schema=old) as store:
+            assert [(i.state, i.attempt) for i in store.lookup([1])] == [("pending", 0)]
+            assert store.pause("q") and list(store.paused()) == ["q"]
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            for schema in (old, new):
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
 def _shape(dsn: str, schema: str) -> list[tuple[object, ...]]:
     """Columns, indexes and the version of a schema, to compare two of them."""
     with psycopg.connect(dsn) as conn:

@@ -1,4 +1,4 @@
-"""What people do to tasks by hand: look them up, list, cancel, retry, redrive, purge.
+"""What people do to tasks by hand: look them up, list, cancel, retry, redrive, purge, pause.
 
 A base of `Store` (which adds the hot paths): every call is a named query or two from
 queries.sql, and each one that moves tasks writes its own counter deltas, so `queue_stats` stays
@@ -175,6 +175,21 @@ class Operations:
         while batch := self.redrive(queue):
             done += len(batch)
         return done
+
+    def pause(self, queue: str) -> bool:
+        """Durably pause `queue`: brokers stop delivering it (submits are still kept); False if it
+        was paused already. Listening brokers hear of it at once, the others within a keeper tick."""
+        check_queue_name(queue)
+        return bool(self._rows("pause_queue", {"queue": queue})[0][0])
+
+    def resume(self, queue: str) -> bool:
+        """Undo `pause`; False if `queue` was not paused."""
+        check_queue_name(queue)
+        return bool(self._rows("resume_queue", {"queue": queue})[0][0])
+
+    def paused(self) -> dict[str, datetime]:
+        """The paused queues, with when each was paused."""
+        return dict(self._rows("paused_queues"))
 
     def purge(self, queue: str) -> int:
         """Cancel every task of `queue` that has not started: pending ones a batch a commit, then

@@ -90,6 +90,14 @@ SELECT id, queue, priority, run_at, attempt, failures, policy, owner, lease_expi
 FROM tasks_v3;
 DROP TABLE tasks_v3;
 
+-- name: migrate_to_5
+-- Version 4 to 5: paused queues (as in schema.sql).
+CREATE TABLE IF NOT EXISTS paused_queues (
+    queue     text PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now()
+);
+UPDATE meta SET value = '5' WHERE key = 'schema_version';
+
 -- name: policy_ids
 -- The policies of a batch, made where new (one row per distinct policy, not per task).
 SELECT policy_id(m, l, b, x)
@@ -592,6 +600,18 @@ ORDER BY i.ord;
 
 -- name: queue_stats
 SELECT queue, state, sum(n)::bigint FROM queue_counts GROUP BY 1, 2 HAVING sum(n) <> 0 ORDER BY 1, 2;
+
+-- name: pause_queue
+-- '!paused' (no queue name starts with '!') tells listening brokers to reread the set, on a change.
+WITH p AS (INSERT INTO paused_queues (queue) VALUES (%(queue)s) ON CONFLICT DO NOTHING RETURNING queue)
+SELECT count(*)::int FROM (SELECT pg_notify('conduit_' || current_schema(), '!paused') FROM p) n;
+
+-- name: resume_queue
+WITH r AS (DELETE FROM paused_queues WHERE queue = %(queue)s RETURNING queue)
+SELECT count(*)::int FROM (SELECT pg_notify('conduit_' || current_schema(), '!paused') FROM r) n;
+
+-- name: paused_queues
+SELECT queue, paused_at FROM paused_queues ORDER BY queue;
 
 -- name: truncate_buckets
 SELECT truncate_buckets();

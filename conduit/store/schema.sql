@@ -1,4 +1,4 @@
--- Conduit's whole schema, version 4 (queries.sql holds the migrations from earlier versions).
+-- Conduit's whole schema, version 5 (queries.sql holds the migrations from earlier versions).
 -- `conduit db init` applies it once, inside the schema named by CONDUIT_SCHEMA (default "conduit"),
 -- with that schema first on the search_path; unqualified names below land there. Every object but
 -- `tasks` is made only if missing (IF NOT EXISTS, OR REPLACE): a migration moves the old tables
@@ -281,6 +281,13 @@ CREATE TABLE IF NOT EXISTS queue_counts (
 );
 CREATE INDEX IF NOT EXISTS queue_counts_queue ON queue_counts (queue, state);
 
+-- Paused queues: brokers stop delivering them (submits are still accepted and kept). Each broker
+-- rereads the set every keeper tick, and a pause or resume wakes them at once by NOTIFY.
+CREATE TABLE IF NOT EXISTS paused_queues (
+    queue     text PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- Transactional enqueue: an application calls this inside its own transaction, so the task exists
 -- exactly when the application's own writes do. Returns the task id (the first task's id when
 -- the idempotency key was used before).
@@ -321,6 +328,6 @@ BEGIN
     RETURN new_id;
 END $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '4'), ('retention_days', '7')
+INSERT INTO meta (key, value) VALUES ('schema_version', '5'), ('retention_days', '7')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE meta.key = 'schema_version';
 SELECT ensure_partitions(now(), 3);
