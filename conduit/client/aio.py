@@ -20,7 +20,7 @@ from conduit.client.channel import BrokerError
 from conduit.client.client import FINAL, Client, TaskResult, WorkerSeen
 from conduit.client.mesh import BrokerView
 from conduit.client.tasks import AsyncTaskHandle, Task
-from conduit.task import TaskSpec
+from conduit.task import Page, TaskDetail, TaskSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -90,6 +90,22 @@ class AsyncClient:
 
     async def workers(self, timeout: float = 1.0) -> list[WorkerSeen]:
         return await self._call(self._client.workers, timeout)
+
+    async def queues(self) -> dict[str, dict[str, int]]:
+        return await self._call(self._client.queues)
+
+    async def list_tasks(self, **filters: Any) -> Page:
+        """As Client.list_tasks: queue, state, older_than, newer_than, limit, after."""
+        return await self._call(self._client.list_tasks, **filters)
+
+    async def show(self, ids: Sequence[int]) -> list[TaskDetail]:
+        return await self._call(self._client.show, ids)
+
+    async def redrive(self, queue: str, timeout: float = 300.0) -> int:
+        return await self._call(self._client.redrive, queue, timeout)
+
+    async def purge(self, queue: str, timeout: float = 300.0) -> int:
+        return await self._call(self._client.purge, queue, timeout)
 
     async def ping(self) -> str:
         return await self._call(self._client.ping)

@@ -17,7 +17,8 @@ from conduit.client.mesh import BrokerView, Mesh
 from conduit.client.tasks import Task, TaskHandle
 from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
-from conduit.task import TaskSpec
+from conduit.tables import records
+from conduit.task import Page, TaskDetail, TaskRow, TaskSpec, check_queue_name
 from conduit.wire import MAX_BATCH, Command, submit_body
 
 FINAL = frozenset({"completed", "dead", "cancelled"})
@@ -122,7 +123,13 @@ class Client:
         self.close()
 
     def _request(
-        self, command: Command, body: dict[str, Any], *, retry_safe: bool, submitting: list[str] | None = None
+        self,
+        command: Command,
+        body: dict[str, Any],
+        *,
+        retry_safe: bool,
+        submitting: list[str] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Ask the brokers in turn, each within the timeout; move on after a timeout only when
         repeating cannot duplicate."""
@@ -130,7 +137,7 @@ class Client:
         for endpoint in self._order(submitting):
             channel = self._channel(endpoint)
             try:
-                reply = channel.request(command, body, self._timeout).body
+                reply = channel.request(command, body, timeout or self._timeout).body
             except BrokerTimeout as exc:
                 errors.append(str(exc))
                 with self._lock:
@@ -284,6 +291,53 @@ class Client:
         if len(errors) == len(endpoints):
             raise BrokerTimeout("no broker answered: " + "; ".join(errors))
         return seen
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        """Per queue, tasks by state, from the counters (cheap on any backlog)."""
+        reply = self._request(Command.QUEUES, {}, retry_safe=True)
+        stats: dict[str, dict[str, int]] = {}
+        for queue, state, n in zip(reply["queue"], reply["state"], reply["count"], strict=True):
+            stats.setdefault(queue, {})[state] = n
+        return stats
+
+    def list_tasks(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page:
+        """A page of tasks, as `conduit tasks list` shows them: live ones by id, pending ones in
+        the order they run, finished ones newest first; `Page.next` is the next page's `after`."""
+        body = {"queue": queue, "state": state, "older_than": older_than, "newer_than": newer_than}
+        reply = self._request(Command.LIST, {**body, "limit": limit, "after": after}, retry_safe=True)
+        return Page(records(TaskRow, reply), reply["next"])
+
+    def show(self, ids: Sequence[int]) -> list[TaskDetail]:
+        """All that is kept about each task found, in the order of `ids` (unknown ones left out)."""
+        details: list[TaskDetail] = []
+        for start in range(0, len(ids), MAX_BATCH):
+            body = {"ids": list(ids[start : start + MAX_BATCH])}
+            details += records(TaskDetail, self._request(Command.SHOW, body, retry_safe=True))
+        return details
+
+    def redrive(self, queue: str, timeout: float = 300.0) -> int:
+        """Every dead task of `queue` back to pending, failures forgiven; returns how many."""
+        return self._operate(Command.REDRIVE, queue, timeout)
+
+    def purge(self, queue: str, timeout: float = 300.0) -> int:
+        """Cancel every task of `queue` that has not started (see `conduit queues purge`); returns
+        how many. Purged tasks are kept as cancelled: `retry` brings one back."""
+        return self._operate(Command.PURGE, queue, timeout)
+
+    def _operate(self, command: Command, queue: str, timeout: float) -> int:
+        """A long operation gets a timeout of its own; repeating it elsewhere is harmless."""
+        check_queue_name(queue)
+        reply = self._request(command, {"queue": queue}, retry_safe=True, timeout=timeout)
+        return int(reply["count"])
 
     def ping(self) -> str:
         return str(self._request(Command.PING, {}, retry_safe=True)["broker"])

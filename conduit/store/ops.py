@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,11 +17,18 @@ import psycopg
 
 from conduit.errors import ConduitError
 from conduit.store.queries import QUERIES, int_array
-from conduit.task import Outcome, TaskInfo, check_queue_name
+from conduit.task import (
+    FINAL_STATES,
+    LIVE_STATES,
+    STATES,
+    Outcome,
+    Page,
+    TaskDetail,
+    TaskInfo,
+    TaskRow,
+    check_queue_name,
+)
 
-LIVE_STATES = ("pending", "buffered", "running")
-FINAL_STATES = ("completed", "dead", "cancelled")
-STATES = (*LIVE_STATES, *FINAL_STATES)
 PURGE_BATCH = 10_000
 # Statements that read `tasks` by id or in order, planned at every run for the buckets as they are
 # (see queries.sql): a plan cached while a bucket looked small scans, hashes or sorts all of it
@@ -46,49 +52,6 @@ REPLANNED = frozenset(
 
 class BadCursor(ConduitError):
     """A --after cursor that no listing of this kind printed."""
-
-
-@dataclass(frozen=True)
-class TaskRow:
-    """One line of a listing. `since`: when a live task came due (run_at), or a finished one ended."""
-
-    id: int
-    queue: str
-    state: str
-    priority: int | None  # None: completed in a batch row, which keeps no priority
-    attempt: int
-    failures: int
-    since: datetime
-    broker: str | None  # the broker holding a live task
-    error: str | None
-
-
-@dataclass(frozen=True)
-class Page:
-    rows: list[TaskRow]
-    next: str | None  # pass as `after` for the next page; None: this was the last
-
-
-@dataclass(frozen=True)
-class TaskDetail:
-    id: int
-    queue: str
-    state: str
-    priority: int | None
-    attempt: int
-    failures: int
-    max_attempts: int | None
-    lease_timeout: float | None
-    backoff_base: float | None
-    backoff_max: float | None
-    run_at: datetime | None
-    lease_expires_at: datetime | None
-    broker: str | None
-    idempotency_key: str | None
-    payload: bytes | None  # live tasks, and dead or cancelled ones (kept to retry)
-    result: bytes | None
-    error: str | None
-    finished_at: datetime | None
 
 
 class Operations:
