@@ -18,10 +18,9 @@ from conduit.client.tasks import Task, TaskHandle
 from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
 from conduit.tables import records
-from conduit.task import Page, TaskDetail, TaskRow, TaskSpec, check_queue_name
+from conduit.task import FINAL_STATES, Page, TaskDetail, TaskRow, TaskSpec, check_queue_name
 from conduit.wire import MAX_BATCH, Command, submit_body
 
-FINAL = frozenset({"completed", "dead", "cancelled"})
 MOVE_ON = frozenset({"shutting_down", "busy", "bad_version"})  # nothing was done: try another broker
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,6 +47,28 @@ class TaskResult:
     attempt: int | None
     result: bytes | None
     error: str | None
+
+
+class ResultWait:
+    """Waiting for a task to end, for Client.result and AsyncClient.result (which sleeps on the
+    event loop): ask again after 1 ms, then half as long again each time, up to 100 ms."""
+
+    def __init__(self, task_id: int, timeout: float | None) -> None:
+        self._task_id, self._timeout = task_id, timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._pause = 0.001
+
+    def pause(self, info: TaskResult) -> float | None:
+        """None once `info` is final; else how long to sleep before looking again."""
+        if info.state in FINAL_STATES:
+            return None
+        if info.state is None:
+            raise BrokerError("unknown", f"no task {self._task_id}")
+        pause = self._pause
+        if self._deadline is not None and time.monotonic() + pause > self._deadline:
+            raise TimeoutError(f"task {self._task_id} is still {info.state} after {self._timeout:g}s")
+        self._pause = min(pause * 1.5, 0.1)
+        return pause
 
 
 class Client:
@@ -239,18 +260,10 @@ class Client:
 
     def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
         """Wait until the task ends (completed, dead or cancelled) and return how it ended."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            (info,) = self.lookup([task_id])
-            if info.state in FINAL:
-                return info
-            if info.state is None:
-                raise BrokerError("unknown", f"no task {task_id}")
-            if deadline is not None and time.monotonic() + pause > deadline:
-                raise TimeoutError(f"task {task_id} is still {info.state} after {timeout:g}s")
+        wait = ResultWait(task_id, timeout)
+        while (pause := wait.pause(info := self.lookup([task_id])[0])) is not None:
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.1)
+        return info
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a live task; False if it had already ended."""
