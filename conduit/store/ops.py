@@ -130,7 +130,9 @@ class Operations:
         """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""
         check_queue_name(queue)
         params = {"queue": queue, "id": list(ids) if ids is not None else None, "limit": limit}
-        return sorted(row[0] for row in self._rows("redrive", params))
+        with self.conn.transaction():
+            dead = [row[0] for row in self._rows("dead_page", params)]
+            return sorted(row[0] for row in self._rows("retry", {"id": dead})) if dead else []
 
     def redrive_all(self, queue: str) -> int:
         """Every dead task of `queue` back to pending, a batch a commit; returns how many."""
