@@ -88,6 +88,13 @@ class Notified:
     now: float
 
 
+@dataclass(frozen=True)
+class Tallied:
+    """Tasks the reaper failed or made dead, per ending and queue (Store.take_ended), for the tally."""
+
+    ended: dict[str, dict[str, int]]
+
+
 Event = (
     Received
     | Tick
@@ -100,4 +107,5 @@ Event = (
     | SendFailed
     | Shutdown
     | Notified
+    | Tallied
 )
