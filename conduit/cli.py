@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from conduit.commands import dburl, queues, status, submit, tasks, workers
-from conduit.commands.common import Endpoint, db_options
+from conduit.commands.common import METRICS, Endpoint, db_options
 from conduit.config import Settings
 from conduit.errors import ConduitError
 from conduit.store import Store, describe_dsn, dsn_for, init_schema
@@ -179,6 +181,7 @@ def db_stop(data_dir: Path | None, force: bool) -> None:
 @click.option("--buffer-size", default=1000, show_default=True, help="Tasks buffered per queue at most.")
 @click.option("--lease-batch", default=500, show_default=True, help="Tasks read from PostgreSQL at a time.")
 @click.option("--lease-term", default=10.0, show_default=True, help="Broker lease term, seconds.")
+@METRICS
 @click.option("--log-level", default="info", show_default=True)
 def broker(
     dsn: str | None,
@@ -190,14 +193,16 @@ def broker(
     buffer_size: int,
     lease_batch: int,
     lease_term: float,
+    metrics_address: tuple[str, int] | None,
     log_level: str,
 ) -> None:
     """Run a broker (task service). Prints its endpoint, then its gossip endpoint if any, on
-    stdout; logs go to stderr."""
+    stdout; logs go to stderr (with --metrics, where it serves them)."""
     import zmq
 
     from conduit import logs
     from conduit.broker.core import Config
+    from conduit.broker.metrics import BrokerMetrics
     from conduit.broker.service import Broker
 
     logs.setup(log_level)
@@ -213,15 +218,39 @@ def broker(
     if not url:  # the embedded server, which the broker starts again if it vanishes
         server = embedded_for(settings)
         url, ensure_database = server.dsn, server.ensure_running
+    metrics = BrokerMetrics() if metrics_address else None
+    with _serving(metrics_address, metrics, "conduit.broker"):
+        try:
+            service = Broker(
+                config, url, settings.schema, bind, pub, ensure_database=ensure_database, metrics=metrics
+            )
+        except zmq.ZMQError as exc:
+            raise ConduitError(f"cannot bind {bind}: {exc}") from None
+        click.echo(service.endpoint)
+        if service.config.pub_endpoint:
+            click.echo(service.config.pub_endpoint)
+        sys.stdout.flush()
+        service.run()
+
+
+@contextlib.contextmanager
+def _serving(address: tuple[str, int] | None, collector: Any, logger_name: str) -> Iterator[None]:
+    """Serve /metrics for the body's duration, if an address is given: bound before anything
+    else starts, so a port in use is a one-line error at once."""
+    if address is None or collector is None:
+        yield
+        return
+    import logging
+
+    from conduit.logs import log
+    from conduit.metrics import MetricsServer
+
+    server = MetricsServer(address, collector)
+    log(logging.getLogger(logger_name), "info", "metrics_serving", url=server.url)
     try:
-        service = Broker(config, url, settings.schema, bind, pub, ensure_database=ensure_database)
-    except zmq.ZMQError as exc:
-        raise ConduitError(f"cannot bind {bind}: {exc}") from None
-    click.echo(service.endpoint)
-    if service.config.pub_endpoint:
-        click.echo(service.config.pub_endpoint)
-    sys.stdout.flush()
-    service.run()
+        yield
+    finally:
+        server.close()
 
 
 @main.command()
@@ -235,9 +264,15 @@ def broker(
 )
 @click.option("--concurrency", type=int, help="Handlers running at once, overriding the Worker's.")
 @click.option("--prefetch", type=int, help="Tasks held beyond the running ones, overriding the Worker's.")
+@METRICS
 @click.option("--log-level", default="info", show_default=True)
 def worker(
-    target: str, endpoints: tuple[str, ...], concurrency: int | None, prefetch: int | None, log_level: str
+    target: str,
+    endpoints: tuple[str, ...],
+    concurrency: int | None,
+    prefetch: int | None,
+    metrics_address: tuple[str, int] | None,
+    log_level: str,
 ) -> None:
     """Run the conduit.client.Worker named by TARGET, as module:attribute (attribute: worker).
 
@@ -256,7 +291,8 @@ def worker(
     if prefetch is not None:
         obj.prefetch = prefetch
     try:
-        obj.run()
+        with _serving(metrics_address, obj.metrics, "conduit.worker"):
+            obj.run()
     except WorkerAborted as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.stderr.flush()
