@@ -4,7 +4,9 @@ parser after a known workload; STATS through the Client; bad --metrics values.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_e2e import wait_for
 from test_worker_cli import conduit_worker, project
 
+from conduit.broker.metrics import BrokerMetrics
 from conduit.client import AsyncClient, Client, Worker, task_ref
 from conduit.client.link import dealer
+from conduit.client.metrics import WorkerMetrics
 from conduit.wire import REPLIES, Command, decode, encode
-
-BROKER_COUNTERS = ("submitted", "delivered", "completed", "failed", "dead")
 
 
 def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -312,3 +314,15 @@ def test_bad_metrics_addresses_are_one_line_errors(command: str, db, tmp_path: P
     assert done.returncode == 1, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line == f"Error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+
+
+def test_the_docs_and_the_dashboard_name_exactly_the_metrics_served() -> None:
+    docs = Path(__file__).parent.parent / "docs"
+    families = [*BrokerMetrics().collect(), *WorkerMetrics().collect()]
+    shown = {f"{f.name}_total" if f.type == "counter" else f.name for f in families}
+    documented = set(re.findall(r"^\| `(conduit_\w+)`", (docs / "METRICS.md").read_text(), re.M))
+    assert documented == shown
+    dashboard = json.loads((docs / "grafana-conduit.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"conduit_\w+", e)}
+    assert used == shown  # every metric on a panel, and nothing else
