@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -428,11 +429,18 @@ def parse_elapsed(msg: Message, rows: int) -> list[float | None] | None:
     if elapsed is None:
         return None
     values = _array(msg.body, "elapsed", rows, msg.rid)
-    if not all(v is None or (type(v) in _NUMBER and 0 <= v <= MAX_SECONDS) for v in values):
+    numbers = [v for v in values if v is not None] if None in values else values
+    kinds = set(map(type, numbers))  # checked in C: a worker sends this with every report
+    if numbers and not (
+        kinds <= {float, int}
+        and min(numbers) >= 0
+        and max(numbers) <= MAX_SECONDS
+        and math.isfinite(sum(numbers))  # NaN escapes min and max
+    ):
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"field 'elapsed' must hold seconds, 0 to {MAX_SECONDS:g}, or nil", msg.rid
         )
-    return [None if v is None else float(v) for v in values]
+    return values if kinds <= {float} else [None if v is None else float(v) for v in values]
 
 
 def parse_ids(msg: Message) -> list[int]:

@@ -82,12 +82,14 @@ class Tally:
             for reason, n in Counter(outcomes).items():
                 if reason in self.refused:
                     self.refused[reason] += n
-            if request.elapsed is not None:
-                self.run_seconds.add_all(
-                    e
-                    for e, o in zip(request.elapsed, outcomes, strict=True)
-                    if o is Outcome.OK and e is not None
-                )
+            elapsed = request.elapsed
+            if elapsed is None:
+                continue
+            if outcomes.count(Outcome.OK) == len(outcomes) and None not in elapsed:  # the usual case
+                self.run_seconds.add_all(elapsed)  # type: ignore[arg-type]
+            else:
+                ok = zip(elapsed, outcomes, strict=True)
+                self.run_seconds.add_all(e for e, o in ok if o is Outcome.OK and e is not None)
         self.ended(result.ended)
 
     def ended(self, counts: Mapping[str, Mapping[str, int]]) -> None:
