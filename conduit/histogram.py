@@ -8,8 +8,7 @@ tasks that share a value (one submit's tasks delivered together) is one add with
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections import Counter
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from functools import partial
 
@@ -42,11 +41,18 @@ class Histogram:
         self.sum += value * n
 
     def add_all(self, values: Iterable[float]) -> None:
-        """Many values at once: the bucket of each is found in C."""
-        values = list(values)
-        for i, n in Counter(map(self._bucket, values)).items():
-            self.counts[i] += n
-        self.sum += sum(values)
+        """Many values at once: sorted (in C), then cut at the bounds, a bisect each, so a batch
+        costs its sort and a few dozen bisects, not a call per value."""
+        ordered = sorted(values)
+        counts, below = self.counts, 0
+        for i, bound in enumerate(self.bounds):
+            if below == len(ordered):
+                break
+            upto = bisect_right(ordered, bound, below)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(ordered) - below
+        self.sum += sum(ordered)
 
     def merge(self, other: Histogram) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]

@@ -429,8 +429,9 @@ def parse_elapsed(msg: Message, rows: int) -> list[float | None] | None:
     if elapsed is None:
         return None
     values = _array(msg.body, "elapsed", rows, msg.rid)
-    numbers = [v for v in values if v is not None] if None in values else values
-    kinds = set(map(type, numbers))  # checked in C: a worker sends this with every report
+    kinds = set(map(type, values))  # checked in C: a worker sends this with every report
+    numbers = [v for v in values if v is not None] if type(None) in kinds else values
+    kinds.discard(type(None))
     if numbers and not (
         kinds <= {float, int}
         and min(numbers) >= 0

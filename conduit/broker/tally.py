@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import compress, groupby
-from operator import itemgetter
+from operator import countOf, itemgetter
 from typing import Any
 
 from conduit.broker.writes import WriteBatch, WriteResult
@@ -72,20 +72,27 @@ class Tally:
         self.commit_size.add(len(batch.requests))
         self.commit_seconds.add(seconds)
         for op, submitted in zip(batch.submits, result.submitted, strict=True):
-            if submitted:
-                created = Counter(compress(map(_queue_of, op.specs), map(_created, submitted)))
-                for name, n in created.items():
-                    self.queue(name).submitted += n
+            if not submitted:
+                continue
+            first = op.specs[0].queue
+            if countOf(map(_queue_of, op.specs), first) == len(op.specs):  # one queue: the usual case
+                self.queue(first).submitted += countOf(map(_created, submitted), True)
+                continue
+            for name, n in Counter(compress(map(_queue_of, op.specs), map(_created, submitted))).items():
+                self.queue(name).submitted += n
         for request, outcomes in zip(batch.ops, result.outcomes, strict=True):
             if request.kind not in SETTLING:
                 continue
-            for reason, n in Counter(outcomes).items():
-                if reason in self.refused:
-                    self.refused[reason] += n
+            # Counted by identity (in C): hashing an enum member is a Python call.
+            all_ok = outcomes.count(Outcome.OK) == len(outcomes)
+            if not all_ok:
+                for outcome in outcomes:
+                    if outcome in self.refused:
+                        self.refused[outcome] += 1
             elapsed = request.elapsed
             if elapsed is None:
                 continue
-            if outcomes.count(Outcome.OK) == len(outcomes) and None not in elapsed:  # the usual case
+            if all_ok and None not in elapsed:  # the usual case
                 self.run_seconds.add_all(elapsed)  # type: ignore[arg-type]
             else:
                 ok = zip(elapsed, outcomes, strict=True)
