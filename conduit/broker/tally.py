@@ -33,7 +33,8 @@ ENDINGS = ("completed", "failed", "dead")  # what a commit made of tasks, as the
 _queue_of = itemgetter(0)  # of a TaskSpec
 _created = itemgetter(1)  # of a Submitted
 _row_queue = itemgetter(2)  # of a DeliveryRow
-_queue_and_due = itemgetter(1, 3)  # of a LeasedTask
+_task_queue = itemgetter(1)  # of a LeasedTask
+_task_due = itemgetter(3)
 
 
 @dataclass
@@ -109,14 +110,15 @@ class Tally:
     def delivered_buffered(self, tasks: list[LeasedTask], now: float) -> None:
         """Tasks handed out from the buffer, grouped by queue and the time they came due."""
         wall = now + self.clock_offset
-        for (name, due), group in groupby(tasks, key=_queue_and_due):
-            n = len(list(group))
+        for name, of_queue in groupby(tasks, key=_task_queue):  # a poll's tasks come queue by queue
             q = self.queue(name)
-            q.delivered += n
-            if due is not None:
-                latency = max(0.0, wall - due.timestamp())
-                q.latency.add(latency, n)
-                q.recent.add(now, latency, n)
+            for due, group in groupby(of_queue, key=_task_due):
+                n = len(list(group))
+                q.delivered += n
+                if due is not None:
+                    latency = max(0.0, wall - due.timestamp())
+                    q.latency.add(latency, n)
+                    q.recent.add(now, latency, n)
 
     def delivered_sync(self, rows: Iterable[DeliveryRow], latency: float, now: float) -> None:
         """Sync-matched tasks, delivered after the commit that inserted them, `latency` after it began."""
