@@ -79,12 +79,12 @@ def table(doc: dict[str, Any], tasks: int, rounds: int) -> str:
     lines = [
         f"burst of {tasks:,} tasks, {rounds} rounds each, alternating; /metrics scraped every "
         f"{SCRAPE_EVERY:g} s ({doc['scrapes']} scrapes, {doc['samples_per_scrape']} samples each)",
-        f"{'':<18}{'tasks/s (median)':>18}{'rounds':>28}{'broker µs/task':>16}",
+        f"{'':<18}{'tasks/s (median)':>18}{'broker µs/task':>16}   rounds (tasks/s)",
     ]
     for name, s in (("without --metrics", a), ("with --metrics", b)):
         rounds_text = ", ".join(f"{x:,}" for x in s["tasks_per_s"])
         lines.append(
-            f"{name:<18}{s['median_tasks_per_s']:>18,}{rounds_text:>28}{s['broker_cpu_us_per_task']:>16.2f}"
+            f"{name:<18}{s['median_tasks_per_s']:>18,}{s['broker_cpu_us_per_task']:>16.2f}   {rounds_text}"
         )
     lines.append(
         f"ratio with / without: throughput {doc['throughput_ratio']:.3f}, "
