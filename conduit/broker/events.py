@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from conduit.broker.writes import WriteBatch, WriteResult
-from conduit.store import BrokerLease
+from conduit.store import BrokerLease, Peer
 from conduit.task import Ack, LeasedTask, TaskInfo
 
 
@@ -88,6 +88,13 @@ class Notified:
     now: float
 
 
+@dataclass(frozen=True)
+class PeersRead:
+    """The other live brokers, read with each lease renewal: PONG and GOSSIP name them."""
+
+    peers: tuple[Peer, ...]
+
+
 Event = (
     Received
     | Tick
@@ -100,4 +107,5 @@ Event = (
     | SendFailed
     | Shutdown
     | Notified
+    | PeersRead
 )
