@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `chaos` is tests/chaos
 
-from chaos.harness import Options, run
+from chaos.harness import STALL_LIMIT, Options, run
 from chaos.load import BASE_RATE
 from chaos.scenarios import SCENARIOS, run_scenario
 
@@ -73,6 +73,7 @@ def _table(s: dict[str, Any]) -> str:
     rows = [
         ("seed", s["seed"]),
         ("backend", s["backend"]),
+        *([("hosts", ", ".join(f"{k} {v}" for k, v in s["hosts"].items()))] if s["hosts"] else []),
         *phase,
         ("offered (target)", f"{s['rate_target']:g} tasks/s, submits of 1 to {s['batch_max']}"),
         (
@@ -100,6 +101,11 @@ def _table(s: dict[str, Any]) -> str:
             or "none",
         ),
         ("longest gap in task starts", _seconds(s["longest_start_gap_s"], s["longest_start_gap_at"])),
+        (
+            "  outside whole-database faults",
+            _seconds(s["longest_stall_served_s"], s["longest_stall_served_at"])
+            + (f" (bound {STALL_LIMIT:g} s)" if s["hosts"] else ""),
+        ),
         *back,
         ("broker RSS max (MB)", ", ".join(f"{k} {v}" for k, v in s["broker_rss_max_mb"].items())),
         ("ran before run_at", s["ran_before_run_at"]),
@@ -155,6 +161,12 @@ def main() -> int:
     parser.add_argument(
         "--workdir", type=Path, help="keep logs and the ledger here (kept anyway on a violation)"
     )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="brokers, workers and producers on hosts in network namespaces (root, iproute2), "
+        "PostgreSQL through a proxy; partitions among the faults, and a bound on stalls",
+    )
     args = parser.parse_args()
 
     def progress(line: str) -> None:
@@ -174,6 +186,7 @@ def main() -> int:
         rss_limit_mb=args.rss_limit_mb,
         workdir=args.workdir,
         scenario=args.scenario,
+        netns=args.netns,
     )
     try:
         summary = run(opts, progress) if opts.scenario == "random" else run_scenario(opts, progress)
