@@ -4,6 +4,9 @@ GOSSIP, so a client or worker given one broker finds the mesh (PROTOCOL.md §6.6
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import zmq
@@ -67,6 +70,17 @@ def test_a_stopped_broker_is_no_longer_named(start_broker, db) -> None:
     wait_for(lambda: [p["broker"] for p in ping(b1.endpoint)["peers"]] == ["b2"])
     assert b2.stop() == 0  # a clean stop ends its lease at once
     wait_for(lambda: ping(b1.endpoint)["peers"] == [])
+
+
+def test_status_given_one_gossip_endpoint_shows_the_whole_mesh(start_broker, db) -> None:
+    b1, *_ = advertised_mesh(start_broker)
+    wait_for(lambda: len(ping(b1.endpoint)["peers"]) == 2)
+    args = ["status", "--json", "--dsn", db.dsn, "--schema", db.schema, "--gossip", b1.pub]
+    shown = subprocess.run(
+        [sys.executable, "-m", "conduit", *args], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert sorted(json.loads(shown.stdout)["brokers"]) == ["b1", "b2", "b3"]
 
 
 def test_a_client_and_a_worker_given_one_broker_use_the_whole_mesh(start_broker, db) -> None:
