@@ -37,7 +37,9 @@ from conduit.store import describe_dsn
 QUEUES = ("chaos.a", "chaos.b")
 SLOW_SUBMIT = 1.0  # seconds: submits slower than this are listed in the summary, as evidence
 STALL_LIMIT = 3.0  # seconds without a task start while some broker can serve (--netns: bounded)
-WHOLE_DATABASE = ("pg_restart", "pg_pause")  # faults that leave no broker able to serve
+# Faults during which no broker can serve the load: the database away from every broker, or the
+# producers cut off from every broker. Stalls that overlap them are not held to STALL_LIMIT.
+NO_BROKER_SERVES = ("pg_restart", "pg_pause", "client_cut")
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ class Session:
         slowest = max(latencies, key=lambda b: b.seconds, default=None)
         measured = max(load_end - t0, 1e-9)
         gap, gap_at = longest_gap((r.start for r in runs), t0, load_end)
-        outages = [(f.start, f.end or f.start) for f in faults if f.kind in WHOLE_DATABASE]
+        outages = [(f.start, f.end or f.start) for f in faults if f.kind in NO_BROKER_SERVES]
         stall, stall_at = longest_gap_outside((r.start for r in runs), t0, load_end, outages)
         if self.opts.netns and stall > STALL_LIMIT:
             verdict.violate(

@@ -102,7 +102,7 @@ def _table(s: dict[str, Any]) -> str:
         ),
         ("longest gap in task starts", _seconds(s["longest_start_gap_s"], s["longest_start_gap_at"])),
         (
-            "  outside whole-database faults",
+            "  while a broker could serve",
             _seconds(s["longest_stall_served_s"], s["longest_stall_served_at"])
             + (f" (bound {STALL_LIMIT:g} s)" if s["hosts"] else ""),
         ),
@@ -141,7 +141,9 @@ def main() -> int:
         help="PostgreSQL to use (a schema of the run's own; no restarts); default: a private embedded one",
     )
     parser.add_argument("--brokers", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, help="worker processes (default 3; 4 with --netns: 2 on each worker host)"
+    )
     parser.add_argument(
         "--rate",
         type=float,
@@ -179,7 +181,7 @@ def main() -> int:
         seed=args.seed,
         dsn=args.dsn,
         brokers=args.brokers,
-        workers=args.workers,
+        workers=args.workers or (4 if args.netns else 3),
         rate=args.rate,
         batch=args.batch,
         drain_timeout=args.drain_timeout,
