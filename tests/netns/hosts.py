@@ -10,6 +10,8 @@ A link is cut by taking the bridge's end of the host's veth down (the host sees 
 it sends is lost, nothing is refused, as when a cable is pulled) and healed by bringing it up.
 Names carry a tag of the run's own and the subnets are chosen free, so parallel runs never meet;
 `close` removes everything, and a `Network` is a context manager, so a failure removes it too.
+Namespace names also carry the pid that made them, so what a killed run left behind is swept
+away by the next one (`sweep`).
 
 Processes run in a host with `popen` (`ip netns exec`, which execs: the pid is the program's).
 Threads of this process enter a host with `enter`: a network namespace is per thread on Linux,
@@ -23,6 +25,7 @@ import contextlib
 import ctypes
 import os
 import random
+import re
 import shutil
 import subprocess
 import threading
@@ -35,6 +38,7 @@ from typing import Any
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
+_NAME = re.compile(r"cdt(\w{4})-(\d+)-\w+")  # cdt<tag>-<pid>-<host>
 LINKS = ("mesh", "db")
 
 
@@ -50,6 +54,20 @@ def unavailable() -> str | None:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def sweep() -> None:
+    """Remove the namespaces, veths and bridges of networks whose process is gone (SIGKILLed)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    stale = {m[1] for n in listed if (m := _NAME.fullmatch(n)) and not Path(f"/proc/{m[2]}").exists()}
+    if not stale:
+        return
+    for ns in (n for n in listed if (m := _NAME.fullmatch(n)) and m[1] in stale):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    for name in re.findall(r"^\d+: (cd(\w{4})\w*?)[@:]", links, re.M):
+        if name[1] in stale:
+            subprocess.run(["ip", "link", "del", name[0]], capture_output=True)
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -83,6 +101,7 @@ class Network:
     """Broker hosts b1..bN, worker hosts w1..wN and client hosts c1..cN, made at once."""
 
     def __init__(self, brokers: int = 3, workers: int = 2, clients: int = 1) -> None:
+        sweep()
         self.tag = uuid.uuid4().hex[:4]
         self.hosts: dict[str, Host] = {}
         self.bridges: list[str] = []
@@ -106,7 +125,7 @@ class Network:
         names = [f"b{i}" for i in range(1, brokers + 1)]
         names += [f"w{i}" for i in range(1, workers + 1)] + [f"c{i}" for i in range(1, clients + 1)]
         for index, name in enumerate(names, start=10):
-            ns = f"cdt{self.tag}-{name}"
+            ns = f"cdt{self.tag}-{os.getpid()}-{name}"
             _ip("netns", "add", ns)
             host = Host(name, ns, f"10.77.{mesh}.{index}", None, {})
             self.hosts[name] = host
