@@ -91,6 +91,12 @@ class AsyncClient:
     async def workers(self, timeout: float = 1.0) -> list[WorkerSeen]:
         return await self._call(self._client.workers, timeout)
 
+    async def pause(self, queue: str) -> bool:
+        return await self._call(self._client.pause, queue)
+
+    async def resume(self, queue: str) -> bool:
+        return await self._call(self._client.resume, queue)
+
     async def ping(self) -> str:
         return await self._call(self._client.ping)
 
