@@ -70,6 +70,7 @@ class BrokerStatus:
 
     @property
     def polls(self) -> int | None:
+        """Waiting polls summed over queues: a poll for two queues counts in both."""
         return None if self.gossip is None else sum(c[1] for c in self.gossip.values() if len(c) > 1)
 
 

@@ -15,7 +15,11 @@ def test_bins_average_each_bin_and_leave_gaps() -> None:
     assert got == [[], [], [16 / 3, 4 / 3]]
     assert charts.bins(series[:2], now=100.0, span=20.0, count=2) == [[], [3.0, 2.0]]
     svg = charts.sparkline([[], [1.0, 0.5], [2.0, 1.0]], ("in", "out"), "q <tasks>")
-    assert svg.count("<polyline") == 2 and "max 2.0/s" in svg and "q &lt;tasks&gt;" in svg
+    assert (
+        svg.count("<polygon") == svg.count("<polyline") == 1
+        and "max 2.0/s" in svg
+        and "q &lt;tasks&gt;" in svg
+    )
     assert "no readings yet" in charts.sparkline([[], []], ("in", "out"), "q")
     lone = charts.sparkline([[3.0, 1.0], [], []], ("in", "out"), "q")
     assert lone.count("<circle") == 2 and "<polyline" not in lone

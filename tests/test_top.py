@@ -4,14 +4,20 @@ depth by state, the broker's lease and buffer, and the worker all appear, as JSO
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 import threading
+import uuid
 
+import pytest
 from conftest import Database
 from test_e2e import running, wait_for
 
 from conduit.client import Client, TaskContext, Worker
+from conduit.task import TaskSpec
 
 
 def top(db: Database, *args: str) -> subprocess.CompletedProcess[str]:
@@ -83,3 +89,35 @@ def test_top_errors_are_one_line(db) -> None:
     nobroker = top(db, "--json")  # no broker: the queues still show, and the frame says why no workers
     assert nobroker.returncode == 0, nobroker.stderr
     assert json.loads(nobroker.stdout)["problems"] == ["no live broker in the database"]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"), reason="needs tmux")
+def test_top_live_in_a_terminal_redraws_and_leaves_on_ctrl_c(db, tmp_path) -> None:
+    """The live view in a real terminal (a tmux pane of its own): it draws the queue, redraws it
+    as the counters change, and Ctrl-C leaves with exit code 0."""
+    with db.store() as store:
+        store.enqueue([TaskSpec("liveq", b"x")])
+    server = ["tmux", "-L", f"conduit-top-{uuid.uuid4().hex[:8]}"]  # a tmux server of this test's own
+    done = tmp_path / "rc"
+    top = [sys.executable, "-m", "conduit", "top", "--dsn", db.dsn, "--schema", db.schema]
+    command = shlex.join(["env", "-u", "COLUMNS", "-u", "LINES", *top])  # the pane's size, not pytest's
+    subprocess.run(
+        [*server, "new-session", "-d", "-x", "200", "-y", "50", f"{command}; echo $? > {done}"], check=True
+    )
+
+    def screen() -> str:
+        return subprocess.run([*server, "capture-pane", "-p"], capture_output=True, text=True).stdout
+
+    try:
+        wait_for(lambda: "liveq" in screen() and "conduit top" in screen(), what="the first frame")
+        with db.store() as store:
+            store.enqueue([TaskSpec("liveq", b"y"), TaskSpec("liveq", b"z")])
+        wait_for(
+            lambda: any(line.split()[:2] == ["liveq", "3"] for line in screen().splitlines()), what="a redraw"
+        )
+        subprocess.run([*server, "send-keys", "C-c"], check=True)
+        wait_for(done.exists, what="top to leave")
+        wait_for(lambda: done.read_text().strip() != "", what="its exit code")
+        assert done.read_text().strip() == "0"
+    finally:
+        subprocess.run([*server, "kill-server"], capture_output=True)

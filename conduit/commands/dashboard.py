@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 
 import click
@@ -66,14 +67,18 @@ def dashboard(
             "token can retry, cancel and purge tasks; put it behind TLS",
             err=True,
         )
+    try:  # bound here, so that port 0 is resolved before the link is printed
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ConduitError(f"cannot serve on {bind}: {exc.strerror or exc}") from None
+    port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     given = "" if os.environ.get(TOKEN_ENV) else f"?token={token}"
-    click.echo(f"http://{shown}:{port}/{given}", nl=True)
+    click.echo(f"http://{shown}:{port}/{given}")
     if given:
         click.echo(f"token: {token} (set {TOKEN_ENV} to choose it)", err=True)
     app = create_app(Observer(url, settings.schema, flat(endpoints)), token)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    server.run()
-    if not server.started:
-        raise ConduitError(f"cannot serve on {bind} (is the port taken?)")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])

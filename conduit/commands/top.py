@@ -55,7 +55,7 @@ def top(
             if as_json:
                 emit(frame.as_json())
             else:
-                _console().print(render(frame))
+                _console().print(render(frame, live=False))
             return
         _live(observer)
     finally:
@@ -101,10 +101,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:,.1f}"
 
 
-def render(frame: Frame) -> RenderableType:
+def render(frame: Frame, live: bool = True) -> RenderableType:
     style = box.SIMPLE_HEAD if sys.stdout.isatty() else box.ASCII2
-    queues = Table(title="queues", title_justify="left", box=style, expand=False)
-    queues.add_column("queue")
+    queues = Table(title="queues", title_justify="left", box=style, padding=(0, 1))
+    queues.add_column("queue", no_wrap=True)
     for state in STATES:
         queues.add_column(state, justify="right")
     for label in ("in/s", "out/s", "start p50 ms", "p99 ms"):
@@ -119,9 +119,9 @@ def render(frame: Frame) -> RenderableType:
             _ms(q.latency.p50 if q.latency else None),
             _ms(q.latency.p99 if q.latency else None),
         )
-    brokers = Table(title="brokers", title_justify="left", box=style)
-    for label in ("broker", "epoch", "endpoint", "lease", "buffered", "polls"):
-        brokers.add_column(label, justify="right" if label in ("epoch", "buffered", "polls") else "left")
+    brokers = Table(title="brokers", title_justify="left", box=style, padding=(0, 1))
+    for label in ("broker", "epoch", "endpoint", "lease", "buffered", "polls by queue"):
+        brokers.add_column(label, justify="right" if label in ("epoch", "buffered") else "left")
     for b in frame.brokers:
         left = b.row.lease_left
         lease = f"live, {left:.1f}s left" if b.row.live else f"expired {-left:.1f}s ago"
@@ -131,9 +131,9 @@ def render(frame: Frame) -> RenderableType:
             b.row.endpoint,
             lease,
             "-" if b.buffered is None else f"{b.buffered:,}",
-            "-" if b.polls is None else str(b.polls),
+            "-" if b.gossip is None else " ".join(f"{q}:{c[1]}" for q, c in sorted(b.gossip.items())) or "0",
         )
-    workers = Table(title="workers", title_justify="left", box=style)
+    workers = Table(title="workers", title_justify="left", box=style, padding=(0, 1))
     for label in ("worker", "broker", "queues", "polls", "holding", "heard"):
         workers.add_column(label, justify="right" if label in ("polls", "holding", "heard") else "left")
     for w in sorted(frame.workers, key=lambda w: (w.worker or "", w.broker)):
@@ -145,7 +145,9 @@ def render(frame: Frame) -> RenderableType:
             f"{w.holding:,}",
             f"{w.heard:.1f}s ago",
         )
-    header = Text(f"conduit top  {frame.taken_at:%Y-%m-%d %H:%M:%S} UTC  (Ctrl-C leaves)", style="bold")
+    header = Text(f"conduit top  {frame.taken_at:%Y-%m-%d %H:%M:%S} UTC", style="bold")
+    if live:
+        header.append("  (Ctrl-C leaves)", style="dim")
     parts: list[RenderableType] = [header, queues, brokers, workers]
     parts += [Text(problem, style="yellow") for problem in frame.problems]
     return Group(*parts)

@@ -48,10 +48,17 @@ def sparkline(
             if len(run) == 1:  # a lone reading: a dot, since a line needs two
                 cx, cy = run[0].split(",")
                 paths.append(f'<circle class="{css}" cx="{cx}" cy="{cy}" r="1.5"/>')
+            elif run and k == 0:  # the first series as an area, so that the second shows on it
+                base = f"{HEIGHT - PAD}"
+                ends = f"{run[-1].split(',')[0]},{base} {run[0].split(',')[0]},{base}"
+                paths.append(f'<polygon class="{css}" points="{" ".join(run)} {ends}"/>')
             elif run:
                 paths.append(f'<polyline class="{css}" points="{" ".join(run)}"/>')
-    legend = f"{labels[0]} / {labels[1]}, max {top:,.1f}{unit}"
-    return _svg(title, "".join(paths) + f'<text x="{PAD}" y="{HEIGHT + 10}">{escape(legend)}</text>')
+    legend = (
+        f'<text x="{PAD}" y="{HEIGHT + 10}"><tspan class="in">{escape(labels[0])}</tspan> / '
+        f'<tspan class="out">{escape(labels[1])}</tspan>, max {top:,.1f}{escape(unit)}</text>'
+    )
+    return _svg(title, "".join(paths) + legend)
 
 
 def _svg(title: str, body: str) -> str:
