@@ -150,7 +150,7 @@ class Rates:
 
 
 class Observer:
-    """Reads frames from the database and the live brokers. Thread-safe (one lock: a dashboard's
+    """Reads frames from the database and the live brokers. Thread-safe (a dashboard's
     requests and its sampler share it); reconnects to the database after an outage."""
 
     def __init__(self, dsn: str, schema: str, connect: Sequence[str] = (), timeout: float = 0.5) -> None:
@@ -159,7 +159,8 @@ class Observer:
         self.timeout = timeout
         self.rates = Rates()
         self.latency: deque[tuple[float, dict[str, Percentiles]]] = deque()  # readings with a figure
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the connections: held across a query
+        self._history = threading.Lock()  # the readings: never held across I/O (an event loop reads them)
         self._store: Store | None = None
         self._client: Client | None = None
         self._client_for: list[str] = []
@@ -195,16 +196,18 @@ class Observer:
             stats = self.run("queue_stats")
             paused = self.run("paused")
             latency = start_latency(self._client)
-            if sample:
-                now = time.monotonic()
-                self.rates.add(now, stats)
-                if latency:
-                    self.latency.append((now, latency))
-                while self.latency and self.latency[0][0] < now - HISTORY_SECONDS:
-                    self.latency.popleft()
+            with self._history:
+                if sample:
+                    now = time.monotonic()
+                    self.rates.add(now, stats)
+                    if latency:
+                        self.latency.append((now, latency))
+                    while self.latency and self.latency[0][0] < now - HISTORY_SECONDS:
+                        self.latency.popleft()
+                last = {name: self.rates.last(name) for name in stats}
             rows = []
             for name in sorted({*stats, *paused}):
-                rate = self.rates.last(name)
+                rate = last.get(name)
                 rows.append(
                     QueueRow(
                         name,
@@ -217,9 +220,14 @@ class Observer:
                 )
             return rows
 
+    def rate_series(self, queue: str) -> list[tuple[float, float, float]]:
+        """(time, in/s, out/s) of the queue between the readings kept (the sampler adds them)."""
+        with self._history:
+            return self.rates.series(queue)
+
     def latency_series(self, queue: str) -> list[tuple[float, float, float]]:
         """(time, p50, p99) of the queue's start latency at each reading that had one."""
-        with self._lock:
+        with self._history:
             return [(t, got[queue].p50, got[queue].p99) for t, got in self.latency if queue in got]
 
     def mesh(self) -> tuple[list[BrokerStatus], list[WorkerSeen], list[str]]:

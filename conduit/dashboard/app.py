@@ -66,7 +66,7 @@ def create_app(observer: Observer, token: str, *, sample_every: float = SAMPLE_E
         return await run_in_threadpool(function, *args, **kwargs)
 
     def chart_rates(queue: str) -> str:
-        values = charts.bins(observer.rates.series(queue), time.monotonic(), HISTORY_SECONDS, BINS)
+        values = charts.bins(observer.rate_series(queue), time.monotonic(), HISTORY_SECONDS, BINS)
         return charts.sparkline(values, ("in", "out"), f"{queue}: tasks/s in and out, last 15 minutes")
 
     def chart_latency(queue: str) -> str:
