@@ -308,3 +308,29 @@ def test_posts_without_the_form_token_or_from_elsewhere_are_refused(
     page.goto(f"{dashboard.url}/")  # the dashboard's own form, with its token, does it
     page.locator("form", has=page.get_by_role("button", name="Pause")).first.get_by_role("button").click()
     expect(page.locator(".done")).to_have_text("paused csrfq")
+
+
+def test_tasks_page_by_keyset_and_cancel_and_purge(
+    dashboard: Dashboard, db: Database, browser: Browser
+) -> None:
+    with db.store() as store:
+        ids = [s.id for s in store.enqueue([TaskSpec("pageq", b"%d" % i) for i in range(60)])]
+    page = signed_in(browser, dashboard)
+    page.goto(f"{dashboard.url}/queues/pageq?state=pending")
+    rows = page.locator("table.tasks tbody tr")
+    expect(rows).to_have_count(50)  # a page, in the order they will run
+    first = [int(t) for t in rows.locator("td:first-child").all_inner_texts()]
+    page.get_by_role("link", name="next page").click()
+    expect(rows).to_have_count(10)
+    rest = [int(t) for t in rows.locator("td:first-child").all_inner_texts()]
+    assert first + rest == ids
+    expect(page.get_by_role("link", name="next page")).to_have_count(0)
+
+    rows.first.get_by_role("button", name="Cancel").click()  # from the second page
+    expect(page.locator(".done")).to_have_text("cancelled 1 task")
+    expect(rows).to_have_count(9)  # back on the same page, less the cancelled task
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Purge (cancel what has not started)").click()
+    expect(page.locator(".done")).to_have_text("purged 59 tasks of pageq")
+    with db.store() as store:
+        assert store.queue_stats()["pageq"] == {"cancelled": 60}
