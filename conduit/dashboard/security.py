@@ -81,8 +81,11 @@ class TokenGate:
         self.app, self.guard = app, guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # a websocket: the dashboard has none, and serves nothing unasked
+            await send({"type": "websocket.close", "code": 1008})
             return
         request = Request(scope)
         cookie = f"conduit_session_{request.url.port}"  # cookies ignore ports: one per dashboard
