@@ -24,7 +24,8 @@ import psycopg
 from conduit.client.client import Client, WorkerSeen
 from conduit.errors import ConduitError, DatabaseError
 from conduit.store import Store
-from conduit.store.ops import FINAL_STATES, STATES, BrokerRow
+from conduit.store.ops import BrokerRow
+from conduit.task import FINAL_STATES, STATES
 
 HISTORY_SECONDS = 15 * 60  # how far back the rate series (the dashboard's charts) reach
 

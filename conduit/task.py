@@ -15,6 +15,9 @@ MAX_KEY_LENGTH = 200
 PRIORITY_RANGE = (-32768, 32767)
 MAX_ATTEMPTS = 2**31 - 1  # the attempt is a PostgreSQL integer
 MAX_SECONDS = 100 * 365 * 86400.0  # delays, leases and backoffs beyond a century are mistakes
+LIVE_STATES = ("pending", "buffered", "running")
+FINAL_STATES = ("completed", "dead", "cancelled")
+STATES = (*LIVE_STATES, *FINAL_STATES)
 
 
 class TaskSpec(NamedTuple):
@@ -142,6 +145,49 @@ class TaskInfo:
     id: int
     state: str | None  # None: no such task
     attempt: int | None
+    result: bytes | None
+    error: str | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One line of a listing. `since`: when a live task came due (run_at), or a finished one ended."""
+
+    id: int
+    queue: str
+    state: str
+    priority: int | None  # None: completed in a batch row, which keeps no priority
+    attempt: int
+    failures: int
+    since: datetime
+    broker: str | None  # the broker holding a live task
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[TaskRow]
+    next: str | None  # pass as `after` for the next page; None: this was the last
+
+
+@dataclass(frozen=True)
+class TaskDetail:
+    id: int
+    queue: str
+    state: str
+    priority: int | None
+    attempt: int
+    failures: int
+    max_attempts: int | None
+    lease_timeout: float | None
+    backoff_base: float | None
+    backoff_max: float | None
+    run_at: datetime | None
+    lease_expires_at: datetime | None
+    broker: str | None
+    idempotency_key: str | None
+    payload: bytes | None  # live tasks, and dead or cancelled ones (kept to retry)
     result: bytes | None
     error: str | None
     finished_at: datetime | None

@@ -52,6 +52,11 @@ class Command(enum.StrEnum):
     RETRY = "RETRY"
     RESULT = "RESULT"
     WORKERS = "WORKERS"
+    QUEUES = "QUEUES"
+    LIST = "LIST"
+    SHOW = "SHOW"
+    REDRIVE = "REDRIVE"
+    PURGE = "PURGE"
     PING = "PING"
     # replies (broker -> client or worker)
     SUBMITTED = "SUBMITTED"
@@ -59,6 +64,10 @@ class Command(enum.StrEnum):
     ACK = "ACK"
     RESULTS = "RESULTS"
     WORKER_LIST = "WORKER_LIST"
+    QUEUE_LIST = "QUEUE_LIST"
+    TASK_LIST = "TASK_LIST"
+    TASK_DETAILS = "TASK_DETAILS"
+    DONE = "DONE"
     PONG = "PONG"
     ERROR = "ERROR"
     # broadcast on a broker's PUB socket
@@ -77,6 +86,11 @@ REQUESTS = frozenset(
         Command.RETRY,
         Command.RESULT,
         Command.WORKERS,
+        Command.QUEUES,
+        Command.LIST,
+        Command.SHOW,
+        Command.REDRIVE,
+        Command.PURGE,
         Command.PING,
     }
 )
@@ -89,6 +103,10 @@ REPLIES = frozenset(
         Command.ACK,
         Command.RESULTS,
         Command.WORKER_LIST,
+        Command.QUEUE_LIST,
+        Command.TASK_LIST,
+        Command.TASK_DETAILS,
+        Command.DONE,
         Command.PONG,
         Command.ERROR,
     }
@@ -218,7 +236,7 @@ class Poll:
     timeout: float
 
 
-def _field(
+def get_field(
     body: dict[str, Any], name: str, kind: type | tuple[type, ...], rid: int, default: Any = ...
 ) -> Any:
     if name not in body or body[name] is None:
@@ -235,7 +253,7 @@ def _field(
 
 def _rows(body: dict[str, Any], name: str, rid: int) -> list[Any]:
     """The array that fixes a message's row count: 1 to MAX_BATCH entries."""
-    items = _field(body, name, list, rid)
+    items = get_field(body, name, list, rid)
     if not items:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {name!r} is empty", rid)
     if len(items) > MAX_BATCH:
@@ -244,7 +262,7 @@ def _rows(body: dict[str, Any], name: str, rid: int) -> list[Any]:
 
 
 def _array(body: dict[str, Any], name: str, rows: int, rid: int) -> list[Any]:
-    items = _field(body, name, list, rid)
+    items = get_field(body, name, list, rid)
     if len(items) != rows:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"field {name!r} has {len(items)} entries for {rows} rows", rid
@@ -326,7 +344,7 @@ def _check(spec: TaskSpec, max_payload_bytes: int, rid: int, row: int | None = N
 
 def parse_submit_key(msg: Message) -> str | None:
     """The key naming a whole SUBMIT, if it has one: a retry with it inserts nothing twice."""
-    key = _field(msg.body, "key", str, msg.rid, None)
+    key = get_field(msg.body, "key", str, msg.rid, None)
     if key is not None and (not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key):
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"field 'key' must be 1 to {MAX_KEY_LENGTH} characters, none NUL", msg.rid
@@ -337,13 +355,13 @@ def parse_submit_key(msg: Message) -> str | None:
 def parse_poll(msg: Message) -> Poll:
     rid = msg.rid
     worker = _name(msg.body, "worker", rid)
-    queues = _field(msg.body, "queues", list, rid)
+    queues = get_field(msg.body, "queues", list, rid)
     if not 0 < len(queues) <= MAX_QUEUES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"poll 1 to {MAX_QUEUES} queues", rid)
     for queue in queues:
-        _check_queue(queue, rid)
-    max_tasks = _field(msg.body, "max", int, rid, 1)
-    timeout = float(_field(msg.body, "timeout", (int, float), rid, 10.0))
+        check_queue(queue, rid)
+    max_tasks = get_field(msg.body, "max", int, rid, 1)
+    timeout = float(get_field(msg.body, "timeout", (int, float), rid, 10.0))
     if not 1 <= max_tasks <= MAX_BATCH or not 0 <= timeout <= MAX_POLL_TIMEOUT:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"max must be 1..{MAX_BATCH} and timeout 0..{MAX_POLL_TIMEOUT}", rid
@@ -410,7 +428,7 @@ def _is_uint(value: Any) -> bool:
 
 
 def _name(body: dict[str, Any], field: str, rid: int) -> str:
-    value = _field(body, field, str, rid)
+    value = get_field(body, field, str, rid)
     if not 0 < len(value) <= MAX_NAME_CHARS or "\x00" in value:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"{field} must be 1 to {MAX_NAME_CHARS} characters, none of them NUL", rid
@@ -418,7 +436,7 @@ def _name(body: dict[str, Any], field: str, rid: int) -> str:
     return value
 
 
-def _check_queue(queue: Any, rid: int) -> None:
+def check_queue(queue: Any, rid: int) -> None:
     try:
         check_queue_name(queue)
     except InvalidTask as exc:

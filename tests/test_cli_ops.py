@@ -17,6 +17,7 @@ from test_e2e import running, wait_for
 from test_store_ops import truth
 
 from conduit.client import Client, PermanentError, TaskContext, Worker
+from conduit.store.queries import SCHEMA_VERSION
 
 
 def conduit(db: Database, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -230,7 +231,7 @@ def test_db_url_prints_a_dsn_and_a_psql_line_that_works(db) -> None:
         text=True,
         timeout=30,
     )
-    assert (ran.returncode, ran.stdout) == (0, "4\n"), ran.stderr
+    assert (ran.returncode, ran.stdout) == (0, f"{SCHEMA_VERSION}\n"), ran.stderr
 
 
 def test_db_url_of_the_embedded_server_names_its_user(tmp_path) -> None:

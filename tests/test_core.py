@@ -14,6 +14,7 @@ from conduit.broker.events import (
     Leased,
     LeaseRenewed,
     Notified,
+    Operated,
     Received,
     SendFailed,
     Shutdown,
@@ -281,6 +282,34 @@ def test_a_full_write_queue_answers_busy() -> None:
     request(c, WORKER, "COMPLETE", rid=3, id=[3], attempt=[1])
     ((command, body),) = sent(request(c, WORKER, "COMPLETE", rid=4, id=[4], attempt=[1]))
     assert (command, body["code"], body["rid"]) == ("ERROR", "busy", 4)
+
+
+def test_operations_are_checked_on_the_loop_and_bounded_while_they_run() -> None:
+    """A malformed operation never reaches the database; too many at once are told to wait."""
+    c = make_core()
+    ((command, body),) = sent(request(c, CLIENT, "LIST", rid=1, state="lost"))
+    assert (command, body["code"]) == ("ERROR", "bad_request") and "lost" in body["message"]
+    ((command, body),) = sent(request(c, CLIENT, "PURGE", rid=2, queue="no spaces"))
+    assert (command, body["code"]) == ("ERROR", "invalid_task")
+    ((command, body),) = sent(request(c, CLIENT, "LIST", rid=3, limit=0))
+    assert (command, body["code"]) == ("ERROR", "bad_request")
+    running = [of(request(c, CLIENT, "QUEUES", rid=10 + i), core.Operate) for i in range(core.MAX_OPERATIONS)]
+    assert all(len(ops) == 1 for ops in running)
+    ((command, body),) = sent(request(c, CLIENT, "QUEUES", rid=99))
+    assert (command, body["code"], body["rid"]) == ("ERROR", "busy", 99)
+    reply = encode(Command.QUEUE_LIST, {"rid": 10, "queue": [], "state": [], "count": []})
+    assert sent(c.handle(Operated(CLIENT, reply))) == [
+        ("QUEUE_LIST", {"rid": 10, "queue": [], "state": [], "count": []})
+    ]
+    (operate,) = of(request(c, CLIENT, "LIST", rid=100, queue="q", state="dead", limit=5), core.Operate)
+    assert operate.operation.args == {
+        "queue": "q",
+        "state": "dead",
+        "limit": 5,
+        "after": None,
+        "older_than": None,
+        "newer_than": None,
+    }
 
 
 def test_undeliverable_tasks_are_released() -> None:

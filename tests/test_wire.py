@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conduit.task import Ack, Completion, Failure, TaskInfo, TaskSpec
+from conduit.broker.operations import OPERATIONS, Operation, parse_operation
+from conduit.task import QUEUE_NAME, STATES, Ack, Completion, Failure, TaskInfo, TaskSpec
 from conduit.wire import (
     DELIVER_COLUMNS,
     MAX_BATCH,
@@ -87,6 +88,11 @@ REQUEST_BODIES: dict[Command, dict[str, Any]] = {
     Command.RETRY: {"ids": [4]},
     Command.RESULT: {"ids": [UINT63_MAX]},
     Command.WORKERS: {},
+    Command.QUEUES: {},
+    Command.LIST: {"queue": "q", "state": "dead", "limit": 10, "after": "abc", "older_than": 1.5},
+    Command.SHOW: {"ids": [1, 2]},
+    Command.REDRIVE: {"queue": "q"},
+    Command.PURGE: {"queue": "q"},
     Command.PING: {},
 }
 
@@ -97,6 +103,10 @@ REPLY_BODIES: dict[Command, dict[str, Any]] = {
     Command.ACK: {"outcomes": ["ok", "stale"]},
     Command.RESULTS: {"id": [1], "state": ["completed"], "attempt": [1], "result": [b"r"], "error": [None]},
     Command.WORKER_LIST: {"broker": "b-1", "worker": ["w-1"], "peer": ["00ab"], "queues": [["q"]]},
+    Command.QUEUE_LIST: {"queue": ["q"], "state": ["dead"], "count": [3]},
+    Command.TASK_LIST: {"id": [1], "queue": ["q"], "state": ["dead"], "since": [1.5], "next": None},
+    Command.TASK_DETAILS: {"id": [1], "queue": ["q"], "state": ["dead"], "run_at": [None]},
+    Command.DONE: {"count": 3},
     Command.PONG: {"broker": "b-1"},
     Command.ERROR: {"code": "busy", "message": "retry"},
 }
@@ -940,6 +950,8 @@ def parse(msg: Message) -> object:
             return parse_ids(msg)
         case Command.PING | Command.WORKERS:
             return msg.rid
+        case command if command in OPERATIONS:
+            return parse_operation(msg)
     raise AssertionError(msg.command)
 
 
@@ -969,6 +981,14 @@ def check_parsed(msg: Message, parsed: object) -> None:
             assert all(type(i) is int and 0 <= i <= UINT63_MAX for i in parsed)
         case Command.PING | Command.WORKERS:
             pass
+        case command if command in OPERATIONS:
+            assert isinstance(parsed, Operation) and parsed.command is command
+            queue, state = parsed.args.get("queue"), parsed.args.get("state")
+            assert queue is None or QUEUE_NAME.match(queue)
+            assert state is None or state in STATES
+            assert 1 <= parsed.args.get("limit", 1) <= MAX_BATCH
+            ids = parsed.args.get("ids", [1])
+            assert 1 <= len(ids) <= MAX_BATCH and all(type(i) is int and 0 <= i <= UINT63_MAX for i in ids)
         case _:
             assert isinstance(parsed, list)
             assert 1 <= len(parsed) <= MAX_BATCH

@@ -21,12 +21,14 @@ from conduit.broker.events import (
     LeaseRenewed,
     LookedUp,
     Notified,
+    Operated,
     Received,
     SendFailed,
     Shutdown,
     Tick,
     Written,
 )
+from conduit.broker.operations import OPERATIONS, Operation, parse_operation
 from conduit.broker.peers import Peers
 from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
 from conduit.store import BrokerLease
@@ -75,6 +77,7 @@ class Config:
 
 DEMAND_MEMORY = 1.0  # seconds a served poll counts as demand, so prefetch continues between polls
 WRITE_RETRY_PAUSE = 0.5  # seconds between write attempts while the database fails
+MAX_OPERATIONS = 32  # LIST, PURGE, ... waiting for the ops thread; beyond: "busy"
 NOTIFY_EVERY = 0.1  # at most one wake-up per queue this often: NOTIFY takes a global lock at commit
 GOSSIP_SOONEST = 0.1  # a big change is published at once, but not more often than this
 MAX_DELIVERY_BYTES = 8 * 1024 * 1024  # payload bytes in one DELIVER (under the peer's MAXMSGSIZE)
@@ -122,6 +125,13 @@ class Lookup:
 
 
 @dataclass(frozen=True)
+class Operate:
+    peer: bytes
+    rid: int
+    operation: Operation
+
+
+@dataclass(frozen=True)
 class RenewLease:
     started: float
 
@@ -154,7 +164,7 @@ class Stop:
     owner: BrokerLease | None  # lease to drop; None when it was already lost
 
 
-Action = Send | Write | Lease | Lookup | RenewLease | Reacquire | Reap | Log | Publish | Stop
+Action = Send | Write | Lease | Lookup | Operate | RenewLease | Reacquire | Reap | Log | Publish | Stop
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -222,6 +232,7 @@ class Core:
         self._last_gossip = -1.0
         self._gossiped: frozenset[str] = frozenset()  # queues that had work or polls when last told
         self.peers = Peers()  # the workers heard lately, for WORKERS
+        self._operating = 0  # operations sent to the ops thread, not answered yet
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -251,6 +262,9 @@ class Core:
                 out.append(Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"lookup failed: {error}", rid)))
             case LookedUp(peer, rid, infos, _):
                 out.append(Send(peer, encode(Command.RESULTS, results_body(rid, infos))))
+            case Operated(peer, frames):
+                self._operating -= 1
+                out.append(Send(peer, frames))
             case SendFailed(peer, delivered):
                 out.append(Log("warning", "undeliverable", {"peer": peer.hex(), "tasks": len(delivered)}))
                 for ack in delivered:
@@ -287,6 +301,15 @@ class Core:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down; use another", rid)
         if msg.command is Command.RESULT:
             out.append(Lookup(peer, rid, parse_ids(msg)))
+            return
+        if msg.command in OPERATIONS:
+            operation = parse_operation(msg)
+            if self._operating >= MAX_OPERATIONS:
+                raise ProtocolError(
+                    ErrorCode.BUSY, "broker has too many operations running; retry shortly", rid
+                )
+            self._operating += 1
+            out.append(Operate(peer, rid, operation))
             return
         if msg.command is Command.WORKERS:
             polls = Counter(w.peer for w in self._waiters.values())

@@ -62,6 +62,14 @@ class LookedUp:
 
 
 @dataclass(frozen=True)
+class Operated:
+    """The reply to an operation (conduit.broker.operations), or the error that ended it."""
+
+    peer: bytes
+    frames: list[bytes]
+
+
+@dataclass(frozen=True)
 class SendFailed:
     peer: bytes
     delivered: tuple[Ack, ...]
@@ -81,5 +89,15 @@ class Notified:
 
 
 Event = (
-    Received | Tick | Written | Leased | LeaseRenewed | Acquired | LookedUp | SendFailed | Shutdown | Notified
+    Received
+    | Tick
+    | Written
+    | Leased
+    | LeaseRenewed
+    | Acquired
+    | LookedUp
+    | Operated
+    | SendFailed
+    | Shutdown
+    | Notified
 )

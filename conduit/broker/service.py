@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import zmq
 
-from conduit.broker import core
+from conduit.broker import core, operations
 from conduit.broker.core import Config, Core
 from conduit.broker.events import (
     Acquired,
@@ -34,6 +34,7 @@ from conduit.broker.events import (
     LeaseRenewed,
     LookedUp,
     Notified,
+    Operated,
     Received,
     SendFailed,
     Shutdown,
@@ -44,7 +45,8 @@ from conduit.broker.writes import WriteBatch, execute
 from conduit.errors import BrokerLeaseLost, ConduitError
 from conduit.logs import Outage, log
 from conduit.store import BrokerLease, Store
-from conduit.wire import MAX_MESSAGE_BYTES
+from conduit.store.ops import BadCursor
+from conduit.wire import MAX_MESSAGE_BYTES, ErrorCode, encode, error_frames
 
 logger = logging.getLogger("conduit.broker")
 TICK = 0.05
@@ -173,7 +175,7 @@ class Broker:
         os.set_blocking(self._wake_w, False)
         self._threads = {
             name: _DatabaseThread(name, self._open_store, self._post, self._outage)
-            for name in ("writer", "reader", "keeper")
+            for name in ("writer", "reader", "keeper", "ops")
         }
         self._listener = _Listener(self._open_store, self._post, self._outage)
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
@@ -280,6 +282,12 @@ class Broker:
                     self._threads["reader"].submit(
                         partial(_lookup, peer, rid, ids), partial(_lookup_failed, peer, rid), read_only=True
                     )
+                case core.Operate(peer, rid, operation):
+                    self._threads["ops"].submit(
+                        partial(_operate, peer, rid, operation),
+                        partial(_operate_failed, peer, rid),
+                        read_only=operation.command not in operations.WRITES,
+                    )
                 case core.RenewLease(started):
                     self._threads["keeper"].submit(
                         partial(self._renew, started), partial(_renew_failed, started)
@@ -360,6 +368,18 @@ def _lookup(peer: bytes, rid: int, ids: list[int], store: Store) -> Event:
 
 def _lookup_failed(peer: bytes, rid: int, error: str) -> Event:
     return LookedUp(peer, rid, [], error)
+
+
+def _operate(peer: bytes, rid: int, operation: operations.Operation, store: Store) -> Event:
+    try:
+        reply, body = operations.run(operation, store)
+    except BadCursor as exc:
+        return Operated(peer, error_frames(ErrorCode.BAD_REQUEST, str(exc), rid))
+    return Operated(peer, encode(reply, {"rid": rid, **body}))
+
+
+def _operate_failed(peer: bytes, rid: int, error: str) -> Event:
+    return Operated(peer, error_frames(ErrorCode.UNAVAILABLE, f"database: {error}", rid))
 
 
 def _renew_failed(started: float, error: str) -> Event:

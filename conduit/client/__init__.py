@@ -15,7 +15,7 @@ from conduit.client.tasks import (
     task_ref,
 )
 from conduit.client.worker import NoHandlers, Worker, WorkerAborted
-from conduit.task import TaskSpec
+from conduit.task import Page, TaskDetail, TaskRow, TaskSpec
 
 __all__ = [
     "AsyncClient",
@@ -24,13 +24,16 @@ __all__ = [
     "BrokerTimeout",
     "Client",
     "NoHandlers",
+    "Page",
     "PermanentError",
     "Task",
     "TaskCancelled",
     "TaskContext",
+    "TaskDetail",
     "TaskFailed",
     "TaskHandle",
     "TaskResult",
+    "TaskRow",
     "TaskSpec",
     "TimeLimitExceeded",
     "Worker",

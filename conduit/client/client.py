@@ -17,10 +17,10 @@ from conduit.client.mesh import BrokerView, Mesh
 from conduit.client.tasks import Task, TaskHandle
 from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
-from conduit.task import TaskSpec
+from conduit.tables import records
+from conduit.task import FINAL_STATES, Page, TaskDetail, TaskRow, TaskSpec, check_queue_name
 from conduit.wire import MAX_BATCH, Command, submit_body
 
-FINAL = frozenset({"completed", "dead", "cancelled"})
 MOVE_ON = frozenset({"shutting_down", "busy", "bad_version"})  # nothing was done: try another broker
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -47,6 +47,28 @@ class TaskResult:
     attempt: int | None
     result: bytes | None
     error: str | None
+
+
+class ResultWait:
+    """Waiting for a task to end, for Client.result and AsyncClient.result (which sleeps on the
+    event loop): ask again after 1 ms, then half as long again each time, up to 100 ms."""
+
+    def __init__(self, task_id: int, timeout: float | None) -> None:
+        self._task_id, self._timeout = task_id, timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._pause = 0.001
+
+    def pause(self, info: TaskResult) -> float | None:
+        """None once `info` is final; else how long to sleep before looking again."""
+        if info.state in FINAL_STATES:
+            return None
+        if info.state is None:
+            raise BrokerError("unknown", f"no task {self._task_id}")
+        pause = self._pause
+        if self._deadline is not None and time.monotonic() + pause > self._deadline:
+            raise TimeoutError(f"task {self._task_id} is still {info.state} after {self._timeout:g}s")
+        self._pause = min(pause * 1.5, 0.1)
+        return pause
 
 
 class Client:
@@ -122,7 +144,13 @@ class Client:
         self.close()
 
     def _request(
-        self, command: Command, body: dict[str, Any], *, retry_safe: bool, submitting: list[str] | None = None
+        self,
+        command: Command,
+        body: dict[str, Any],
+        *,
+        retry_safe: bool,
+        submitting: list[str] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Ask the brokers in turn, each within the timeout; move on after a timeout only when
         repeating cannot duplicate."""
@@ -130,7 +158,7 @@ class Client:
         for endpoint in self._order(submitting):
             channel = self._channel(endpoint)
             try:
-                reply = channel.request(command, body, self._timeout).body
+                reply = channel.request(command, body, timeout or self._timeout).body
             except BrokerTimeout as exc:
                 errors.append(str(exc))
                 with self._lock:
@@ -232,18 +260,10 @@ class Client:
 
     def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
         """Wait until the task ends (completed, dead or cancelled) and return how it ended."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            (info,) = self.lookup([task_id])
-            if info.state in FINAL:
-                return info
-            if info.state is None:
-                raise BrokerError("unknown", f"no task {task_id}")
-            if deadline is not None and time.monotonic() + pause > deadline:
-                raise TimeoutError(f"task {task_id} is still {info.state} after {timeout:g}s")
+        wait = ResultWait(task_id, timeout)
+        while (pause := wait.pause(info := self.lookup([task_id])[0])) is not None:
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.1)
+        return info
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a live task; False if it had already ended."""
@@ -284,6 +304,53 @@ class Client:
         if len(errors) == len(endpoints):
             raise BrokerTimeout("no broker answered: " + "; ".join(errors))
         return seen
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        """Per queue, tasks by state, from the counters (cheap on any backlog)."""
+        reply = self._request(Command.QUEUES, {}, retry_safe=True)
+        stats: dict[str, dict[str, int]] = {}
+        for queue, state, n in zip(reply["queue"], reply["state"], reply["count"], strict=True):
+            stats.setdefault(queue, {})[state] = n
+        return stats
+
+    def list_tasks(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> Page:
+        """A page of tasks, as `conduit tasks list` shows them: live ones by id, pending ones in
+        the order they run, finished ones newest first; `Page.next` is the next page's `after`."""
+        body = {"queue": queue, "state": state, "older_than": older_than, "newer_than": newer_than}
+        reply = self._request(Command.LIST, {**body, "limit": limit, "after": after}, retry_safe=True)
+        return Page(records(TaskRow, reply), reply["next"])
+
+    def show(self, ids: Sequence[int]) -> list[TaskDetail]:
+        """All that is kept about each task found, in the order of `ids` (unknown ones left out)."""
+        details: list[TaskDetail] = []
+        for start in range(0, len(ids), MAX_BATCH):
+            body = {"ids": list(ids[start : start + MAX_BATCH])}
+            details += records(TaskDetail, self._request(Command.SHOW, body, retry_safe=True))
+        return details
+
+    def redrive(self, queue: str, timeout: float = 300.0) -> int:
+        """Every dead task of `queue` back to pending, failures forgiven; returns how many."""
+        return self._operate(Command.REDRIVE, queue, timeout)
+
+    def purge(self, queue: str, timeout: float = 300.0) -> int:
+        """Cancel every task of `queue` that has not started (see `conduit queues purge`); returns
+        how many. Purged tasks are kept as cancelled: `retry` brings one back."""
+        return self._operate(Command.PURGE, queue, timeout)
+
+    def _operate(self, command: Command, queue: str, timeout: float) -> int:
+        """A long operation gets a timeout of its own; repeating it elsewhere is harmless."""
+        check_queue_name(queue)
+        reply = self._request(command, {"queue": queue}, retry_safe=True, timeout=timeout)
+        return int(reply["count"])
 
     def ping(self) -> str:
         return str(self._request(Command.PING, {}, retry_safe=True)["broker"])

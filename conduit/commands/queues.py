@@ -9,8 +9,7 @@ import click
 
 from conduit.commands.common import JSON, db_options, emit, open_store
 from conduit.errors import ConduitError
-from conduit.store.ops import STATES
-from conduit.task import check_queue_name
+from conduit.task import STATES, check_queue_name
 
 
 @click.group(invoke_without_command=True)

@@ -25,8 +25,7 @@ from conduit.commands.common import (
     shown,
     when,
 )
-from conduit.store.ops import STATES, TaskDetail, TaskRow
-from conduit.task import Outcome
+from conduit.task import STATES, Outcome, TaskDetail, TaskRow
 
 _IDS = click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=0, max=2**63 - 1))
 

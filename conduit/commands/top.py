@@ -18,7 +18,7 @@ from conduit.config import Settings
 from conduit.errors import ConduitError
 from conduit.observe import Frame, Observer
 from conduit.store import Store, dsn_for
-from conduit.store.ops import STATES
+from conduit.task import STATES
 
 INTERVAL = 1.0
 

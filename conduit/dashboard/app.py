@@ -30,7 +30,7 @@ from conduit.dashboard.preview import preview
 from conduit.dashboard.security import Guard, Refused, TokenGate, action_form
 from conduit.errors import ConduitError, DatabaseError
 from conduit.observe import HISTORY_SECONDS, Observer
-from conduit.store.ops import FINAL_STATES, STATES
+from conduit.task import FINAL_STATES, STATES
 
 SAMPLE_EVERY = 2.0  # seconds between counter readings (the charts' rates)
 BINS = 90  # points in a 15-minute chart: one per 10 s

@@ -18,11 +18,18 @@ import psycopg
 
 from conduit.errors import ConduitError
 from conduit.store.queries import QUERIES, int_array
-from conduit.task import Outcome, TaskInfo, check_queue_name
+from conduit.task import (
+    FINAL_STATES,
+    LIVE_STATES,
+    STATES,
+    Outcome,
+    Page,
+    TaskDetail,
+    TaskInfo,
+    TaskRow,
+    check_queue_name,
+)
 
-LIVE_STATES = ("pending", "buffered", "running")
-FINAL_STATES = ("completed", "dead", "cancelled")
-STATES = (*LIVE_STATES, *FINAL_STATES)
 PURGE_BATCH = 10_000
 # Statements that read `tasks` by id or in order, planned at every run for the buckets as they are
 # (see queries.sql): a plan cached while a bucket looked small scans, hashes or sorts all of it
@@ -49,27 +56,6 @@ class BadCursor(ConduitError):
 
 
 @dataclass(frozen=True)
-class TaskRow:
-    """One line of a listing. `since`: when a live task came due (run_at), or a finished one ended."""
-
-    id: int
-    queue: str
-    state: str
-    priority: int | None  # None: completed in a batch row, which keeps no priority
-    attempt: int
-    failures: int
-    since: datetime
-    broker: str | None  # the broker holding a live task
-    error: str | None
-
-
-@dataclass(frozen=True)
-class Page:
-    rows: list[TaskRow]
-    next: str | None  # pass as `after` for the next page; None: this was the last
-
-
-@dataclass(frozen=True)
 class BrokerRow:
     """A broker incarnation as the brokers table has it: its lease, not whether it answers."""
 
@@ -85,28 +71,6 @@ class BrokerRow:
     def lease_left(self) -> float:
         """Seconds until the lease expires; negative once it has."""
         return (self.expires_at - self.now).total_seconds()
-
-
-@dataclass(frozen=True)
-class TaskDetail:
-    id: int
-    queue: str
-    state: str
-    priority: int | None
-    attempt: int
-    failures: int
-    max_attempts: int | None
-    lease_timeout: float | None
-    backoff_base: float | None
-    backoff_max: float | None
-    run_at: datetime | None
-    lease_expires_at: datetime | None
-    broker: str | None
-    idempotency_key: str | None
-    payload: bytes | None  # live tasks, and dead or cancelled ones (kept to retry)
-    result: bytes | None
-    error: str | None
-    finished_at: datetime | None
 
 
 class Operations:
@@ -195,7 +159,9 @@ class Operations:
         """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""
         check_queue_name(queue)
         params = {"queue": queue, "id": list(ids) if ids is not None else None, "limit": limit}
-        return sorted(row[0] for row in self._rows("redrive", params))
+        with self.conn.transaction():
+            dead = [row[0] for row in self._rows("dead_page", params)]
+            return sorted(row[0] for row in self._rows("retry", {"id": dead})) if dead else []
 
     def redrive_all(self, queue: str) -> int:
         """Every dead task of `queue` back to pending, a batch a commit; returns how many."""

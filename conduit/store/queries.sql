@@ -432,29 +432,13 @@ WITH gone AS (
 )
 SELECT id FROM gone;
 
--- name: redrive
--- Dead tasks back to pending with their failures forgiven; the attempt keeps growing.
-WITH back AS (
-    DELETE FROM history
-    WHERE (id, finished_at) IN (SELECT id, finished_at FROM history
-                                WHERE state = 'dead' AND queue = %(queue)s
-                                  AND (%(id)b::bigint[] IS NULL OR id = ANY(%(id)b::bigint[]))
-                                ORDER BY finished_at
-                                LIMIT %(limit)s
-                                FOR UPDATE SKIP LOCKED)
-    RETURNING *
-), revived AS (
-    INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, policy, idempotency_key, payload,
-                       last_error)
-    SELECT id, queue, priority, now(), attempt, 0, policy, idempotency_key, payload, last_error
-    FROM back
-    RETURNING id, queue
-), counted AS (
-    INSERT INTO queue_counts
-    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM revived GROUP BY 1) g,
-           LATERAL (VALUES ('dead', -g.c), ('pending', g.c)) AS v(s, n)
-)
-SELECT id FROM revived;
+-- name: dead_page
+-- A page of a queue's dead tasks, oldest first, locked for `retry` in the same transaction (redrive).
+SELECT id FROM history
+WHERE state = 'dead' AND queue = %(queue)s AND (%(id)b::bigint[] IS NULL OR id = ANY(%(id)b::bigint[]))
+ORDER BY finished_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
 
 -- name: retry
 -- Dead or cancelled tasks back to pending, failures forgiven. The attempt is kept (and grows at
