@@ -6,20 +6,13 @@ from pathlib import Path
 
 import click
 
-from conduit.commands.common import JSON, Endpoints, db_options, emit, flat, open_store
+from conduit.commands.common import JSON, connect_option, db_options, emit, flat, open_store
 from conduit.errors import ConduitError
 
 
 @click.command()
 @db_options
-@click.option(
-    "--connect",
-    "endpoints",
-    multiple=True,
-    type=Endpoints(),
-    help="Broker endpoint(s) to ask (repeat the option, or separate with commas). "
-    "Default: every live broker the database knows.",
-)
+@connect_option()
 @JSON
 def workers(
     dsn: str | None,
