@@ -95,6 +95,26 @@ class PeersRead:
     peers: tuple[Peer, ...]
 
 
+@dataclass(frozen=True)
+class PausedRead:
+    """The paused queues as the database holds them; None when the read failed."""
+
+    queues: frozenset[str] | None
+    now: float
+
+
+@dataclass(frozen=True)
+class PauseSet:
+    """A PAUSE or RESUME ran: whether it changed anything and the paused set after it, or why not."""
+
+    peer: bytes
+    rid: int
+    changed: bool
+    queues: frozenset[str] | None
+    error: str | None
+    now: float
+
+
 Event = (
     Received
     | Tick
@@ -108,4 +128,6 @@ Event = (
     | Shutdown
     | Notified
     | PeersRead
+    | PausedRead
+    | PauseSet
 )

@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
-from conduit.client.channel import BrokerError
-from conduit.client.client import FINAL, Client, TaskResult, WorkerSeen
+from conduit.client.client import Client, ResultWait, TaskResult, WorkerSeen
 from conduit.client.mesh import BrokerView
 from conduit.client.tasks import AsyncTaskHandle, Task
 from conduit.task import Page, TaskDetail, TaskSpec
@@ -66,18 +64,10 @@ class AsyncClient:
 
     async def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
         """Wait until the task ends, as Client.result does, sleeping on the event loop."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            (info,) = await self.lookup([task_id])
-            if info.state in FINAL:
-                return info
-            if info.state is None:
-                raise BrokerError("unknown", f"no task {task_id}")
-            if deadline is not None and time.monotonic() + pause > deadline:
-                raise TimeoutError(f"task {task_id} is still {info.state} after {timeout:g}s")
+        wait = ResultWait(task_id, timeout)
+        while (pause := wait.pause(info := (await self.lookup([task_id]))[0])) is not None:
             await asyncio.sleep(pause)
-            pause = min(pause * 1.5, 0.1)
+        return info
 
     async def cancel(self, task_id: int) -> bool:
         return await self._call(self._client.cancel, task_id)
@@ -106,6 +96,12 @@ class AsyncClient:
 
     async def purge(self, queue: str, timeout: float = 300.0) -> int:
         return await self._call(self._client.purge, queue, timeout)
+
+    async def pause(self, queue: str) -> bool:
+        return await self._call(self._client.pause, queue)
+
+    async def resume(self, queue: str) -> bool:
+        return await self._call(self._client.resume, queue)
 
     async def ping(self) -> str:
         return await self._call(self._client.ping)

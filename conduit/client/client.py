@@ -18,10 +18,9 @@ from conduit.client.tasks import Task, TaskHandle
 from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
 from conduit.tables import records
-from conduit.task import Page, TaskDetail, TaskRow, TaskSpec, check_queue_name
+from conduit.task import FINAL_STATES, Page, TaskDetail, TaskRow, TaskSpec, check_queue_name
 from conduit.wire import MAX_BATCH, Command, submit_body
 
-FINAL = frozenset({"completed", "dead", "cancelled"})
 MOVE_ON = frozenset({"shutting_down", "busy", "bad_version"})  # nothing was done: try another broker
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,6 +38,10 @@ class WorkerSeen:
     polls: int  # polls of it waiting here now
     holding: int  # tasks it holds through this broker: delivered here, or heartbeated here
     heard: float  # seconds since this broker last heard from it
+    # What its polls say of it (None when they do not: an older worker, or only heartbeats here).
+    host: str | None = None
+    pid: int | None = None
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,28 @@ class TaskResult:
     attempt: int | None
     result: bytes | None
     error: str | None
+
+
+class ResultWait:
+    """Waiting for a task to end, for Client.result and AsyncClient.result (which sleeps on the
+    event loop): ask again after 1 ms, then half as long again each time, up to 100 ms."""
+
+    def __init__(self, task_id: int, timeout: float | None) -> None:
+        self._task_id, self._timeout = task_id, timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._pause = 0.001
+
+    def pause(self, info: TaskResult) -> float | None:
+        """None once `info` is final; else how long to sleep before looking again."""
+        if info.state in FINAL_STATES:
+            return None
+        if info.state is None:
+            raise BrokerError("unknown", f"no task {self._task_id}")
+        pause = self._pause
+        if self._deadline is not None and time.monotonic() + pause > self._deadline:
+            raise TimeoutError(f"task {self._task_id} is still {info.state} after {self._timeout:g}s")
+        self._pause = min(pause * 1.5, 0.1)
+        return pause
 
 
 class Client:
@@ -237,18 +262,10 @@ class Client:
 
     def result(self, task_id: int, timeout: float | None = None) -> TaskResult:
         """Wait until the task ends (completed, dead or cancelled) and return how it ended."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            (info,) = self.lookup([task_id])
-            if info.state in FINAL:
-                return info
-            if info.state is None:
-                raise BrokerError("unknown", f"no task {task_id}")
-            if deadline is not None and time.monotonic() + pause > deadline:
-                raise TimeoutError(f"task {task_id} is still {info.state} after {timeout:g}s")
+        wait = ResultWait(task_id, timeout)
+        while (pause := wait.pause(info := self.lookup([task_id])[0])) is not None:
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.1)
+        return info
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a live task; False if it had already ended."""
@@ -284,7 +301,9 @@ class Client:
             except ConduitError as exc:
                 errors.append(str(exc))
                 continue
-            columns = (body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard"))
+            columns = [body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard")]
+            # An older broker sends no host, pid or concurrency.
+            columns += [body.get(name) or [None] * len(columns[0]) for name in ("host", "pid", "concurrency")]
             seen += [WorkerSeen(str(body["broker"]), endpoint, *row) for row in zip(*columns, strict=True)]
         if len(errors) == len(endpoints):
             raise BrokerTimeout("no broker answered: " + "; ".join(errors))
@@ -336,6 +355,20 @@ class Client:
         check_queue_name(queue)
         reply = self._request(command, {"queue": queue}, retry_safe=True, timeout=timeout)
         return int(reply["count"])
+
+    def pause(self, queue: str) -> bool:
+        """Stop every broker delivering `queue` (within about a second; durable, until `resume`).
+        Submits to it are still taken and kept; tasks already delivered run on. False if it was
+        paused already."""
+        return self._pause(Command.PAUSE, queue)
+
+    def resume(self, queue: str) -> bool:
+        """Deliver a paused queue again, at once; False if it was not paused."""
+        return self._pause(Command.RESUME, queue)
+
+    def _pause(self, command: Command, queue: str) -> bool:
+        check_queue_name(queue)
+        return self._request(command, {"queue": queue}, retry_safe=True)["outcomes"] == ["ok"]
 
     def ping(self) -> str:
         return str(self._request(Command.PING, {}, retry_safe=True)["broker"])

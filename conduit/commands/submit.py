@@ -130,15 +130,15 @@ def submit(
 def _wait(client: Any, task_id: int, queue: str, timeout: float | None) -> dict[str, Any]:
     """Poll the task's state with backoff until it ends or `timeout` passes; on the way, warn once
     if no broker has heard a worker poll its queue."""
-    from conduit.client.client import FINAL
     from conduit.errors import ConduitError
+    from conduit.task import FINAL_STATES
 
     began = time.monotonic()
     warned = False
     pause = 0.001
     while True:
         (info,) = client.lookup([task_id])
-        if info.state in FINAL:
+        if info.state in FINAL_STATES:
             break
         waited = time.monotonic() - began
         if timeout is not None and waited >= timeout:

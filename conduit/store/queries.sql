@@ -437,29 +437,13 @@ WITH gone AS (
 )
 SELECT id FROM gone;
 
--- name: redrive
--- Dead tasks back to pending with their failures forgiven; the attempt keeps growing.
-WITH back AS (
-    DELETE FROM history
-    WHERE (id, finished_at) IN (SELECT id, finished_at FROM history
-                                WHERE state = 'dead' AND queue = %(queue)s
-                                  AND (%(id)b::bigint[] IS NULL OR id = ANY(%(id)b::bigint[]))
-                                ORDER BY finished_at
-                                LIMIT %(limit)s
-                                FOR UPDATE SKIP LOCKED)
-    RETURNING *
-), revived AS (
-    INSERT INTO tasks (id, queue, priority, run_at, attempt, failures, policy, idempotency_key, payload,
-                       last_error)
-    SELECT id, queue, priority, now(), attempt, 0, policy, idempotency_key, payload, last_error
-    FROM back
-    RETURNING id, queue
-), counted AS (
-    INSERT INTO queue_counts
-    SELECT queue, s, n FROM (SELECT queue, count(*) AS c FROM revived GROUP BY 1) g,
-           LATERAL (VALUES ('dead', -g.c), ('pending', g.c)) AS v(s, n)
-)
-SELECT id FROM revived;
+-- name: dead_page
+-- A page of a queue's dead tasks, oldest first, locked for `retry` in the same transaction (redrive).
+SELECT id FROM history
+WHERE state = 'dead' AND queue = %(queue)s AND (%(id)b::bigint[] IS NULL OR id = ANY(%(id)b::bigint[]))
+ORDER BY finished_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
 
 -- name: retry
 -- Dead or cancelled tasks back to pending, failures forgiven. The attempt is kept (and grows at
@@ -484,6 +468,16 @@ WITH back AS (
     ) d GROUP BY 1, 2
 )
 SELECT id FROM back;
+
+-- name: discard
+-- Dead tasks dropped for good, with their payloads: what is left of a failure nobody will retry.
+-- By id on history_id; a task that is not dead (completed, cancelled, live) is left as it is.
+WITH gone AS (
+    DELETE FROM history WHERE id = ANY(%(id)b::bigint[]) AND state = 'dead' RETURNING id, queue
+), counted AS (
+    INSERT INTO queue_counts SELECT queue, 'dead', -count(*) FROM gone GROUP BY 1
+)
+SELECT id FROM gone;
 
 -- name: purge_pending
 -- A page of a queue's pending tasks, from tasks_due, for `cancel` in the same transaction.
@@ -672,6 +666,12 @@ SELECT DISTINCT ON (id) endpoint FROM brokers WHERE expires_at > now() ORDER BY 
 -- The other brokers whose lease is live, with their endpoints: what PONG and GOSSIP name.
 SELECT DISTINCT ON (id) id, endpoint, pub FROM brokers
 WHERE expires_at > now() AND id <> %(id)s ORDER BY id, epoch DESC;
+
+-- name: broker_rows
+-- Every broker incarnation the table holds (live ones, and ended ones the reaper has not buried
+-- yet): a few rows, one per broker restart.
+SELECT id, epoch, endpoint, started_at, expires_at, expires_at > now(), now()
+FROM brokers ORDER BY id, epoch DESC;
 
 -- name: read_back
 -- A broker's own backlog, read back in id order: tasks it inserted held that did not fit its

@@ -68,6 +68,8 @@ export class Worker {
     this.heartbeatInterval = (options.heartbeatInterval ?? 2.5) * 1000;
     this.liveness = options.liveness === undefined ? LIVENESS : options.liveness * 1000;
     this.workerId = options.workerId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
+    // Who this worker is, in every POLL: brokers show it in WORKERS (§6.2, §6.5a).
+    this.identity = { host: hostname().slice(0, 255) || null, pid: process.pid, concurrency: this.concurrency };
     this.log = options.log ?? logfmt("conduit.worker");
     /** @type {Map<string, Handler>} */
     this.handlers = new Map();
@@ -357,7 +359,8 @@ class Loop {
       this.chooseBroker();
       const max = Math.min(room, MAX_BATCH);
       this.pollAt = this.current;
-      this.pollRid = this.send("POLL", { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout });
+      const poll = { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout, ...w.identity };
+      this.pollRid = this.send("POLL", poll);
       this.pollDeadline = now + w.pollTimeout * 1000 + 5000; // §11: unanswered timeout + 5 s: gone
     }
     if (now >= this.nextHeartbeat) {
