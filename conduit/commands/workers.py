@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from conduit.commands import keys
 from conduit.commands.common import JSON, Endpoints, db_options, emit, flat, open_store
 from conduit.errors import ConduitError
 
@@ -20,26 +21,31 @@ from conduit.errors import ConduitError
     help="Broker endpoint(s) to ask (repeat the option, or separate with commas). "
     "Default: every live broker the database knows.",
 )
+@keys.client_options
 @JSON
 def workers(
     dsn: str | None,
     data_dir: Path | None,
     schema: str | None,
     endpoints: tuple[list[str], ...],
+    curve_secret: Path | None,
+    curve_server: Path | None,
     as_json: bool,
 ) -> None:
     """The workers each broker heard in the last minute: the queues of their last poll, polls
     waiting, tasks held through that broker (delivered there, or heartbeated there), and seconds
     since it last heard them. A worker on several brokers shows once for each."""
     from conduit.client import Client
+    from conduit.curve import ClientCurve
 
+    curve = ClientCurve.load(curve_secret, curve_server)
     asked = flat(endpoints)
     if not asked:
         with open_store(dsn, data_dir, schema) as store:
             asked = store.live_brokers()
     if not asked:
         raise ConduitError("no live broker in the database: start one, or name brokers with --connect")
-    with Client(asked) as client:
+    with Client(asked, curve=curve) as client:
         seen = client.workers()
     if as_json:
         emit({"workers": [vars(w) for w in seen]})
