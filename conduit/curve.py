@@ -27,6 +27,7 @@ from conduit.errors import ConfigError
 KeyFile = str | Path | None
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
+HANDSHAKE_MS = 3000  # a handshake not done by then is dropped (ZeroMQ's default: 30 s)
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _Z85 = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
 _FIELD = re.compile(rb'^\s*(public|secret)-key\s*=\s*"([^"\n]*)"\s*$', re.MULTILINE)
@@ -186,7 +187,10 @@ class ServerCurve:
 
     def serve(self, sock: zmq.Socket[Any]) -> None:
         """Make `sock` a CURVE server whose peers the ZAP handler checks; before it binds. With
-        ZAP enforced, a handler that is gone refuses everyone rather than letting everyone in."""
+        ZAP enforced, a handler that is gone refuses everyone rather than letting everyone in. A
+        refused handshake may hang until the handshake interval ends (conduit.broker.gate), so
+        that interval is short: the peer then reconnects and is asked about again."""
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret)
         sock.setsockopt(zmq.ZAP_DOMAIN, b"conduit")

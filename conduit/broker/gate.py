@@ -2,14 +2,15 @@
 
 libzmq asks this thread (ZAP, RFC 27) about every CURVE handshake on the broker's sockets, once a
 connection, never a message. A key in the folder is let in. Any other is answered 300, a
-temporary failure: libzmq closes the connection without a word (the peer gets nothing), and the
-peer's ZeroMQ keeps reconnecting, so a key added to the folder later gets in without a restart of
-either side (a 400 would make libzmq give that connection up for good). Each refused key is
-logged once.
+temporary failure: libzmq sends the peer no error and no READY, so the peer gets nothing, and
+the connection ends at once or when its handshake interval runs out (3 s, conduit.curve). The
+peer's ZeroMQ then reconnects by itself, so a key added to the folder later gets in without a
+restart of either side (after a 400, libzmq gives that connection up for good, and a gossip SUB
+would never hear that broker again). Each refused key is logged once.
 
-The folder is looked at every second: a change to its `*.key` files (names, sizes, mtimes)
-reloads it. A key removed is refused from its next connection; connections already made stay
-until they drop.
+The folder is looked at every second, and at once when a key not allowed comes while the folder
+has changed: a change to its `*.key` files (names, sizes, mtimes) reloads it. A key removed is
+refused from its next connection; connections already made stay until they drop.
 """
 
 from __future__ import annotations
@@ -42,16 +43,26 @@ class AllowList:
         self.keys: frozenset[bytes] = frozenset()
         self._signature: object = None
         self._scanned = -float("inf")
+        self._folder_mtime = -1
         self._refused: set[bytes] = set()
         self._bad: set[tuple[str, int]] = set()  # files logged as unreadable, by name and mtime
-        self.refresh(force=True)
+        self._scan()
 
-    def refresh(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._scanned < SCAN_EVERY:
-            return
-        self._scanned = now
+    def refresh(self) -> None:
+        if time.monotonic() - self._scanned >= SCAN_EVERY:
+            self._scan()
+
+    def _changed(self) -> bool:
+        """A file added, removed or renamed since the last scan (one stat, cheap per handshake)."""
         try:
+            return os.stat(self.folder).st_mtime_ns != self._folder_mtime
+        except OSError:
+            return False  # the next scan logs it
+
+    def _scan(self) -> None:
+        self._scanned = time.monotonic()
+        try:
+            self._folder_mtime = os.stat(self.folder).st_mtime_ns
             entries = sorted(
                 (e.name, e.stat().st_mtime_ns, e.stat().st_size)
                 for e in os.scandir(self.folder)
@@ -80,7 +91,8 @@ class AllowList:
 
     def allows(self, key: bytes, address: str) -> bool:
         """`key` is Z85. A refused key is logged the first time only."""
-        self.refresh()
+        if key not in self.keys and self._changed():  # it may have just been added
+            self._scan()
         if key in self.keys:
             return True
         if key not in self._refused and len(self._refused) <= MAX_LOGGED:
