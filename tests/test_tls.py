@@ -12,7 +12,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import BrokerProcess, Database, free_port
+from test_curve import conduit
+from test_e2e import running
 
 from conduit.client import Client, TaskContext, Worker
 
@@ -30,8 +31,8 @@ def _initdb() -> str | None:
     return found[-1] if found else shutil.which("initdb")
 
 
-def _as_postgres(*cmd: str) -> None:
-    subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, timeout=60)
+def _as_postgres(*cmd: str, check: bool = True) -> None:
+    subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=check, capture_output=True, timeout=60)
 
 
 def _certificate(folder: Path, name: str) -> Path:
@@ -81,29 +82,8 @@ def tls_server() -> Iterator[tuple[str, Path, Path]]:
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres", cert, other
     finally:
-        subprocess.run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            capture_output=True,
-            timeout=60,
-        )
+        _as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def conduit(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "conduit", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def test_a_broker_on_a_verify_full_dsn_runs_tasks_over_tls_only(tls_server, processes) -> None:
@@ -118,8 +98,6 @@ def test_a_broker_on_a_verify_full_dsn_runs_tasks_over_tls_only(tls_server, proc
     @worker.handler("tls")
     def echo(task: TaskContext) -> bytes:
         return task.payload
-
-    from test_e2e import running
 
     with running(worker), Client(broker.endpoint) as client:
         task = client.submit("tls", b"over tls")
