@@ -64,7 +64,7 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
-        self.curve = curve or ClientCurve.load()
+        self.curve = curve  # None: from the environment, read when it runs
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         _check(self)
         self.routes: dict[str, QueueRoutes] = {}
@@ -128,6 +128,7 @@ class Worker:
         """Serve until stop() or a signal; raises WorkerAborted on a second signal."""
         if not self.queues:
             raise NoHandlers("the worker has no handlers: register a task (worker.register) or a handler")
+        curve = self.curve or ClientCurve.load()  # a bad key file fails here, before anything starts
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._signalled)
             signal.signal(signal.SIGINT, self._signalled)
@@ -148,9 +149,9 @@ class Worker:
             queues=",".join(self.queues),
             concurrency=self.concurrency,
             pool=self.pool + ("+asyncio" if aio else ""),
-            curve="on" if self.curve else "off",
+            curve="on" if curve else "off",
         )
-        ctx = client_context(self.curve)
+        ctx = client_context(curve)
         try:
             Loop(self, ctx, runner, aio).run()
         except WorkerAborted:
