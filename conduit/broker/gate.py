@@ -8,9 +8,9 @@ peer's ZeroMQ then reconnects by itself, so a key added to the folder later gets
 restart of either side (after a 400, libzmq gives that connection up for good, and a gossip SUB
 would never hear that broker again). Each refused key is logged once.
 
-The folder is looked at every second, and at once when a key not allowed comes while the folder
-has changed: a change to its `*.key` files (names, sizes, mtimes) reloads it. A key removed is
-refused from its next connection; connections already made stay until they drop.
+The folder is looked at every second, and again whenever a key not allowed comes (its peer
+retries every few seconds): a change to its `*.key` files (names, sizes, mtimes) reloads it. A
+key removed is refused from its next connection; connections already made stay until they drop.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class AllowList:
         self.keys: frozenset[bytes] = frozenset()
         self._signature: object = None
         self._scanned = -float("inf")
-        self._folder_mtime = -1
         self._refused: set[bytes] = set()
         self._bad: set[tuple[str, int]] = set()  # files logged as unreadable, by name and mtime
         self._scan()
@@ -52,17 +51,9 @@ class AllowList:
         if time.monotonic() - self._scanned >= SCAN_EVERY:
             self._scan()
 
-    def _changed(self) -> bool:
-        """A file added, removed or renamed since the last scan (one stat, cheap per handshake)."""
-        try:
-            return os.stat(self.folder).st_mtime_ns != self._folder_mtime
-        except OSError:
-            return False  # the next scan logs it
-
     def _scan(self) -> None:
         self._scanned = time.monotonic()
         try:
-            self._folder_mtime = os.stat(self.folder).st_mtime_ns
             entries = sorted(
                 (e.name, e.stat().st_mtime_ns, e.stat().st_size)
                 for e in os.scandir(self.folder)
@@ -91,7 +82,7 @@ class AllowList:
 
     def allows(self, key: bytes, address: str) -> bool:
         """`key` is Z85. A refused key is logged the first time only."""
-        if key not in self.keys and self._changed():  # it may have just been added
+        if key not in self.keys:  # it may have just been added: a listing and a stat a file, cheap
             self._scan()
         if key in self.keys:
             return True
