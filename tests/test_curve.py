@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,9 +20,13 @@ from conduit.client import BrokerTimeout, Client, TaskContext, Worker
 from conduit.curve import ClientCurve, new_keys, read_keypair, read_public
 
 
-def conduit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def conduit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "conduit", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", "conduit", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -191,3 +196,24 @@ def test_a_capture_of_the_broker_port_shows_the_payload_only_without_curve(
     assert (b"CURVE" if secure else b"NULL") in seen  # the ZMTP greeting names the mechanism: captured
     assert (payload in seen) is not secure
     assert (payload[-16:] in seen) is not secure
+
+
+def test_the_commands_that_talk_to_brokers_take_keys_from_flags_or_the_environment(
+    keys: Keys, start_broker, db
+) -> None:
+    keys.client("cli")
+    broker = start_broker(*keys.broker_args())
+    flags = ("--curve-secret", str(keys.root / "cli.key_secret"), "--curve-server", str(keys.server_public))
+    env = {"CONDUIT_CURVE_SECRET": flags[1], "CONDUIT_CURVE_SERVER": flags[3]}
+    by_flags = conduit("submit", "cli", "one", "--connect", broker.endpoint, "--json", *flags)
+    assert by_flags.returncode == 0, by_flags.stderr
+    by_env = conduit("submit", "cli", "two", "--connect", broker.endpoint, env=env)
+    assert by_env.returncode == 0 and by_env.stdout.startswith("id="), by_env.stderr
+    bare = conduit("submit", "cli", "three", "--connect", broker.endpoint)
+    assert bare.returncode == 1 and "no connection" in bare.stderr
+    database = ("--dsn", db.dsn, "--schema", db.schema)
+    status = conduit("status", *database, "--gossip", broker.pub, "--json", *flags)
+    assert json.loads(status.stdout)["queues"]["cli"]["pending"] == 2
+    assert list(json.loads(status.stdout)["brokers"]) == ["b1"]  # its gossip, heard over CURVE
+    workers = conduit("workers", "--connect", broker.endpoint, "--json", *flags)
+    assert workers.returncode == 0 and json.loads(workers.stdout) == {"workers": []}
