@@ -16,6 +16,7 @@ import pytest
 from conftest import free_port
 from test_e2e import running, wait_for
 
+from conduit.broker.gate import AllowList
 from conduit.client import BrokerTimeout, Client, TaskContext, Worker
 from conduit.curve import ClientCurve, new_keys, read_keypair, read_public
 
@@ -217,3 +218,22 @@ def test_the_commands_that_talk_to_brokers_take_keys_from_flags_or_the_environme
     assert list(json.loads(status.stdout)["brokers"]) == ["b1"]  # its gossip, heard over CURVE
     workers = conduit("workers", "--connect", broker.endpoint, "--json", *flags)
     assert workers.returncode == 0 and json.loads(workers.stdout) == {"workers": []}
+
+
+def test_the_allow_list_reads_only_public_key_files_and_logs_a_refusal_once(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "allow"
+    folder.mkdir()
+    good, good_secret = new_keys("good", tmp_path)
+    _, stray_secret = new_keys("stray", tmp_path)
+    shutil.copy(good, folder)
+    shutil.copy(stray_secret, folder)  # a secret file put there by mistake: never read as allowed
+    (folder / "broken.key").write_text("not a key\n")
+    (folder / "notes.txt").write_text("ignored\n")
+    allow = AllowList(folder)
+    assert allow.keys == {read_public(good)}
+    stray = read_keypair(folder / stray_secret.name).public
+    assert not any(allow.allows(stray, "10.0.0.9") for _ in range(5))
+    assert allow.allows(read_keypair(good_secret).public, "10.0.0.8")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count("curve_refused") == 1
+    assert lines.count("curve_key_skipped") == 2  # the secret file and the broken one, once each
