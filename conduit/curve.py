@@ -164,6 +164,13 @@ def client_context(curve: ClientCurve | None) -> zmq.Context[Any]:
     return zmq.Context() if curve is None else curve.context()
 
 
+def refused_hint(ctx: zmq.Context[Any]) -> str:
+    """For "no connection" errors: a secure broker refuses an unknown key without a word."""
+    if zmq.CURVE_SERVERKEY not in ctx.sockopts:
+        return ""
+    return " (CURVE is on: is this peer's key in the brokers' allow-list, and the server key theirs?)"
+
+
 @dataclass(frozen=True)
 class ServerCurve:
     """A broker's keypair (the mesh's) and the folder of client public keys it lets in."""

@@ -104,8 +104,9 @@ def test_an_unallowed_key_gets_no_reply_and_changes_nothing(keys: Keys, start_br
     broker = start_broker(*keys.broker_args())
     stranger = keys.client("mallory", allowed=False)
     for _ in range(3):
-        with Client(broker.endpoint, curve=stranger, timeout=2) as client, pytest.raises(BrokerTimeout):
+        with Client(broker.endpoint, curve=stranger, timeout=2) as client, pytest.raises(BrokerTimeout) as no:
             client.submit("secured", b"payload")
+        assert "allow-list" in str(no.value)
     with Client(broker.endpoint, timeout=2) as plain, pytest.raises(BrokerTimeout):  # no CURVE at all
         plain.submit("secured", b"payload")
     for table in ("tasks", "results", "submit_keys", "idempotency_keys"):
