@@ -115,7 +115,13 @@ class Gate(threading.Thread):
         try:
             while not self._halt.is_set():
                 if self._sock.poll(200):  # a stop waits at most this long
-                    self._sock.send_multipart(self._answer(self._sock.recv_multipart()))
+                    frames = self._sock.recv_multipart()
+                    try:
+                        reply = self._answer(frames)
+                    except Exception as exc:  # never die: with ZAP enforced, nobody would get in
+                        log(logger, "error", "zap_failed", error=f"{type(exc).__name__}: {exc}")
+                        reply = [*frames[:2], b"500", b"internal error", b"", b""]
+                    self._sock.send_multipart(reply)
                 self.allow.refresh()
         finally:
             self._sock.close(linger=0)
