@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from conduit.commands import dburl, keys, queues, status, submit, tasks, workers
+from conduit.commands import dashboard, dburl, keys, queues, status, submit, tasks, top, workers
 from conduit.commands.common import Endpoint, db_options
 from conduit.config import Settings
 from conduit.errors import ConduitError
@@ -66,6 +66,8 @@ main.add_command(workers.workers)
 main.add_command(submit.submit)
 main.add_command(status.status)
 main.add_command(keys.keys)
+main.add_command(top.top)
+main.add_command(dashboard.dashboard)
 
 
 _RETENTION = click.option(

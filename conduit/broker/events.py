@@ -88,6 +88,26 @@ class Notified:
     now: float
 
 
+@dataclass(frozen=True)
+class PausedRead:
+    """The paused queues as the database holds them; None when the read failed."""
+
+    queues: frozenset[str] | None
+    now: float
+
+
+@dataclass(frozen=True)
+class PauseSet:
+    """A PAUSE or RESUME ran: whether it changed anything and the paused set after it, or why not."""
+
+    peer: bytes
+    rid: int
+    changed: bool
+    queues: frozenset[str] | None
+    error: str | None
+    now: float
+
+
 Event = (
     Received
     | Tick
@@ -100,4 +120,6 @@ Event = (
     | SendFailed
     | Shutdown
     | Notified
+    | PausedRead
+    | PauseSet
 )

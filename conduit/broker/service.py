@@ -2,7 +2,7 @@
 
 The main thread owns the ROUTER socket and the core. Three threads own one database connection
 each: the writer (group commits), the reader (leases and lookups), and the keeper (broker lease,
-reaping, counters), so a slow read never holds up a commit or a lease renewal.
+reaping, counters, paused queues), so a slow read never holds up a commit or a lease renewal.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from conduit.broker.events import (
     LookedUp,
     Notified,
     Operated,
+    PausedRead,
+    PauseSet,
     Received,
     SendFailed,
     Shutdown,
@@ -192,6 +194,7 @@ class Broker:
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
             store.ensure_partitions()  # after days with no broker up, today's may not exist yet
             self.owner: BrokerLease = store.acquire_broker(config.broker_id, self.endpoint, config.lease_term)
+            self._paused = frozenset(store.paused())  # known before anything is delivered
 
     def _post(self, event: Event) -> None:
         self._events.put(event)
@@ -228,6 +231,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        self._apply(self.core.handle(PausedRead(self._paused, time.monotonic())))
         self._apply(self.core.handle(Acquired(self.owner, time.monotonic())))
         next_tick = 0.0
         try:
@@ -310,6 +314,13 @@ class Broker:
                     )
                 case core.Reacquire():
                     self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
+                case core.ReadPaused():
+                    self._threads["keeper"].submit(_read_paused, self._read_paused_failed, read_only=True)
+                case core.SetPaused(peer, rid, queue, paused):
+                    # On the keeper, after any read of the set in flight: what it answers is newer.
+                    self._threads["keeper"].submit(
+                        partial(_set_paused, peer, rid, queue, paused), partial(_set_paused_failed, peer, rid)
+                    )
                 case core.Reap(compact, prune):
                     self._threads["keeper"].submit(
                         partial(self._reap, compact, prune), self._log_error("reap")
@@ -349,6 +360,10 @@ class Broker:
 
     def _log_error(self, what: str) -> Callable[[str], None]:
         return lambda error: self._outage.failed(f"{what}_failed", error=error)
+
+    def _read_paused_failed(self, error: str) -> Event:
+        self._outage.failed("paused_read_failed", error=error)
+        return PausedRead(None, time.monotonic())  # the core keeps the set it knew
 
     def _retry_reacquire(self, error: str) -> Event | None:
         self._outage.failed("reacquire_failed", error=error)
@@ -396,6 +411,19 @@ def _operate(peer: bytes, rid: int, operation: operations.Operation, store: Stor
 
 def _operate_failed(peer: bytes, rid: int, error: str) -> Event:
     return Operated(peer, error_frames(ErrorCode.UNAVAILABLE, f"database: {error}", rid))
+
+
+def _read_paused(store: Store) -> Event:
+    return PausedRead(frozenset(store.paused()), time.monotonic())
+
+
+def _set_paused(peer: bytes, rid: int, queue: str, paused: bool, store: Store) -> Event:
+    changed = store.pause(queue) if paused else store.resume(queue)
+    return PauseSet(peer, rid, changed, frozenset(store.paused()), None, time.monotonic())
+
+
+def _set_paused_failed(peer: bytes, rid: int, error: str) -> Event:
+    return PauseSet(peer, rid, False, None, error, time.monotonic())
 
 
 def _renew_failed(started: float, error: str) -> Event:

@@ -97,6 +97,12 @@ class AsyncClient:
     async def purge(self, queue: str, timeout: float = 300.0) -> int:
         return await self._call(self._client.purge, queue, timeout)
 
+    async def pause(self, queue: str) -> bool:
+        return await self._call(self._client.pause, queue)
+
+    async def resume(self, queue: str) -> bool:
+        return await self._call(self._client.resume, queue)
+
     async def ping(self) -> str:
         return await self._call(self._client.ping)
 

@@ -37,6 +37,10 @@ class WorkerSeen:
     polls: int  # polls of it waiting here now
     holding: int  # tasks it holds through this broker: delivered here, or heartbeated here
     heard: float  # seconds since this broker last heard from it
+    # What its polls say of it (None when they do not: an older worker, or only heartbeats here).
+    host: str | None = None
+    pid: int | None = None
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -301,7 +305,9 @@ class Client:
             except ConduitError as exc:
                 errors.append(str(exc))
                 continue
-            columns = (body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard"))
+            columns = [body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard")]
+            # An older broker sends no host, pid or concurrency.
+            columns += [body.get(name) or [None] * len(columns[0]) for name in ("host", "pid", "concurrency")]
             seen += [WorkerSeen(str(body["broker"]), endpoint, *row) for row in zip(*columns, strict=True)]
         if len(errors) == len(endpoints):
             raise BrokerTimeout("no broker answered: " + "; ".join(errors))
@@ -353,6 +359,20 @@ class Client:
         check_queue_name(queue)
         reply = self._request(command, {"queue": queue}, retry_safe=True, timeout=timeout)
         return int(reply["count"])
+
+    def pause(self, queue: str) -> bool:
+        """Stop every broker delivering `queue` (within about a second; durable, until `resume`).
+        Submits to it are still taken and kept; tasks already delivered run on. False if it was
+        paused already."""
+        return self._pause(Command.PAUSE, queue)
+
+    def resume(self, queue: str) -> bool:
+        """Deliver a paused queue again, at once; False if it was not paused."""
+        return self._pause(Command.RESUME, queue)
+
+    def _pause(self, command: Command, queue: str) -> bool:
+        check_queue_name(queue)
+        return self._request(command, {"queue": queue}, retry_safe=True)["outcomes"] == ["ok"]
 
     def ping(self) -> str:
         return str(self._request(Command.PING, {}, retry_safe=True)["broker"])

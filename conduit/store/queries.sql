@@ -464,6 +464,16 @@ WITH back AS (
 )
 SELECT id FROM back;
 
+-- name: discard
+-- Dead tasks dropped for good, with their payloads: what is left of a failure nobody will retry.
+-- By id on history_id; a task that is not dead (completed, cancelled, live) is left as it is.
+WITH gone AS (
+    DELETE FROM history WHERE id = ANY(%(id)b::bigint[]) AND state = 'dead' RETURNING id, queue
+), counted AS (
+    INSERT INTO queue_counts SELECT queue, 'dead', -count(*) FROM gone GROUP BY 1
+)
+SELECT id FROM gone;
+
 -- name: purge_pending
 -- A page of a queue's pending tasks, from tasks_due, for `cancel` in the same transaction.
 SELECT id FROM tasks
@@ -646,6 +656,12 @@ UPDATE brokers SET expires_at = least(expires_at, now()) WHERE epoch = %(epoch)s
 
 -- name: live_brokers
 SELECT DISTINCT ON (id) endpoint FROM brokers WHERE expires_at > now() ORDER BY id, epoch DESC;
+
+-- name: broker_rows
+-- Every broker incarnation the table holds (live ones, and ended ones the reaper has not buried
+-- yet): a few rows, one per broker restart.
+SELECT id, epoch, endpoint, started_at, expires_at, expires_at > now(), now()
+FROM brokers ORDER BY id, epoch DESC;
 
 -- name: read_back
 -- A broker's own backlog, read back in id order: tasks it inserted held that did not fit its

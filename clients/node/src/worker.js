@@ -72,6 +72,8 @@ export class Worker {
     this.heartbeatInterval = (options.heartbeatInterval ?? 2.5) * 1000;
     this.liveness = options.liveness === undefined ? LIVENESS : options.liveness * 1000;
     this.workerId = options.workerId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
+    // Who this worker is, in every POLL: brokers show it in WORKERS (§6.2, §6.5a).
+    this.identity = { host: hostname().slice(0, 255) || null, pid: process.pid, concurrency: this.concurrency };
     this.log = options.log ?? logfmt("conduit.worker");
     this.curve = curveOptions({ secret: options.curveSecret, server: options.curveServer });
     /** @type {Map<string, Handler>} */
@@ -362,7 +364,8 @@ class Loop {
       this.chooseBroker();
       const max = Math.min(room, MAX_BATCH);
       this.pollAt = this.current;
-      this.pollRid = this.send("POLL", { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout });
+      const poll = { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout, ...w.identity };
+      this.pollRid = this.send("POLL", poll);
       this.pollDeadline = now + w.pollTimeout * 1000 + 5000; // §11: unanswered timeout + 5 s: gone
     }
     if (now >= this.nextHeartbeat) {

@@ -21,7 +21,7 @@ export function brokerMissing() {
   return probe.status === 0 ? null : `${PYTHON} cannot import conduit: ${probe.stderr || probe.error}`;
 }
 
-/** @param {string[]} args */
+/** The `conduit` command's output, or an error with its stderr. @param {string[]} args */
 export function conduit(args) {
   const run = spawnSync(PYTHON, ["-m", "conduit", ...args], { cwd: REPO, encoding: "utf8" });
   if (run.status !== 0) throw new Error(`conduit ${args.join(" ")} failed: ${run.stderr}`);
