@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from conduit.commands import dashboard, dburl, queues, status, submit, tasks, top, workers
+from conduit.commands import dashboard, dburl, keys, queues, status, submit, tasks, top, workers
 from conduit.commands.common import Endpoint, db_options
 from conduit.config import Settings
 from conduit.endpoints import check_advertise
@@ -66,6 +66,7 @@ main.add_command(queues.queues)
 main.add_command(workers.workers)
 main.add_command(submit.submit)
 main.add_command(status.status)
+main.add_command(keys.keys)
 main.add_command(top.top)
 main.add_command(dashboard.dashboard)
 
@@ -193,6 +194,16 @@ def db_stop(data_dir: Path | None, force: bool) -> None:
 @click.option("--buffer-size", default=1000, show_default=True, help="Tasks buffered per queue at most.")
 @click.option("--lease-batch", default=500, show_default=True, help="Tasks read from PostgreSQL at a time.")
 @click.option("--lease-term", default=10.0, show_default=True, help="Broker lease term, seconds.")
+@click.option(
+    "--curve-secret",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The mesh's broker keypair, NAME.key_secret (env CONDUIT_CURVE_SECRET): CURVE on.",
+)
+@click.option(
+    "--curve-allow",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of allowed client public keys, *.key (env CONDUIT_CURVE_ALLOW), re-read every second.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def broker(
     dsn: str | None,
@@ -206,15 +217,20 @@ def broker(
     buffer_size: int,
     lease_batch: int,
     lease_term: float,
+    curve_secret: Path | None,
+    curve_allow: Path | None,
     log_level: str,
 ) -> None:
     """Run a broker (task service). Prints its endpoint, then its gossip endpoint if any, on
-    stdout (as advertised: peers connect to these); logs go to stderr."""
+    stdout (as advertised: peers connect to these); logs go to stderr. With --curve-secret and
+    --curve-allow, only clients whose public key is in the folder get in, and everything on the
+    wire is encrypted (README, Security)."""
     import zmq
 
     from conduit import logs
     from conduit.broker.core import Config
     from conduit.broker.service import Broker
+    from conduit.curve import ServerCurve
 
     if advertise_pub and not pub:
         raise click.UsageError("--advertise-pub names a gossip endpoint: give --pub too")
@@ -225,6 +241,7 @@ def broker(
     except ConduitError as exc:
         raise click.UsageError(str(exc)) from None
     logs.setup(log_level)
+    curve = ServerCurve.load(curve_secret, curve_allow)
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     config = Config(
         broker_id=broker_id or f"broker-{uuid.uuid4().hex[:8]}",
@@ -247,6 +264,7 @@ def broker(
             advertise=advertise,
             advertise_pub=advertise_pub,
             ensure_database=ensure_database,
+            curve=curve,
         )
     except zmq.ZMQError as exc:
         raise ConduitError(f"cannot bind {bind}: {exc}") from None
@@ -268,9 +286,16 @@ def broker(
 )
 @click.option("--concurrency", type=int, help="Handlers running at once, overriding the Worker's.")
 @click.option("--prefetch", type=int, help="Tasks held beyond the running ones, overriding the Worker's.")
+@keys.client_options
 @click.option("--log-level", default="info", show_default=True)
 def worker(
-    target: str, endpoints: tuple[str, ...], concurrency: int | None, prefetch: int | None, log_level: str
+    target: str,
+    endpoints: tuple[str, ...],
+    concurrency: int | None,
+    prefetch: int | None,
+    curve_secret: Path | None,
+    curve_server: Path | None,
+    log_level: str,
 ) -> None:
     """Run the conduit.client.Worker named by TARGET, as module:attribute (attribute: worker).
 
@@ -279,9 +304,13 @@ def worker(
     from conduit import logs
     from conduit.client import WorkerAborted
     from conduit.client.launch import load
+    from conduit.curve import ClientCurve
 
     logs.setup(log_level)
+    curve = ClientCurve.load(curve_secret, curve_server) if curve_secret or curve_server else None
     obj = load(target)
+    if curve:
+        obj.curve = curve
     if endpoints:
         obj.endpoints = list(endpoints)
     if concurrency:

@@ -44,7 +44,9 @@ from conduit.broker.events import (
     Tick,
     Written,
 )
+from conduit.broker.gate import Gate
 from conduit.broker.writes import WriteBatch, execute
+from conduit.curve import ServerCurve
 from conduit.endpoints import check_advertise
 from conduit.errors import BrokerLeaseLost, ConduitError, ConfigError
 from conduit.logs import Outage, log
@@ -145,11 +147,14 @@ class Broker:
         advertise: str | None = None,
         advertise_pub: str | None = None,
         ensure_database: Callable[[], None] | None = None,
+        curve: ServerCurve | None = None,
     ) -> None:
         """`ensure_database` runs before every new connection: the embedded server's restart if it
         vanished, so the broker resumes on its own instead of retrying until someone starts it.
         `advertise`, `advertise_pub`: the endpoints peers reach the binds by (required for a
-        wildcard bind, `conduit.endpoints.check_advertise`); recorded in the database and gossiped."""
+        wildcard bind, `conduit.endpoints.check_advertise`); recorded in the database and gossiped.
+        `curve`: the ROUTER and the PUB are CURVE servers, and a ZAP thread checks every peer's
+        key against the allow-list (conduit.broker.gate); None leaves the mesh open."""
         self.config = config
         # Every database thread and the listener retry while the database is down: one line an outage.
         self._outage = Outage(logger, "database")
@@ -166,7 +171,11 @@ class Broker:
         elif advertise_pub:
             raise ConfigError("--advertise-pub names a gossip endpoint: give --pub too")
         self._ctx = zmq.Context()
+        self.curve = curve
+        self._gate = Gate(self._ctx, curve.allow) if curve else None  # bound before any socket
         self.router = self._ctx.socket(zmq.ROUTER)
+        if curve:
+            curve.serve(self.router)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -179,6 +188,8 @@ class Broker:
         if pub:
             self.publisher = self._ctx.socket(zmq.PUB)
             self.publisher.setsockopt(zmq.LINGER, 0)
+            if curve:
+                curve.serve(self.publisher)
             self.publisher.bind(pub)
             pub = advertise_pub or self.publisher.getsockopt_string(zmq.LAST_ENDPOINT)
         self.config = config = replace(config, endpoint=self.endpoint, pub_endpoint=pub or "")
@@ -225,7 +236,10 @@ class Broker:
             broker=self.config.broker_id,
             endpoint=self.endpoint,
             epoch=self.owner.epoch,
+            curve="on" if self.curve else "off",
         )
+        if self.curve is None:
+            log(logger, "warning", "security_off", hint="no CURVE: anyone who reaches the ports may use them")
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -254,6 +268,8 @@ class Broker:
             self.router.close(linger=0)
             if self.publisher is not None:
                 self.publisher.close(linger=0)
+            if self._gate is not None:
+                self._gate.stop()
             self._ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)

@@ -9,12 +9,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, overload
 
-import zmq
-
 from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
 from conduit.client.link import LIVENESS
 from conduit.client.mesh import BrokerView, Mesh
 from conduit.client.tasks import Task, TaskHandle
+from conduit.curve import ClientCurve, client_context
 from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
 from conduit.tables import records
@@ -89,19 +88,22 @@ class Client:
         gossip: Sequence[str] = (),
         retry_submits: bool = True,
         liveness: float = LIVENESS,
+        curve: ClientCurve | None = None,
     ) -> None:
         """`endpoints`: brokers to start from; with gossip (given, or advertised by the brokers)
         the client spreads requests over the live brokers it hears of. `retry_submits`: name each
         submit with a random key, so one that timed out can be retried on another broker without
         creating a duplicate (a batch costs one key row; a lone task gets a task key instead).
         `timeout` bounds a request; a broker that goes quiet for two `liveness` intervals (or
-        drops the connection) is given up on sooner, and a keyed request goes to the next."""
+        drops the connection) is given up on sooner, and a keyed request goes to the next.
+        `curve`: this client's keypair and the brokers' key (by default from CONDUIT_CURVE_SECRET
+        and CONDUIT_CURVE_SERVER when set; README, Security)."""
         self._endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self._endpoints:
             raise ValueError("give at least one broker endpoint")
         for endpoint in [*self._endpoints, *gossip]:
             check_endpoint(endpoint)
-        self._ctx = zmq.Context()
+        self._ctx = client_context(curve or ClientCurve.load())
         self._timeout = timeout
         self._liveness = liveness
         self._retry_submits = retry_submits

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from conduit.commands import keys
 from conduit.commands.common import JSON, connect_option, db_options, emit, flat, open_store
 from conduit.errors import ConduitError
 
@@ -13,12 +14,15 @@ from conduit.errors import ConduitError
 @click.command()
 @db_options
 @connect_option()
+@keys.client_options
 @JSON
 def workers(
     dsn: str | None,
     data_dir: Path | None,
     schema: str | None,
     endpoints: tuple[list[str], ...],
+    curve_secret: Path | None,
+    curve_server: Path | None,
     as_json: bool,
 ) -> None:
     """The workers each broker heard in the last minute: the queues of their last poll, polls
@@ -26,14 +30,16 @@ def workers(
     concurrency, seconds since it last heard them, and their host and pid (as their polls tell;
     '-' where they do not). A worker on several brokers shows once for each."""
     from conduit.client import Client
+    from conduit.curve import ClientCurve
 
+    curve = ClientCurve.load(curve_secret, curve_server)
     asked = flat(endpoints)
     if not asked:
         with open_store(dsn, data_dir, schema) as store:
             asked = store.live_brokers()
     if not asked:
         raise ConduitError("no live broker in the database: start one, or name brokers with --connect")
-    with Client(asked) as client:
+    with Client(asked, curve=curve) as client:
         seen = client.workers()
     if as_json:
         emit({"workers": [vars(w) for w in seen]})

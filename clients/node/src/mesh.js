@@ -114,11 +114,12 @@ export class Gossip {
   /**
    * @param {MeshTable} table
    * @param {(level: "debug" | "info" | "warning" | "error", event: string, fields?: Record<string, unknown>) => void} log
+   * @param {object} curve CURVE socket options (src/curve.js), or {}
    */
-  constructor(table, log) {
+  constructor(table, log, curve = {}) {
     this.table = table;
     this.log = log;
-    this.sub = new Subscriber({ linger: 0 });
+    this.sub = new Subscriber({ linger: 0, ...curve });
     this.sub.subscribe(); // everything: GOSSIP has no topic prefix
     /** @type {Set<string>} */
     this.subscribed = new Set();

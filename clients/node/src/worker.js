@@ -5,6 +5,7 @@
 import { hostname } from "node:os";
 import { randomBytes } from "node:crypto";
 
+import { curveOptions } from "./curve.js";
 import { PermanentError } from "./errors.js";
 import { LIVENESS, Link } from "./link.js";
 import { logfmt } from "./log.js";
@@ -52,6 +53,9 @@ export { PermanentError };
  * @property {number} [liveness] seconds of silence from a broker waited on before it is PINGed;
  *   twice this and it is left for another (1)
  * @property {string} [workerId] default: hostname-pid-random
+ * @property {string} [curveSecret] this worker's CURVE keypair file, NAME.key_secret (env
+ *   CONDUIT_CURVE_SECRET); with curveServer, every socket is a CURVE client (README, Security)
+ * @property {string} [curveServer] the brokers' public key file, NAME.key (env CONDUIT_CURVE_SERVER)
  * @property {ReturnType<typeof logfmt>} [log]
  */
 
@@ -71,6 +75,7 @@ export class Worker {
     // Who this worker is, in every POLL: brokers show it in WORKERS (§6.2, §6.5a).
     this.identity = { host: hostname().slice(0, 255) || null, pid: process.pid, concurrency: this.concurrency };
     this.log = options.log ?? logfmt("conduit.worker");
+    this.curve = curveOptions({ secret: options.curveSecret, server: options.curveServer });
     /** @type {Map<string, Handler>} */
     this.handlers = new Map();
     /** @type {Map<string, Map<string, (...args: any[]) => unknown>>} tasks by name, per queue */
@@ -140,7 +145,7 @@ class Loop {
     this.log = worker.log;
     this.queues = [...worker.handlers.keys()];
     this.table = new MeshTable(worker.endpoints);
-    this.gossip = new Gossip(this.table, this.log);
+    this.gossip = new Gossip(this.table, this.log, worker.curve);
     for (const endpoint of worker.gossipEndpoints) this.gossip.subscribe(endpoint);
     /** @type {Map<string, Link>} one DEALER per broker used */
     this.links = new Map();
@@ -240,7 +245,7 @@ class Loop {
   link(endpoint) {
     let link = this.links.get(endpoint);
     if (!link) {
-      link = new Link(endpoint, this.w.liveness, () => this.kick());
+      link = new Link(endpoint, this.w.liveness, () => this.kick(), this.w.curve);
       this.links.set(endpoint, link);
       this.receive(link);
     }
