@@ -15,6 +15,7 @@ import click
 from conduit.commands import dashboard, dburl, keys, queues, status, submit, tasks, top, workers
 from conduit.commands.common import Endpoint, db_options
 from conduit.config import Settings
+from conduit.endpoints import check_advertise
 from conduit.errors import ConduitError
 from conduit.store import Store, describe_dsn, dsn_for, init_schema
 from conduit.store.embedded import embedded_for, stop_server
@@ -178,6 +179,17 @@ def db_stop(data_dir: Path | None, force: bool) -> None:
     type=Endpoint(bind=True),
     help="PUB endpoint for gossip (queue depths), e.g. tcp://127.0.0.1:5556 ('*' port: any).",
 )
+@click.option(
+    "--advertise",
+    type=Endpoint(),
+    help="The ROUTER endpoint peers reach this broker by, e.g. tcp://10.0.0.5:5555 "
+    "(required when --bind is tcp://*:PORT or tcp://0.0.0.0:PORT).",
+)
+@click.option(
+    "--advertise-pub",
+    type=Endpoint(),
+    help="The gossip endpoint peers reach this broker by (required for a wildcard --pub).",
+)
 @click.option("--broker-id", help="Unique id of this broker (default: random).")
 @click.option("--buffer-size", default=1000, show_default=True, help="Tasks buffered per queue at most.")
 @click.option("--lease-batch", default=500, show_default=True, help="Tasks read from PostgreSQL at a time.")
@@ -199,6 +211,8 @@ def broker(
     schema: str | None,
     bind: str,
     pub: str | None,
+    advertise: str | None,
+    advertise_pub: str | None,
     broker_id: str | None,
     buffer_size: int,
     lease_batch: int,
@@ -208,8 +222,9 @@ def broker(
     log_level: str,
 ) -> None:
     """Run a broker (task service). Prints its endpoint, then its gossip endpoint if any, on
-    stdout; logs go to stderr. With --curve-secret and --curve-allow, only clients whose public
-    key is in the folder get in, and everything on the wire is encrypted (README, Security)."""
+    stdout (as advertised: peers connect to these); logs go to stderr. With --curve-secret and
+    --curve-allow, only clients whose public key is in the folder get in, and everything on the
+    wire is encrypted (README, Security)."""
     import zmq
 
     from conduit import logs
@@ -217,6 +232,14 @@ def broker(
     from conduit.broker.service import Broker
     from conduit.curve import ServerCurve
 
+    if advertise_pub and not pub:
+        raise click.UsageError("--advertise-pub names a gossip endpoint: give --pub too")
+    try:  # before the database: a usage error costs nothing
+        check_advertise(bind, advertise)
+        if pub:
+            check_advertise(pub, advertise_pub, "--advertise-pub")
+    except ConduitError as exc:
+        raise click.UsageError(str(exc)) from None
     logs.setup(log_level)
     curve = ServerCurve.load(curve_secret, curve_allow)
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
@@ -233,7 +256,15 @@ def broker(
         url, ensure_database = server.dsn, server.ensure_running
     try:
         service = Broker(
-            config, url, settings.schema, bind, pub, ensure_database=ensure_database, curve=curve
+            config,
+            url,
+            settings.schema,
+            bind,
+            pub,
+            advertise=advertise,
+            advertise_pub=advertise_pub,
+            ensure_database=ensure_database,
+            curve=curve,
         )
     except zmq.ZMQError as exc:
         raise ConduitError(f"cannot bind {bind}: {exc}") from None

@@ -24,6 +24,7 @@ from conduit.broker.events import (
     Operated,
     PausedRead,
     PauseSet,
+    PeersRead,
     Received,
     SendFailed,
     Shutdown,
@@ -271,6 +272,7 @@ class Core:
         self._gossiped: frozenset[str] = frozenset()  # queues that had work or polls when last told
         self.peers = Peers()  # the workers heard lately, for WORKERS
         self._operating = 0  # operations sent to the ops thread, not answered yet
+        self._brokers: list[dict[str, str | None]] = []  # the other live brokers, for PONG and GOSSIP
         self.pauses = Pauses()
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -291,6 +293,8 @@ class Core:
                 self._on_leased(queue, tasks, error, now, out, span)
             case LeaseRenewed(ok, started, now):
                 self._on_renewed(ok, started, now, out)
+            case PeersRead(peers):
+                self._brokers = [{"broker": p.broker, "endpoint": p.endpoint, "pub": p.pub} for p in peers]
             case Acquired(owner, now):
                 self.owner = owner
                 self.lease_valid_until = now + self.config.lease_term
@@ -345,7 +349,12 @@ class Core:
     def _on_request(self, peer: bytes, msg: Message, now: float, out: list[Action]) -> None:
         rid = msg.rid
         if msg.command is Command.PING:
-            body = {"rid": rid, "broker": self.config.broker_id, "pub": self.config.pub_endpoint or None}
+            body = {
+                "rid": rid,
+                "broker": self.config.broker_id,
+                "pub": self.config.pub_endpoint or None,
+                "peers": self._brokers,
+            }
             out.append(Send(peer, encode(Command.PONG, body)))
             return
         if (self._stopping and msg.command in _REFUSED_WHEN_STOPPING) or self._stopped_at is not None:
@@ -837,6 +846,7 @@ class Core:
             "interval": self.config.gossip_every,
             "seq": self._gossip_seq,
             "stopping": self._stopping,
+            "peers": self._brokers,
             "queues": {name: list(d) for name, d in depths.items() if name in active or d[2]},
         }
         out.append(Publish(encode(Command.GOSSIP, body)))

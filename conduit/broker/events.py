@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from conduit.broker.writes import WriteBatch, WriteResult
-from conduit.store import BrokerLease
+from conduit.store import BrokerLease, Peer
 from conduit.task import Ack, LeasedTask, TaskInfo
 
 
@@ -89,6 +89,13 @@ class Notified:
 
 
 @dataclass(frozen=True)
+class PeersRead:
+    """The other live brokers, read with each lease renewal: PONG and GOSSIP name them."""
+
+    peers: tuple[Peer, ...]
+
+
+@dataclass(frozen=True)
 class PausedRead:
     """The paused queues as the database holds them; None when the read failed."""
 
@@ -120,6 +127,7 @@ Event = (
     | SendFailed
     | Shutdown
     | Notified
+    | PeersRead
     | PausedRead
     | PauseSet
 )

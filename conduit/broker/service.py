@@ -37,6 +37,7 @@ from conduit.broker.events import (
     Operated,
     PausedRead,
     PauseSet,
+    PeersRead,
     Received,
     SendFailed,
     Shutdown,
@@ -46,7 +47,8 @@ from conduit.broker.events import (
 from conduit.broker.gate import Gate
 from conduit.broker.writes import WriteBatch, execute
 from conduit.curve import ServerCurve
-from conduit.errors import BrokerLeaseLost, ConduitError
+from conduit.endpoints import check_advertise
+from conduit.errors import BrokerLeaseLost, ConduitError, ConfigError
 from conduit.logs import Outage, log
 from conduit.store import BrokerLease, Store
 from conduit.store.ops import BadCursor
@@ -142,11 +144,15 @@ class Broker:
         bind: str,
         pub: str | None = None,
         *,
+        advertise: str | None = None,
+        advertise_pub: str | None = None,
         ensure_database: Callable[[], None] | None = None,
         curve: ServerCurve | None = None,
     ) -> None:
         """`ensure_database` runs before every new connection: the embedded server's restart if it
         vanished, so the broker resumes on its own instead of retrying until someone starts it.
+        `advertise`, `advertise_pub`: the endpoints peers reach the binds by (required for a
+        wildcard bind, `conduit.endpoints.check_advertise`); recorded in the database and gossiped.
         `curve`: the ROUTER and the PUB are CURVE servers, and a ZAP thread checks every peer's
         key against the allow-list (conduit.broker.gate); None leaves the mesh open."""
         self.config = config
@@ -159,6 +165,11 @@ class Broker:
             return Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
 
         self._open_store = open_store
+        check_advertise(bind, advertise)
+        if pub:
+            check_advertise(pub, advertise_pub, "--advertise-pub")
+        elif advertise_pub:
+            raise ConfigError("--advertise-pub names a gossip endpoint: give --pub too")
         self._ctx = zmq.Context()
         self.curve = curve
         self._gate = Gate(self._ctx, curve.allow) if curve else None  # bound before any socket
@@ -172,7 +183,7 @@ class Broker:
         self.router.setsockopt(zmq.SNDHWM, 100_000)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.bind(bind)
-        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = advertise or self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.publisher: zmq.Socket[Any] | None = None
         if pub:
             self.publisher = self._ctx.socket(zmq.PUB)
@@ -180,7 +191,7 @@ class Broker:
             if curve:
                 curve.serve(self.publisher)
             self.publisher.bind(pub)
-            pub = self.publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+            pub = advertise_pub or self.publisher.getsockopt_string(zmq.LAST_ENDPOINT)
         self.config = config = replace(config, endpoint=self.endpoint, pub_endpoint=pub or "")
         self.core = Core(config)
         self._events: queue.Queue[Event] = queue.Queue()
@@ -193,7 +204,8 @@ class Broker:
         self._listener = _Listener(self._open_store, self._post, self._outage)
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
             store.ensure_partitions()  # after days with no broker up, today's may not exist yet
-            self.owner: BrokerLease = store.acquire_broker(config.broker_id, self.endpoint, config.lease_term)
+            self.owner: BrokerLease = self._acquire(store)
+            self._post(PeersRead(tuple(store.broker_peers(config.broker_id))))
             self._paused = frozenset(store.paused())  # known before anything is delivered
 
     def _post(self, event: Event) -> None:
@@ -350,13 +362,15 @@ class Broker:
             store.renew_broker(self.owner, self.config.lease_term)
         except BrokerLeaseLost:
             return LeaseRenewed(False, started, time.monotonic())
+        self._post(PeersRead(tuple(store.broker_peers(self.config.broker_id))))  # brokers come and go
         return LeaseRenewed(True, started, time.monotonic())
 
+    def _acquire(self, store: Store) -> BrokerLease:
+        pub = self.config.pub_endpoint or None
+        return store.acquire_broker(self.config.broker_id, self.endpoint, self.config.lease_term, pub)
+
     def _reacquire(self, store: Store) -> Event:
-        return Acquired(
-            store.acquire_broker(self.config.broker_id, self.endpoint, self.config.lease_term),
-            time.monotonic(),
-        )
+        return Acquired(self._acquire(store), time.monotonic())
 
     def _log_error(self, what: str) -> Callable[[str], None]:
         return lambda error: self._outage.failed(f"{what}_failed", error=error)

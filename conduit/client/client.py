@@ -189,18 +189,16 @@ class Client:
         raise BrokerTimeout("no broker could serve the request: " + "; ".join(errors))
 
     def _learn_gossip(self) -> None:
-        """Ask every configured broker for its gossip endpoint (once), to hear the whole mesh."""
+        """Ask every configured broker (once) for its gossip endpoint and its peers', to hear the
+        whole mesh."""
         self._asked_pub = True
         for endpoint in self._endpoints:
             try:
-                pub = (
-                    self._channel(endpoint).request(Command.PING, {}, min(self._timeout, 1.0)).body.get("pub")
-                )
+                pong = self._channel(endpoint).request(Command.PING, {}, min(self._timeout, 1.0)).body
             except ConduitError:
-                continue  # not there now: its gossip is not heard (brokers relay none), unless given
-            if pub:
-                with self._lock:
-                    self._mesh.subscribe(str(pub))
+                continue  # not there now: its gossip is not heard, unless given or named by a peer
+            with self._lock:
+                self._mesh.learn(pong)
 
     @overload
     def submit(self, target: Task[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]: ...

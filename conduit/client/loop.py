@@ -290,7 +290,7 @@ class Loop:
         """`tasks`: a DELIVER's. Those of a poll given up on (failover) are ours all the same: they
         are run, or given back at once when stopping, rather than left to expire."""
         if msg.command is Command.PONG:
-            self.mesh.subscribe(str(msg.body.get("pub") or ""))
+            self.mesh.learn(msg.body)
             return
         if msg.command is Command.DELIVER:
             if msg.rid == self.poll_rid:

@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS paused_queues (
 );
 UPDATE meta SET value = '5' WHERE key = 'schema_version';
 
+-- name: migrate_to_6
+-- Version 5 to 6: brokers record their gossip endpoint too (as in schema.sql).
+ALTER TABLE brokers ADD COLUMN IF NOT EXISTS pub text;
+UPDATE meta SET value = '6' WHERE key = 'schema_version';
+
 -- name: policy_ids
 -- The policies of a batch, made where new (one row per distinct policy, not per task).
 SELECT policy_id(m, l, b, x)
@@ -637,8 +642,8 @@ SELECT pg_notify('conduit_' || current_schema(), q) FROM unnest(%(queue)s::text[
 WITH ended AS (
     UPDATE brokers SET expires_at = least(expires_at, now()) WHERE id = %(id)s
 )
-INSERT INTO brokers (epoch, id, endpoint, expires_at)
-VALUES (nextval('broker_epochs'), %(id)s, %(endpoint)s, now() + %(term)s * interval '1 second')
+INSERT INTO brokers (epoch, id, endpoint, pub, expires_at)
+VALUES (nextval('broker_epochs'), %(id)s, %(endpoint)s, %(pub)s, now() + %(term)s * interval '1 second')
 RETURNING epoch;
 
 -- name: renew_broker
@@ -656,6 +661,11 @@ UPDATE brokers SET expires_at = least(expires_at, now()) WHERE epoch = %(epoch)s
 
 -- name: live_brokers
 SELECT DISTINCT ON (id) endpoint FROM brokers WHERE expires_at > now() ORDER BY id, epoch DESC;
+
+-- name: broker_peers
+-- The other brokers whose lease is live, with their endpoints: what PONG and GOSSIP name.
+SELECT DISTINCT ON (id) id, endpoint, pub FROM brokers
+WHERE expires_at > now() AND id <> %(id)s ORDER BY id, epoch DESC;
 
 -- name: broker_rows
 -- Every broker incarnation the table holds (live ones, and ended ones the reaper has not buried

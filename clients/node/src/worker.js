@@ -490,7 +490,7 @@ class Loop {
     const { command, body } = msg;
     const rid = typeof body.rid === "bigint" ? Number(body.rid) : body.rid;
     if (command === "PONG") {
-      this.gossip.subscribe(typeof body.pub === "string" ? body.pub : null);
+      this.gossip.learn(body);
       return;
     }
     if (command === "DELIVER") {
