@@ -33,10 +33,10 @@ from typing import Any, NamedTuple
 
 import baseline
 import click
+import curve as bench_curve
 import metrics_cost
 import paced as paced_worker
 import psycopg
-import zmq
 from psycopg import sql
 from walstats import WriteMeter, Writes
 
@@ -44,6 +44,7 @@ from conduit import demo
 from conduit.client import Client
 from conduit.client.channel import Channel
 from conduit.config import Settings
+from conduit.curve import ClientCurve, client_context
 from conduit.errors import ConduitError
 from conduit.store import Store, dsn_for, init_schema
 from conduit.task import TaskSpec
@@ -101,6 +102,7 @@ class Plan:
     paced_concurrency: int
     baseline_tasks: int
     drain_tasks: int
+    curve: bool = False  # also the burst with CURVE on (burst_curve)
 
 
 @dataclass(frozen=True)
@@ -157,9 +159,11 @@ class BenchCluster(demo.Cluster):
         brokers: int,
         deferred: bool = False,
         broker_args: Sequence[str] = (),
+        worker_args: Sequence[str] = (),
     ) -> None:
         self.workers = workers
         self.broker_args = list(broker_args)
+        self.worker_args = list(worker_args)
         try:
             super().__init__(dsn, schema, 0 if deferred else workers.count, brokers)
         except BaseException:
@@ -192,6 +196,7 @@ class BenchCluster(demo.Cluster):
         if cmd[3] == "worker":  # [python, -m, conduit, worker, conduit.demo:worker, ...]
             cmd[4] = self.workers.target
             cmd += ["--concurrency", str(self.workers.concurrency), "--prefetch", str(self.workers.prefetch)]
+            cmd += self.worker_args
             path = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))
             env = {**os.environ, "PYTHONPATH": path}
         return super()._start(cmd, env)
@@ -344,10 +349,12 @@ def run_conduit(
     backlog: int = 0,
     workers: Workers | None = None,
     prefill: Prefill | None = None,
+    keys: bench_curve.BenchKeys | None = None,
     broker_args: Sequence[str] = (),
 ) -> Result:
     """One scenario in a schema of its own. With `prefill`, the brokers start alone, `prefill`
-    submits, then the workers start, and the CPU is measured from the first completion on."""
+    submits, then the workers start, and the CPU is measured from the first completion on. With
+    `keys`, every broker, worker and producer socket is CURVE."""
     workers = workers or Workers.demo(plan)
     with scratch_schema(dsn, f"bench_{os.getpid()}_{name}") as schema:
         if backlog:
@@ -355,14 +362,21 @@ def run_conduit(
         with WriteMeter(dsn, schema) as writes:  # left once every connection of the scenario closed
             began = time.monotonic()
             cluster = BenchCluster(
-                dsn, schema, workers, brokers, deferred=prefill is not None, broker_args=broker_args
+                dsn,
+                schema,
+                workers,
+                brokers,
+                deferred=prefill is not None,
+                broker_args=[*(keys.broker_args if keys else ()), *broker_args],
+                worker_args=keys.worker_args if keys else (),
             )
+            curve = keys.client if keys else None
             try:
                 # Every broker's gossip endpoint given, so the producer spreads its submits over all
                 # of them (a Client otherwise asks only the first broker that answers for its gossip).
-                gossip = gossip_endpoints(cluster.endpoints)
+                gossip = gossip_endpoints(cluster.endpoints, curve)
                 with (
-                    Client(cluster.endpoints, gossip=gossip) as client,
+                    Client(cluster.endpoints, gossip=gossip, curve=curve) as client,
                     Store.open(dsn, schema=schema) as store,
                 ):
                     producer = PayloadClient(client, plan.payload)
@@ -405,9 +419,9 @@ def first_completion(store: Store, timeout: float = 60.0) -> int:
     return done
 
 
-def gossip_endpoints(endpoints: Sequence[str]) -> list[str]:
+def gossip_endpoints(endpoints: Sequence[str], curve: ClientCurve | None = None) -> list[str]:
     """Each broker's gossip (PUB) endpoint, as its PONG names it."""
-    ctx = zmq.Context()
+    ctx = client_context(curve)
     try:
         pubs = []
         for endpoint in endpoints:
@@ -735,6 +749,10 @@ def run(dsn: str, plan: Plan) -> dict[str, Any]:
             rate = baseline.db_ceiling(dsn, schema, plan.baseline_tasks * 20, 500, plan.payload)
         return Baseline(rate, plan.baseline_tasks * 20, writes.writes)
 
+    def secure_burst() -> Result:
+        with bench_curve.BenchKeys() as keys:
+            return run_conduit(dsn, plan, "burst_curve", 1, burst(plan), keys=keys)
+
     def drained() -> Result:
         prefill, body = drain(plan)
         return run_conduit(dsn, plan, "drain", 1, body, prefill=prefill)
@@ -744,17 +762,22 @@ def run(dsn: str, plan: Plan) -> dict[str, Any]:
         ("batch_100", lambda: plain(100, plan.baseline_tasks * 10)),
         ("db_ceiling", ceiling),
         ("burst", lambda: run_conduit(dsn, plan, "burst", 1, burst(plan))),
-        ("drain", drained),
-        ("steady", lambda: run_conduit(dsn, plan, "steady", 1, steady(plan))),
-        ("sync_match", lambda: run_conduit(dsn, plan, "sync_match", 1, sync_match(plan))),
-        ("paced", lambda: run_conduit(dsn, plan, "paced", 1, paced(plan), workers=Workers.paced(plan))),
-        (
-            "deep_backlog",
-            lambda: run_conduit(dsn, plan, "deep_backlog", 1, burst(plan), backlog=plan.backlog),
-        ),
     ]
-    for n in plan.brokers:
-        steps.append((f"mesh_{n}", lambda n=n: run_conduit(dsn, plan, f"mesh_{n}", n, burst(plan))))
+    if plan.curve:  # the burst with CURVE next to the one without, and nothing else
+        steps.append(("burst_curve", secure_burst))
+    else:
+        steps += [
+            ("drain", drained),
+            ("steady", lambda: run_conduit(dsn, plan, "steady", 1, steady(plan))),
+            ("sync_match", lambda: run_conduit(dsn, plan, "sync_match", 1, sync_match(plan))),
+            ("paced", lambda: run_conduit(dsn, plan, "paced", 1, paced(plan), workers=Workers.paced(plan))),
+            (
+                "deep_backlog",
+                lambda: run_conduit(dsn, plan, "deep_backlog", 1, burst(plan), backlog=plan.backlog),
+            ),
+        ]
+        for n in plan.brokers:
+            steps.append((f"mesh_{n}", lambda n=n: run_conduit(dsn, plan, f"mesh_{n}", n, burst(plan))))
     for i, (name, step) in enumerate(steps, 1):
         progress(f"[{i}/{len(steps)}] {name}")
         checkpoint(dsn)
@@ -891,13 +914,32 @@ def table(doc: dict[str, Any], measured: dict[str, Any], plan: Plan) -> str:
         if "paced" in s:
             lines += ["", *paced_table(s["paced"])]
     notes = [f"{r.name}: {r.note}" for r in measured.values() if isinstance(r, Result) and r.note]
-    notes.append(
-        f"drain: {plan.drain_tasks:,} tasks committed before the workers started; timed from the first "
-        "task's start, CPU from the first completion"
-    )
-    if plan.backlog:
+    if "drain" in measured:
+        notes.append(
+            f"drain: {plan.drain_tasks:,} tasks committed before the workers started; timed from the first "
+            "task's start, CPU from the first completion"
+        )
+    if "deep_backlog" in measured:
         notes.append(f"deep_backlog: {plan.backlog:,} pending tasks in another queue of the same table")
+    notes += curve_note(doc)
     return "\n".join([*lines, "", *notes])
+
+
+def curve_note(doc: dict[str, Any]) -> list[str]:
+    """What CURVE cost: burst_curve against burst, CPU per task by role and throughput."""
+    by_name = {s["name"]: s for s in doc["scenarios"]}
+    if "burst_curve" not in by_name:
+        return []
+    plain, secure = by_name["burst"], by_name["burst_curve"]
+    extra = {k: secure["cpu_us_per_task"][k] - plain["cpu_us_per_task"][k] for k in plain["cpu_us_per_task"]}
+    ours = sum(v for k, v in extra.items() if k not in ("postgres", "total"))
+    roles = ", ".join(f"{k} {v:+.1f}" for k, v in extra.items() if k not in ("postgres", "total"))
+    return [
+        f"burst_curve: CURVE on every socket costs {ours:+.1f} us of CPU per task in the processes that "
+        f"encrypt ({roles}); PostgreSQL, which CURVE does not touch, {extra['postgres']:+.1f} (any "
+        f"process named postgres on the machine); {secure['tasks_per_s'] / plain['tasks_per_s']:.2f}x "
+        "the plain burst's tasks/s"
+    ]
 
 
 def writes_table(doc: dict[str, Any]) -> list[str]:
@@ -1125,6 +1167,11 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         help="fetch-one baseline tasks; x10 for batch-100, x20 for the ceiling (10,000)",
     )
     parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="only the burst, and the same burst with CURVE on every socket (burst_curve), and its cost",
+    )
+    parser.add_argument(
         "--metrics",
         action="store_true",
         help="only the burst, without and with the broker serving /metrics scraped every second, "
@@ -1175,6 +1222,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         paced_workers=args.paced_workers,
         paced_concurrency=args.paced_concurrency,
         drain_tasks=drain_tasks,
+        curve=args.curve,
         **sizes,
     )
     return args, plan

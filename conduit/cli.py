@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from conduit.commands import dburl, queues, status, submit, tasks, workers
+from conduit.commands import dashboard, dburl, keys, queues, status, submit, tasks, top, workers
 from conduit.commands.common import METRICS, Endpoint, db_options
 from conduit.config import Settings
+from conduit.endpoints import check_advertise
 from conduit.errors import ConduitError
 from conduit.store import Store, describe_dsn, dsn_for, init_schema
 from conduit.store.embedded import embedded_for, stop_server
@@ -67,6 +68,9 @@ main.add_command(queues.queues)
 main.add_command(workers.workers)
 main.add_command(submit.submit)
 main.add_command(status.status)
+main.add_command(keys.keys)
+main.add_command(top.top)
+main.add_command(dashboard.dashboard)
 
 
 _RETENTION = click.option(
@@ -177,10 +181,31 @@ def db_stop(data_dir: Path | None, force: bool) -> None:
     type=Endpoint(bind=True),
     help="PUB endpoint for gossip (queue depths), e.g. tcp://127.0.0.1:5556 ('*' port: any).",
 )
+@click.option(
+    "--advertise",
+    type=Endpoint(),
+    help="The ROUTER endpoint peers reach this broker by, e.g. tcp://10.0.0.5:5555 "
+    "(required when --bind is tcp://*:PORT or tcp://0.0.0.0:PORT).",
+)
+@click.option(
+    "--advertise-pub",
+    type=Endpoint(),
+    help="The gossip endpoint peers reach this broker by (required for a wildcard --pub).",
+)
 @click.option("--broker-id", help="Unique id of this broker (default: random).")
 @click.option("--buffer-size", default=1000, show_default=True, help="Tasks buffered per queue at most.")
 @click.option("--lease-batch", default=500, show_default=True, help="Tasks read from PostgreSQL at a time.")
 @click.option("--lease-term", default=10.0, show_default=True, help="Broker lease term, seconds.")
+@click.option(
+    "--curve-secret",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The mesh's broker keypair, NAME.key_secret (env CONDUIT_CURVE_SECRET): CURVE on.",
+)
+@click.option(
+    "--curve-allow",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of allowed client public keys, *.key (env CONDUIT_CURVE_ALLOW), re-read every second.",
+)
 @METRICS
 @click.option("--log-level", default="info", show_default=True)
 def broker(
@@ -189,23 +214,39 @@ def broker(
     schema: str | None,
     bind: str,
     pub: str | None,
+    advertise: str | None,
+    advertise_pub: str | None,
     broker_id: str | None,
     buffer_size: int,
     lease_batch: int,
     lease_term: float,
+    curve_secret: Path | None,
+    curve_allow: Path | None,
     metrics_address: tuple[str, int] | None,
     log_level: str,
 ) -> None:
     """Run a broker (task service). Prints its endpoint, then its gossip endpoint if any, on
-    stdout; logs go to stderr (with --metrics, where it serves them)."""
+    stdout (as advertised: peers connect to these); logs go to stderr (with --metrics, where it
+    serves them). With --curve-secret and --curve-allow, only clients whose public key is in the
+    folder get in, and everything on the wire is encrypted (README, Security)."""
     import zmq
 
     from conduit import logs
     from conduit.broker.core import Config
     from conduit.broker.metrics import BrokerMetrics
     from conduit.broker.service import Broker
+    from conduit.curve import ServerCurve
 
+    if advertise_pub and not pub:
+        raise click.UsageError("--advertise-pub names a gossip endpoint: give --pub too")
+    try:  # before the database: a usage error costs nothing
+        check_advertise(bind, advertise)
+        if pub:
+            check_advertise(pub, advertise_pub, "--advertise-pub")
+    except ConduitError as exc:
+        raise click.UsageError(str(exc)) from None
     logs.setup(log_level)
+    curve = ServerCurve.load(curve_secret, curve_allow)
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     config = Config(
         broker_id=broker_id or f"broker-{uuid.uuid4().hex[:8]}",
@@ -222,7 +263,16 @@ def broker(
     with _serving(metrics_address, metrics, "conduit.broker"):
         try:
             service = Broker(
-                config, url, settings.schema, bind, pub, ensure_database=ensure_database, metrics=metrics
+                config,
+                url,
+                settings.schema,
+                bind,
+                pub,
+                advertise=advertise,
+                advertise_pub=advertise_pub,
+                ensure_database=ensure_database,
+                curve=curve,
+                metrics=metrics,
             )
         except zmq.ZMQError as exc:
             raise ConduitError(f"cannot bind {bind}: {exc}") from None
@@ -264,6 +314,7 @@ def _serving(address: tuple[str, int] | None, collector: Any, logger_name: str) 
 )
 @click.option("--concurrency", type=int, help="Handlers running at once, overriding the Worker's.")
 @click.option("--prefetch", type=int, help="Tasks held beyond the running ones, overriding the Worker's.")
+@keys.client_options
 @METRICS
 @click.option("--log-level", default="info", show_default=True)
 def worker(
@@ -271,6 +322,8 @@ def worker(
     endpoints: tuple[str, ...],
     concurrency: int | None,
     prefetch: int | None,
+    curve_secret: Path | None,
+    curve_server: Path | None,
     metrics_address: tuple[str, int] | None,
     log_level: str,
 ) -> None:
@@ -281,9 +334,13 @@ def worker(
     from conduit import logs
     from conduit.client import WorkerAborted
     from conduit.client.launch import load
+    from conduit.curve import ClientCurve
 
     logs.setup(log_level)
+    curve = ClientCurve.load(curve_secret, curve_server) if curve_secret or curve_server else None
     obj = load(target)
+    if curve:
+        obj.curve = curve
     if endpoints:
         obj.endpoints = list(endpoints)
     if concurrency:

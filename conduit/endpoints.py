@@ -33,6 +33,26 @@ def check_endpoint(endpoint: str, *, bind: bool = False) -> str:
     return endpoint
 
 
+WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "[::]", "[0:0:0:0:0:0:0:0]"})
+
+
+def check_advertise(bind: str, advertise: str | None, option: str = "--advertise") -> None:
+    """A broker names its endpoints to its peers (gossip, PONG, the database): a wildcard bind
+    says nothing they could connect to, so it needs the address they reach it by. Raise
+    ConfigError when one is missing or is itself not connectable."""
+    if advertise is not None:
+        match = _TCP.match(check_endpoint(advertise))
+        if match is not None and match["host"] in WILDCARD_HOSTS:
+            raise ConfigError(f"{option} {advertise}: name an address peers can connect to")
+        return
+    match = _TCP.match(bind)
+    if match is not None and match["host"] in WILDCARD_HOSTS:
+        raise ConfigError(
+            f"{bind} binds every interface, which peers on other hosts cannot connect to: "
+            f"give {option} tcp://ADDRESS:PORT, the address they reach this broker by"
+        )
+
+
 def split_endpoints(values: tuple[str, ...] | list[str]) -> list[str]:
     """Endpoints given as repeated options, comma-separated, or both; each one checked."""
     found = [part.strip() for value in values for part in value.split(",")]

@@ -40,6 +40,7 @@ MAX_QUEUES = 64  # queues in one poll
 MAX_POLL_TIMEOUT = 60.0  # seconds
 MAX_ERROR_CHARS = 8_192
 MAX_NAME_CHARS = 200  # worker and broker ids
+MAX_HOST_CHARS = 255  # a POLL's host
 
 
 class Command(enum.StrEnum):
@@ -60,6 +61,8 @@ class Command(enum.StrEnum):
     REDRIVE = "REDRIVE"
     PURGE = "PURGE"
     STATS = "STATS"
+    PAUSE = "PAUSE"
+    RESUME = "RESUME"
     PING = "PING"
     # replies (broker -> client or worker)
     SUBMITTED = "SUBMITTED"
@@ -96,6 +99,8 @@ REQUESTS = frozenset(
         Command.REDRIVE,
         Command.PURGE,
         Command.STATS,
+        Command.PAUSE,
+        Command.RESUME,
         Command.PING,
     }
 )
@@ -240,6 +245,10 @@ class Poll:
     queues: tuple[str, ...]
     max_tasks: int
     timeout: float
+    # Who the worker is, for WORKERS only (optional: None when not sent).
+    host: str | None = None
+    pid: int | None = None
+    concurrency: int | None = None
 
 
 def get_field(
@@ -372,7 +381,29 @@ def parse_poll(msg: Message) -> Poll:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"max must be 1..{MAX_BATCH} and timeout 0..{MAX_POLL_TIMEOUT}", rid
         )
-    return Poll(worker, tuple(dict.fromkeys(queues)), max_tasks, timeout)
+    body = msg.body
+    host = pid = concurrency = None
+    if body.get("host") is not None:
+        host = _name(body, "host", rid, MAX_HOST_CHARS)
+    if body.get("pid") is not None:
+        pid = _bounded(body, "pid", rid, 0, 2**32 - 1)
+    if body.get("concurrency") is not None:
+        concurrency = _bounded(body, "concurrency", rid, 1, 2**31 - 1)
+    return Poll(worker, tuple(dict.fromkeys(queues)), max_tasks, timeout, host, pid, concurrency)
+
+
+def _bounded(body: dict[str, Any], name: str, rid: int, low: int, high: int) -> int:
+    value: int = get_field(body, name, int, rid)
+    if not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be {low} to {high}", rid)
+    return value
+
+
+def parse_queue(msg: Message) -> str:
+    """PAUSE, RESUME, REDRIVE and PURGE: {queue}."""
+    queue: str = get_field(msg.body, "queue", str, msg.rid)
+    check_queue(queue, msg.rid)
+    return queue
 
 
 def _deliveries(msg: Message) -> tuple[list[int], list[int]]:
@@ -455,11 +486,11 @@ def _is_uint(value: Any) -> bool:
     return type(value) is int and 0 <= value < 2**63
 
 
-def _name(body: dict[str, Any], field: str, rid: int) -> str:
-    value = get_field(body, field, str, rid)
-    if not 0 < len(value) <= MAX_NAME_CHARS or "\x00" in value:
+def _name(body: dict[str, Any], field: str, rid: int, limit: int = MAX_NAME_CHARS) -> str:
+    value: str = get_field(body, field, str, rid)
+    if not 0 < len(value) <= limit or "\x00" in value:
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"{field} must be 1 to {MAX_NAME_CHARS} characters, none of them NUL", rid
+            ErrorCode.BAD_REQUEST, f"{field} must be 1 to {limit} characters, none of them NUL", rid
         )
     return value
 

@@ -78,7 +78,7 @@ def store(db: Database) -> Iterator[Store]:
 
 
 def old_schema(version: int) -> str:
-    """The schema an earlier Conduit made: versions 2 to 4 as they shipped (tests/fixtures),
+    """The schema an earlier Conduit made: versions 2 to 5 as they shipped (tests/fixtures),
     version 1 as version 2 without submit keys."""
     text = (Path(__file__).parent / "fixtures" / f"schema_v{max(version, 2)}.sql").read_text()
     if version == 1:
@@ -134,10 +134,18 @@ class Process:
 
 
 class BrokerProcess(Process):
-    def __init__(self, db: Database, port: int, broker_id: str, *extra: str) -> None:
+    def __init__(self, db: Database, port: int, broker_id: str, *extra: str, bind: str | None = None) -> None:
         super().__init__(
             [
-                *("broker", "--bind", f"tcp://127.0.0.1:{port}", "--dsn", db.dsn, "--schema", db.schema),
+                *(
+                    "broker",
+                    "--bind",
+                    bind or f"tcp://127.0.0.1:{port}",
+                    "--dsn",
+                    db.dsn,
+                    "--schema",
+                    db.schema,
+                ),
                 *("--broker-id", broker_id, "--lease-term", "3", *extra),
             ]
         )
@@ -163,8 +171,10 @@ def processes() -> Iterator[list[Process]]:
 
 @pytest.fixture
 def start_broker(db: Database, processes: list[Process]) -> Callable[..., BrokerProcess]:
-    def start(*extra: str, port: int | None = None, broker_id: str = "b1") -> BrokerProcess:
-        broker = BrokerProcess(db, port or free_port(), broker_id, *extra)
+    def start(
+        *extra: str, port: int | None = None, broker_id: str = "b1", bind: str | None = None
+    ) -> BrokerProcess:
+        broker = BrokerProcess(db, port or free_port(), broker_id, *extra, bind=bind)
         processes.append(broker)
         return broker
 

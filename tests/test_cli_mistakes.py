@@ -64,6 +64,32 @@ def conduit(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProces
             "ipc://PATH or inproc://NAME (see 'python -m conduit broker --help')",
         ),
         (
+            ["broker", "--bind", "tcp://*:5555", "--dsn", "postgresql://nobody@127.0.0.1:1/x"],
+            2,
+            "Error: tcp://*:5555 binds every interface, which peers on other hosts cannot connect to: "
+            "give --advertise tcp://ADDRESS:PORT, the address they reach this broker by "
+            "(see 'python -m conduit broker --help')",
+        ),
+        (
+            ["broker", "--bind", "tcp://0.0.0.0:5555", "--advertise", "tcp://0.0.0.0:5555"],
+            2,
+            "Error: --advertise tcp://0.0.0.0:5555: name an address peers can connect to "
+            "(see 'python -m conduit broker --help')",
+        ),
+        (
+            ["broker", "--advertise", "10.0.0.5:5555"],
+            2,
+            "Error: Invalid value for '--advertise': endpoint '10.0.0.5:5555' has no transport: "
+            "write tcp://10.0.0.5:5555 (see 'python -m conduit broker --help')",
+        ),
+        (
+            ["broker", "--pub", "tcp://0.0.0.0:5556", "--advertise", "tcp://10.0.0.5:5555"],
+            2,
+            "Error: tcp://0.0.0.0:5556 binds every interface, which peers on other hosts cannot connect "
+            "to: give --advertise-pub tcp://ADDRESS:PORT, the address they reach this broker by "
+            "(see 'python -m conduit broker --help')",
+        ),
+        (
             ["submit", "emails", "x", "--connect", "tcp://127.0.0.1:*"],
             2,
             "Error: Invalid value for '--connect': endpoint 'tcp://127.0.0.1:*': port * is only for binding; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -158,7 +159,7 @@ def test_queues_depths_redrive_and_purge(start_broker, db) -> None:
             },
         }
         table = conduit(db, "queues").stdout.splitlines()
-        assert table[0].split() == ["queue", "waiting", "running", "completed", "dead", "cancelled"]
+        assert table[0].split() == ["queue", "waiting", "running", "completed", "dead", "cancelled", "paused"]
         assert table[1].split() == ["backlog", "25", "0", "0", "0", "0"]
 
         assert ok(conduit(db, "queues", "redrive", "flaky", "--json")) == {"queue": "flaky", "redriven": 3}
@@ -196,12 +197,16 @@ def test_workers_and_the_clients_operations(start_broker, db) -> None:
         # Python: who polls, what it holds, when it was last heard
         (seen,) = [w for w in client.workers() if w.worker == "w-ops"]
         assert (seen.broker, seen.endpoint, seen.queues, seen.holding) == ("b1", broker.endpoint, ["hold"], 1)
+        assert (seen.host, seen.pid, seen.concurrency) == (socket.gethostname(), os.getpid(), 1)
         assert seen.heard < 3.0
         out = ok(conduit(db, "workers", "--json"))["workers"]
         (row,) = [w for w in out if w["worker"] == "w-ops"]
-        assert (row["broker"], row["queues"], row["holding"]) == ("b1", ["hold"], 1)
+        assert (row["broker"], row["queues"], row["holding"], row["pid"]) == ("b1", ["hold"], 1, os.getpid())
         text = conduit(db, "workers", "--connect", broker.endpoint)
-        assert text.returncode == 0 and text.stdout.splitlines()[1].split()[:3] == ["w-ops", "b1", "hold"]
+        assert text.returncode == 0 and text.stdout.splitlines()[0].split()[-3:] == ["heard", "host", "pid"]
+        line = text.stdout.splitlines()[1].split()
+        assert line[:3] == ["w-ops", "b1", "hold"] and line[-2:] == [socket.gethostname(), str(os.getpid())]
+        assert line[5] == "1"  # its concurrency
         # the Client's cancel and retry, through the broker
         pending = client.submit("idle", b"y")
         assert client.cancel_many([pending, held, 10**12]) == ["ok", "ok", "unknown"]

@@ -15,6 +15,7 @@ from conduit.broker.events import (
     LeaseRenewed,
     Notified,
     Operated,
+    PeersRead,
     Received,
     SendFailed,
     Shutdown,
@@ -22,7 +23,7 @@ from conduit.broker.events import (
     Written,
 )
 from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
-from conduit.store import BrokerLease
+from conduit.store import BrokerLease, Peer
 from conduit.task import Ack, LeasedTask, Outcome, Submitted, TaskSpec
 from conduit.wire import DELIVER_COLUMNS, PREVIOUS, PROTOCOL, Command, decode, encode
 
@@ -114,7 +115,8 @@ def test_bad_frames_get_error_replies_and_change_nothing() -> None:
         (reply,) = of(actions, core.Send)
         assert reply.frames[0] == (PREVIOUS if frames[0] == PREVIOUS else PROTOCOL)  # an old peer can read it
     assert c.queues == {} or all(not q.buffer and not q.waiters for q in c.queues.values())
-    assert sent(request(c, CLIENT, "PING", rid=11)) == [("PONG", {"rid": 11, "broker": "b1", "pub": None})]
+    pong = {"rid": 11, "broker": "b1", "pub": None, "peers": []}
+    assert sent(request(c, CLIENT, "PING", rid=11)) == [("PONG", pong)]
 
 
 def test_oversized_payload_is_refused_with_advice() -> None:
@@ -498,6 +500,20 @@ def test_gossip_every_interval_and_at_once_on_a_big_change() -> None:
     assert gossip(c.handle(Tick(0.35))) == []
     (periodic,) = gossip(c.handle(Tick(0.85)))
     assert periodic["queues"] == {"q": [0, 1, 0]}
+
+
+def test_pong_and_gossip_name_the_live_peers_last_read() -> None:
+    c = make_core(pub_endpoint="tcp://x:2", gossip_every=0.5)
+    c.handle(PeersRead((Peer("b2", "tcp://y:1", "tcp://y:2"), Peer("b3", "tcp://z:1", None))))
+    named = [
+        {"broker": "b2", "endpoint": "tcp://y:1", "pub": "tcp://y:2"},
+        {"broker": "b3", "endpoint": "tcp://z:1", "pub": None},
+    ]
+    ((_, pong),) = sent(request(c, CLIENT, "PING", rid=1))
+    (said,) = gossip(c.handle(Tick(0.0)))
+    assert pong["peers"] == said["peers"] == named
+    c.handle(PeersRead(()))  # they stopped: read again with the next lease renewal
+    assert sent(request(c, CLIENT, "PING", rid=2))[0][1]["peers"] == []
 
 
 def test_unpolled_buffer_goes_back_and_submits_wake_other_brokers() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -209,19 +211,40 @@ def test_a_version_3_schema_with_tasks_migrates_to_what_init_creates(server_dsn:
 
 def test_a_version_4_schema_migrates_to_what_init_creates_and_keeps_its_tasks(server_dsn: str) -> None:
     """Version 5 only adds paused queues: a version 4 schema keeps every row and can pause."""
+    with (
+        _migrated(server_dsn, 4, "SELECT enqueue('q', 'a')") as old,
+        Store.open(server_dsn, schema=old) as store,
+    ):
+        assert [(i.state, i.attempt) for i in store.lookup([1])] == [("pending", 0)]
+        assert store.pause("q") and list(store.paused()) == ["q"]
+
+
+def test_a_version_5_schema_migrates_to_what_init_creates_and_keeps_its_brokers(server_dsn: str) -> None:
+    """Version 6 adds each broker's gossip endpoint: a version 5 broker row stays, with none."""
+    row = "INSERT INTO brokers VALUES (nextval('broker_epochs'), 'old', 'tcp://o:1', now() + '1h')"
+    with _migrated(server_dsn, 5, row) as old, Store.open(server_dsn, schema=old) as store:
+        store.acquire_broker("new", "tcp://n:1", 30, pub="tcp://n:2")
+        peers = store.broker_peers("new")
+        assert [(p.broker, p.endpoint, p.pub) for p in peers] == [("old", "tcp://o:1", None)]
+        assert [(p.broker, p.pub) for p in store.broker_peers("old")] == [("new", "tcp://n:2")]
+
+
+@contextmanager
+def _migrated(server_dsn: str, version: int, *statements: str) -> Iterator[str]:
+    """A schema made as `version` shipped, with `statements` run in it, migrated and checked to
+    be what a fresh init makes; its name, until it is dropped."""
     old, new = (f"t_{uuid.uuid4().hex[:12]}" for _ in range(2))
     try:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(old)))
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(old)))
-            conn.execute(old_schema(4).encode())
-            conn.execute("SELECT enqueue('q', 'a')")
+            conn.execute(old_schema(version).encode())
+            for statement in statements:
+                conn.execute(statement.encode())
         assert init_schema(server_dsn, old) == "migrated"
         assert init_schema(server_dsn, new) == "created"
         assert _shape(server_dsn, old) == _shape(server_dsn, new)
-        with Store.open(server_dsn, schema=old) as store:
-            assert [(i.state, i.attempt) for i in store.lookup([1])] == [("pending", 0)]
-            assert store.pause("q") and list(store.paused()) == ["q"]
+        yield old
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             for schema in (old, new):

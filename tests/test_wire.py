@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conduit.broker.operations import OPERATIONS, Operation, parse_operation
-from conduit.task import QUEUE_NAME, STATES, Ack, Completion, Failure, TaskInfo, TaskSpec
+from conduit.task import QUEUE_NAME, STATES, Ack, Completion, Failure, TaskInfo, TaskSpec, check_queue_name
 from conduit.wire import (
     DELIVER_COLUMNS,
     MAX_BATCH,
     MAX_ERROR_CHARS,
+    MAX_HOST_CHARS,
     MAX_MESSAGE_BYTES,
     MAX_NAME_CHARS,
     MAX_POLL_TIMEOUT,
@@ -44,6 +45,7 @@ from conduit.wire import (
     parse_fail,
     parse_ids,
     parse_poll,
+    parse_queue,
     parse_submit,
     parse_submit_key,
     report_body,
@@ -94,6 +96,8 @@ REQUEST_BODIES: dict[Command, dict[str, Any]] = {
     Command.REDRIVE: {"queue": "q"},
     Command.PURGE: {"queue": "q"},
     Command.STATS: {},
+    Command.PAUSE: {"queue": "emails"},
+    Command.RESUME: {"queue": "emails"},
     Command.PING: {},
 }
 
@@ -550,6 +554,19 @@ def test_poll_reads_every_field() -> None:
     assert type(poll(timeout=5).timeout) is float
 
 
+def test_poll_reads_who_the_worker_is_when_it_says() -> None:
+    result = poll(host="h" * MAX_HOST_CHARS, pid=2**32 - 1, concurrency=8)
+    assert (result.host, result.pid, result.concurrency) == ("h" * MAX_HOST_CHARS, 2**32 - 1, 8)
+    assert (poll(pid=0).pid, poll(host=None).host) == (0, None)
+
+
+def test_pause_and_resume_name_one_valid_queue() -> None:
+    assert parse_queue(request(Command.PAUSE, queue="emails")) == "emails"
+    rejects(lambda: parse_queue(request(Command.RESUME)), ErrorCode.BAD_REQUEST)
+    rejects(lambda: parse_queue(request(Command.PAUSE, queue=["emails"])), ErrorCode.BAD_REQUEST)
+    rejects(lambda: parse_queue(request(Command.PAUSE, queue="no spaces")), ErrorCode.INVALID_TASK)
+
+
 def test_poll_drops_duplicate_queues_keeping_order() -> None:
     assert poll(queues=["b", "a", "b", "c", "a"]).queues == ("b", "a", "c")
 
@@ -591,6 +608,15 @@ def test_poll_accepts_the_most_queues() -> None:
         ({"timeout": UINT64_MAX}, ErrorCode.BAD_REQUEST),
         ({"timeout": True}, ErrorCode.BAD_REQUEST),
         ({"timeout": "1"}, ErrorCode.BAD_REQUEST),
+        ({"host": ""}, ErrorCode.BAD_REQUEST),
+        ({"host": "h" * (MAX_HOST_CHARS + 1)}, ErrorCode.BAD_REQUEST),
+        ({"host": 1}, ErrorCode.BAD_REQUEST),
+        ({"pid": -1}, ErrorCode.BAD_REQUEST),
+        ({"pid": 2**32}, ErrorCode.BAD_REQUEST),
+        ({"pid": "1"}, ErrorCode.BAD_REQUEST),
+        ({"pid": True}, ErrorCode.BAD_REQUEST),
+        ({"concurrency": 0}, ErrorCode.BAD_REQUEST),
+        ({"concurrency": 1.0}, ErrorCode.BAD_REQUEST),
     ],
 )
 def test_poll_rejects_bad_fields(body: dict[str, Any], code: ErrorCode) -> None:
@@ -950,6 +976,8 @@ def parse(msg: Message) -> object:
             return SETTLING[msg.command](msg)
         case Command.CANCEL | Command.RETRY | Command.RESULT:
             return parse_ids(msg)
+        case Command.PAUSE | Command.RESUME:
+            return parse_queue(msg)
         case Command.PING | Command.WORKERS | Command.STATS:
             return msg.rid
         case command if command in OPERATIONS:
@@ -977,6 +1005,12 @@ def check_parsed(msg: Message, parsed: object) -> None:
             assert 0 < len(parsed.worker) <= MAX_NAME_CHARS
             assert 1 <= parsed.max_tasks <= MAX_BATCH
             assert 0 <= parsed.timeout <= MAX_POLL_TIMEOUT
+            assert parsed.host is None or 0 < len(parsed.host) <= MAX_HOST_CHARS
+            assert parsed.pid is None or 0 <= parsed.pid < 2**32
+            assert parsed.concurrency is None or 1 <= parsed.concurrency < 2**31
+        case Command.PAUSE | Command.RESUME:
+            assert isinstance(parsed, str)
+            check_queue_name(parsed)
         case Command.CANCEL | Command.RETRY | Command.RESULT:
             assert isinstance(parsed, list)
             assert 1 <= len(parsed) <= MAX_BATCH
@@ -1128,6 +1162,10 @@ poll_fields = st.fixed_dictionaries(
     optional={
         "max": mostly(st.integers(-1, MAX_BATCH + 1)),
         "timeout": mostly(st.floats(-1, MAX_POLL_TIMEOUT + 1)),
+        "host": mostly(st.sampled_from(["h", "h" * MAX_HOST_CHARS, "h" * (MAX_HOST_CHARS + 1), ""])),
+        "pid": mostly(st.integers(-1, 2**32)),
+        "concurrency": mostly(st.integers(0, 2**31)),
+        "queue": mostly(st.sampled_from(["q", "bad name", "", "q" * 65])),
     },
 )
 

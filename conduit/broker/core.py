@@ -2,7 +2,7 @@
 
 No sockets, no SQL, no clock: the shell feeds it messages, database results and the time, and
 carries out the actions it returns. So every rule here (sync match, buffering, group commit,
-lease lapses, back-pressure, shutdown) is tested directly and deterministically.
+lease lapses, back-pressure, pauses, shutdown) is tested directly and deterministically.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from conduit.broker.events import (
     LookedUp,
     Notified,
     Operated,
+    PausedRead,
+    PauseSet,
+    PeersRead,
     Received,
     SendFailed,
     Shutdown,
@@ -30,6 +33,7 @@ from conduit.broker.events import (
     Written,
 )
 from conduit.broker.operations import OPERATIONS, Operation, parse_operation
+from conduit.broker.pauses import PAUSED_NOTICE, Pauses
 from conduit.broker.peers import Peers
 from conduit.broker.tally import Tally
 from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
@@ -52,6 +56,7 @@ from conduit.wire import (
     parse_fail,
     parse_ids,
     parse_poll,
+    parse_queue,
     parse_submit,
     parse_submit_key,
     results_body,
@@ -93,6 +98,10 @@ _SETTLING: dict[Command, tuple[str, Callable[[Message], list[Ack] | list[Complet
     Command.FAIL: ("fail", parse_fail),
     Command.RELEASE: ("release", parse_acks),
 }
+
+
+# A stopping broker takes on nothing it may not finish: a PAUSE's answer could come after its exit.
+_REFUSED_WHEN_STOPPING = frozenset({Command.SUBMIT, Command.POLL, Command.PAUSE, Command.RESUME})
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -151,6 +160,21 @@ class Reap:
 
 
 @dataclass(frozen=True)
+class ReadPaused:
+    """Read the paused queues (the keeper's connection)."""
+
+
+@dataclass(frozen=True)
+class SetPaused:
+    """Pause or resume a queue for every broker, for a PAUSE or RESUME (the keeper's connection)."""
+
+    peer: bytes
+    rid: int
+    queue: str
+    paused: bool
+
+
+@dataclass(frozen=True)
 class Log:
     level: str
     event: str
@@ -167,7 +191,21 @@ class Stop:
     owner: BrokerLease | None  # lease to drop; None when it was already lost
 
 
-Action = Send | Write | Lease | Lookup | Operate | RenewLease | Reacquire | Reap | Log | Publish | Stop
+Action = (
+    Send
+    | Write
+    | Lease
+    | Lookup
+    | Operate
+    | RenewLease
+    | Reacquire
+    | Reap
+    | ReadPaused
+    | SetPaused
+    | Log
+    | Publish
+    | Stop
+)
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -201,6 +239,7 @@ class _Queue:
     recheck_at: float = 0.0  # do not read again before this
     drained_at: float | None = None  # when a read last found no more due tasks
     wanted_until: float = 0.0  # polls were served lately: keep the buffer topped up until then
+    paused: bool = False  # nothing of it is read, held or delivered (Pauses has the set)
 
 
 class Core:
@@ -238,6 +277,8 @@ class Core:
         self.peers = Peers()  # the workers heard lately, for WORKERS
         self._operating = 0  # operations sent to the ops thread, not answered yet
         self.tally = Tally()  # what this broker did to tasks, for STATS and metrics
+        self._brokers: list[dict[str, str | None]] = []  # the other live brokers, for PONG and GOSSIP
+        self.pauses = Pauses()
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -257,6 +298,8 @@ class Core:
                 self._on_leased(queue, tasks, error, now, out, span)
             case LeaseRenewed(ok, started, now):
                 self._on_renewed(ok, started, now, out)
+            case PeersRead(peers):
+                self._brokers = [{"broker": p.broker, "endpoint": p.endpoint, "pub": p.pub} for p in peers]
             case Acquired(owner, now):
                 self.owner = owner
                 self.lease_valid_until = now + self.config.lease_term
@@ -279,6 +322,18 @@ class Core:
                 self._begin_shutdown(now, out)
             case Tallied(ended):
                 self.tally.ended(ended)
+            case Notified(queue, now) if queue == PAUSED_NOTICE:
+                self.pauses.noticed()
+                self._read_paused(now, out)
+            case PausedRead(queues, now):
+                self._on_paused(*self.pauses.read(queues), now, out)
+                self._read_paused(now, out)
+            case PauseSet(peer, rid, _, _, error, now) if error is not None:
+                out.append(Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"pause failed: {error}", rid)))
+            case PauseSet(peer, rid, changed, queues, _, now):
+                self._on_paused(*self.pauses.apply(queues), now, out)
+                outcome = "ok" if changed else "unchanged"
+                out.append(Send(peer, encode(Command.ACK, {"rid": rid, "outcomes": [outcome]})))
             case Notified(queue, now):
                 if queue in self.queues:
                     self.queues[queue].recheck_at = 0.0
@@ -301,10 +356,15 @@ class Core:
     def _on_request(self, peer: bytes, msg: Message, now: float, out: list[Action]) -> None:
         rid = msg.rid
         if msg.command is Command.PING:
-            body = {"rid": rid, "broker": self.config.broker_id, "pub": self.config.pub_endpoint or None}
+            body = {
+                "rid": rid,
+                "broker": self.config.broker_id,
+                "pub": self.config.pub_endpoint or None,
+                "peers": self._brokers,
+            }
             out.append(Send(peer, encode(Command.PONG, body)))
             return
-        if (self._stopping and msg.command in (Command.SUBMIT, Command.POLL)) or self._stopped_at is not None:
+        if (self._stopping and msg.command in _REFUSED_WHEN_STOPPING) or self._stopped_at is not None:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "broker is shutting down; use another", rid)
         if msg.command is Command.RESULT:
             out.append(Lookup(peer, rid, parse_ids(msg)))
@@ -332,6 +392,9 @@ class Core:
             return
         if msg.command is Command.POLL:
             self._on_poll(peer, rid, parse_poll(msg), now, out)
+            return
+        if msg.command in (Command.PAUSE, Command.RESUME):
+            out.append(SetPaused(peer, rid, parse_queue(msg), msg.command is Command.PAUSE))
             return
         if len(self._pending.requests) >= self.config.max_queued_requests:
             raise ProtocolError(ErrorCode.BUSY, "broker write queue is full; retry shortly", rid)
@@ -372,7 +435,11 @@ class Core:
                 if spec.queue not in holdable:
                     holdable[spec.queue] = self._holdable(spec.queue, now)
                 hold = holdable[spec.queue]
-                if not hold and now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY:
+                if (
+                    not hold
+                    and now - self._notified_at.get(spec.queue, -NOTIFY_EVERY) >= NOTIFY_EVERY
+                    and spec.queue not in self.pauses.queues  # nobody may take it: wake nobody
+                ):
                     self._notified_at[spec.queue] = now  # wake brokers whose polls wait on this queue
                     self._pending.notify.append(spec.queue)
             waiters.append(waiter.key if waiter else None)
@@ -385,7 +452,9 @@ class Core:
         backlog past that)? Only at the end of the queue's shared backlog, as for sync match, and
         where polls want them (lately served, or waiting)."""
         q = self.queues.get(name)
-        if q is None or q.drained_at is None or now - q.drained_at > self.config.sync_match_window:
+        if q is None or q.paused or q.drained_at is None:
+            return False
+        if now - q.drained_at > self.config.sync_match_window:
             return False
         if self._stopping or self.owner is None or now >= self.lease_valid_until:
             return False
@@ -395,7 +464,7 @@ class Core:
         q = self.queues.get(spec.queue)
         # A re-read in flight on a queue drained moments ago may bring older tasks; they go to the
         # next poll. Waiting for it instead would add a read to every submit's latency.
-        if q is None or q.buffer or q.backlog or q.drained_at is None:
+        if q is None or q.buffer or q.backlog or q.drained_at is None or q.paused:
             return None
         if now - q.drained_at > self.config.sync_match_window:
             return None
@@ -412,7 +481,7 @@ class Core:
         return None
 
     def _on_poll(self, peer: bytes, rid: int, poll: Poll, now: float, out: list[Action]) -> None:
-        self.peers.polled(peer, poll.worker, poll.queues, now)
+        self.peers.polled(peer, poll, now)
         waiter = _Waiter(next(self._keys), peer, rid, poll, now + poll.timeout)
         self._waiters[waiter.key] = waiter
         for name in poll.queues:
@@ -432,7 +501,7 @@ class Core:
         tasks: list[LeasedTask] = []
         size = 0
         for name in waiter.poll.queues:
-            buffer = self._queue(name).buffer
+            buffer = self._queue(name).buffer  # a paused queue's is empty
             while buffer and len(tasks) < waiter.poll.max_tasks:
                 if tasks and size + len(buffer[0].payload) > MAX_DELIVERY_BYTES:
                     break
@@ -457,7 +526,7 @@ class Core:
 
     def _serve_queue(self, name: str, now: float, out: list[Action]) -> None:
         q = self._queue(name)
-        while q.buffer and q.waiters:
+        while q.buffer and q.waiters and not q.paused:
             waiter = self._waiters.get(q.waiters[0])
             if waiter is None or waiter.reserved:
                 q.waiters.popleft()
@@ -477,7 +546,7 @@ class Core:
         """Read the next batch of due tasks when polls wait and the buffer runs low: this broker's
         own backlog first, else the shared one (not before `recheck_at` when it was found empty)."""
         q = self._queue(name)
-        if q.leasing or self._stopping or self.owner is None:
+        if q.leasing or q.paused or self._stopping or self.owner is None:
             return
         if not self._polled(q) and now >= q.wanted_until:
             return
@@ -528,6 +597,9 @@ class Core:
         else:
             q.recheck_at = 0.0
         q.buffer.extend(tasks)
+        if q.paused:  # paused while the read was in flight
+            self._hold_nothing(name, q)
+            return
         if tasks:  # read for a poll that may have been answered meanwhile: not idle yet
             q.wanted_until = max(q.wanted_until, now + DEMAND_MEMORY)
         self._serve_queue(name, now, out)
@@ -631,7 +703,9 @@ class Core:
                 q = self._queue(spec.queue)
                 if waiter is not None and sub.owned:
                     continue  # delivered below
-                if sub.owned and live and (q.backlog or len(q.buffer) >= self.config.buffer_size):
+                if sub.owned and q.paused:  # paused since it was submitted: hold nothing
+                    self._pending.releases.append(Ack(sub.id, 1))
+                elif sub.owned and live and (q.backlog or len(q.buffer) >= self.config.buffer_size):
                     if q.backlog and sub.id == q.backlog[-1][1] + 1:
                         q.backlog[-1][1] = sub.id
                     else:
@@ -674,7 +748,9 @@ class Core:
                     tasks = by_waiter.setdefault(key, [])
                     # Not created: a key matched an older task (or submit): nothing new to run.
                     # Not owned: the database found our lease ended; the task waits as pending.
-                    if sub is not None and sub.created and sub.owned:
+                    if sub is not None and sub.created and sub.owned and spec.queue in self.pauses.queues:
+                        self._pending.releases.append(Ack(sub.id, 1))  # paused since it was matched
+                    elif sub is not None and sub.created and sub.owned:
                         tasks.append(_sync_delivery(sub.id, spec))
         for key, tasks in by_waiter.items():
             waiter = self._waiters.get(key)
@@ -720,6 +796,7 @@ class Core:
                 self._next_prune = now + self.config.prune_every
             out.append(Reap(compact, prune))
             self.peers.forget_silent(now)
+        self._read_paused(now, out)
         self._lease_live(now, out)
         for name, q in self.queues.items():
             if len(q.waiters) > 2 * len(self._waiters) + 16:  # answered polls leave their keys behind
@@ -734,6 +811,34 @@ class Core:
                 # Nobody polls here for these: give them back so brokers with pollers can have them.
                 self._give_back(name, q)
         self._gossip(now, out)
+
+    def _read_paused(self, now: float, out: list[Action]) -> None:
+        if self.pauses.due(now):
+            out.append(ReadPaused())
+
+    def _on_paused(
+        self, paused: frozenset[str], resumed: frozenset[str], now: float, out: list[Action]
+    ) -> None:
+        """A paused queue gives back what this broker holds of it and takes no more; its polls wait
+        on (a poll of several queues is served from the others). A resumed one is read at once."""
+        for name in paused:
+            q = self._queue(name)
+            q.paused = True
+            if not q.leasing:  # else once the read is back
+                self._hold_nothing(name, q)
+            out.append(Log("info", "queue_paused", {"queue": name}))
+        for name in resumed:
+            q = self._queue(name)
+            q.paused = False
+            q.recheck_at = 0.0
+            self._maybe_lease(name, now, out)
+            out.append(Log("info", "queue_resumed", {"queue": name}))
+
+    def _hold_nothing(self, name: str, q: _Queue) -> None:
+        """Give a paused queue's buffer and own backlog back: pending again, no failure counted.
+        They are older than what comes in next, so it is read before anything is held again."""
+        self._give_back(name, q)
+        q.drained_at = None
 
     def _polled(self, q: _Queue) -> bool:
         return any(key in self._waiters and not self._waiters[key].reserved for key in q.waiters)
@@ -761,6 +866,7 @@ class Core:
             "interval": self.config.gossip_every,
             "seq": self._gossip_seq,
             "stopping": self._stopping,
+            "peers": self._brokers,
             "queues": {name: list(d) for name, d in depths.items() if name in active or d[2]},
         }
         out.append(Publish(encode(Command.GOSSIP, body)))
@@ -843,7 +949,7 @@ class Core:
     def _queue(self, name: str) -> _Queue:
         q = self.queues.get(name)
         if q is None:
-            q = self.queues[name] = _Queue()
+            q = self.queues[name] = _Queue(paused=name in self.pauses.queues)
         return q
 
     def depths(self) -> dict[str, tuple[int, int, int]]:

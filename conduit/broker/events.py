@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from conduit.broker.writes import WriteBatch, WriteResult
-from conduit.store import BrokerLease
+from conduit.store import BrokerLease, Peer
 from conduit.task import Ack, LeasedTask, TaskInfo
 
 
@@ -95,6 +95,33 @@ class Tallied:
     ended: dict[str, dict[str, int]]
 
 
+@dataclass(frozen=True)
+class PeersRead:
+    """The other live brokers, read with each lease renewal: PONG and GOSSIP name them."""
+
+    peers: tuple[Peer, ...]
+
+
+@dataclass(frozen=True)
+class PausedRead:
+    """The paused queues as the database holds them; None when the read failed."""
+
+    queues: frozenset[str] | None
+    now: float
+
+
+@dataclass(frozen=True)
+class PauseSet:
+    """A PAUSE or RESUME ran: whether it changed anything and the paused set after it, or why not."""
+
+    peer: bytes
+    rid: int
+    changed: bool
+    queues: frozenset[str] | None
+    error: str | None
+    now: float
+
+
 Event = (
     Received
     | Tick
@@ -108,4 +135,7 @@ Event = (
     | Shutdown
     | Notified
     | Tallied
+    | PeersRead
+    | PausedRead
+    | PauseSet
 )

@@ -16,7 +16,16 @@ from typing import Any
 from conduit.store import Store
 from conduit.tables import columns
 from conduit.task import STATES, TaskDetail, TaskRow
-from conduit.wire import Command, ErrorCode, Message, ProtocolError, check_queue, get_field, parse_ids
+from conduit.wire import (
+    Command,
+    ErrorCode,
+    Message,
+    ProtocolError,
+    check_queue,
+    get_field,
+    parse_ids,
+    parse_queue,
+)
 
 MAX_LIST = 10_000  # rows in one page of LIST
 
@@ -32,9 +41,7 @@ def parse_operation(msg: Message) -> Operation:
     if msg.command is Command.SHOW:
         return Operation(msg.command, {"ids": parse_ids(msg)})
     if msg.command in (Command.REDRIVE, Command.PURGE):
-        queue = get_field(body, "queue", str, rid)
-        check_queue(queue, rid)
-        return Operation(msg.command, {"queue": queue})
+        return Operation(msg.command, {"queue": parse_queue(msg)})
     if msg.command is Command.QUEUES:
         return Operation(msg.command, {})
     queue = get_field(body, "queue", str, rid, None)

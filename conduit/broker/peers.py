@@ -1,7 +1,8 @@
 """Which workers a broker hears: for `conduit workers`, from what the protocol already carries.
 
-A worker names itself in its POLLs (and may in HEARTBEATs); every HEARTBEAT lists the tasks it
-holds through this broker, and COMPLETE, FAIL and RELEASE settle them. So a broker can say, per
+A worker names itself in its POLLs (and may in HEARTBEATs), and may add its host, pid and
+concurrency there; every HEARTBEAT lists the tasks it holds through this broker, and COMPLETE,
+FAIL and RELEASE settle them. So a broker can say, per
 worker connection, which queues it polls, what it holds and when it was last heard, with no
 message added for it. Pure bookkeeping like the core that owns it: the time comes in with each
 call.
@@ -14,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from conduit.wire import Poll
+
 FORGET_AFTER = 60.0  # seconds of silence after which a worker is no longer shown
 
 
@@ -23,6 +26,9 @@ class Seen:
     queues: tuple[str, ...] = ()
     holding: set[int] = field(default_factory=set)
     heard: float = 0.0
+    host: str | None = None
+    pid: int | None = None
+    concurrency: int | None = None
 
 
 @dataclass
@@ -36,9 +42,10 @@ class Peers:
         seen.heard = now
         return seen
 
-    def polled(self, peer: bytes, worker: str, queues: tuple[str, ...], now: float) -> None:
+    def polled(self, peer: bytes, poll: Poll, now: float) -> None:
         seen = self.heard(peer, now)
-        seen.worker, seen.queues = worker, queues
+        seen.worker, seen.queues = poll.worker, poll.queues
+        seen.host, seen.pid, seen.concurrency = poll.host, poll.pid, poll.concurrency
 
     def delivered(self, peer: bytes, ids: Iterable[int]) -> None:
         if peer in self._seen:
@@ -71,4 +78,7 @@ class Peers:
             "polls": [polls[p] for p, _ in rows],
             "holding": [len(s.holding) for _, s in rows],
             "heard": [round(max(0.0, now - s.heard), 3) for _, s in rows],
+            "host": [s.host for _, s in rows],
+            "pid": [s.pid for _, s in rows],
+            "concurrency": [s.concurrency for _, s in rows],
         }

@@ -2,7 +2,7 @@
 
 The main thread owns the ROUTER socket and the core. Three threads own one database connection
 each: the writer (group commits), the reader (leases and lookups), and the keeper (broker lease,
-reaping, counters), so a slow read never holds up a commit or a lease renewal.
+reaping, counters, paused queues), so a slow read never holds up a commit or a lease renewal.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from conduit.broker.events import (
     LookedUp,
     Notified,
     Operated,
+    PausedRead,
+    PauseSet,
+    PeersRead,
     Received,
     SendFailed,
     Shutdown,
@@ -42,9 +45,12 @@ from conduit.broker.events import (
     Tick,
     Written,
 )
+from conduit.broker.gate import Gate
 from conduit.broker.metrics import DEPTHS_EVERY, SNAPSHOT_EVERY, BrokerMetrics
 from conduit.broker.writes import WriteBatch, execute
-from conduit.errors import BrokerLeaseLost, ConduitError
+from conduit.curve import ServerCurve
+from conduit.endpoints import check_advertise
+from conduit.errors import BrokerLeaseLost, ConduitError, ConfigError
 from conduit.logs import Outage, log
 from conduit.store import BrokerLease, Store
 from conduit.store.ops import BadCursor
@@ -153,11 +159,18 @@ class Broker:
         bind: str,
         pub: str | None = None,
         *,
+        advertise: str | None = None,
+        advertise_pub: str | None = None,
         ensure_database: Callable[[], None] | None = None,
+        curve: ServerCurve | None = None,
         metrics: BrokerMetrics | None = None,
     ) -> None:
         """`ensure_database` runs before every new connection: the embedded server's restart if it
         vanished, so the broker resumes on its own instead of retrying until someone starts it.
+        `advertise`, `advertise_pub`: the endpoints peers reach the binds by (required for a
+        wildcard bind, `conduit.endpoints.check_advertise`); recorded in the database and gossiped.
+        `curve`: the ROUTER and the PUB are CURVE servers, and a ZAP thread checks every peer's
+        key against the allow-list (conduit.broker.gate); None leaves the mesh open.
         `metrics`: what /metrics shows, kept up to date while it is given (MetricsServer serves it)."""
         self.config = config
         self._serving = metrics is not None
@@ -171,8 +184,17 @@ class Broker:
             return Store.open(dsn, schema=schema, max_payload_bytes=config.max_payload_bytes)
 
         self._open_store = open_store
+        check_advertise(bind, advertise)
+        if pub:
+            check_advertise(pub, advertise_pub, "--advertise-pub")
+        elif advertise_pub:
+            raise ConfigError("--advertise-pub names a gossip endpoint: give --pub too")
         self._ctx = zmq.Context()
+        self.curve = curve
+        self._gate = Gate(self._ctx, curve.allow) if curve else None  # bound before any socket
         self.router = self._ctx.socket(zmq.ROUTER)
+        if curve:
+            curve.serve(self.router)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -180,13 +202,15 @@ class Broker:
         self.router.setsockopt(zmq.SNDHWM, 100_000)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.bind(bind)
-        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = advertise or self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.publisher: zmq.Socket[Any] | None = None
         if pub:
             self.publisher = self._ctx.socket(zmq.PUB)
             self.publisher.setsockopt(zmq.LINGER, 0)
+            if curve:
+                curve.serve(self.publisher)
             self.publisher.bind(pub)
-            pub = self.publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+            pub = advertise_pub or self.publisher.getsockopt_string(zmq.LAST_ENDPOINT)
         self.config = config = replace(config, endpoint=self.endpoint, pub_endpoint=pub or "")
         self.core = Core(config)
         self.core.tally.clock_offset = time.time() - time.monotonic()
@@ -201,7 +225,9 @@ class Broker:
         self._next_depths = 0.0  # when the keeper next reads queue_stats() for /metrics
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
             store.ensure_partitions()  # after days with no broker up, today's may not exist yet
-            self.owner: BrokerLease = store.acquire_broker(config.broker_id, self.endpoint, config.lease_term)
+            self.owner: BrokerLease = self._acquire(store)
+            self._post(PeersRead(tuple(store.broker_peers(config.broker_id))))
+            self._paused = frozenset(store.paused())  # known before anything is delivered
 
     def _post(self, event: Event) -> None:
         self._events.put(event)
@@ -231,10 +257,14 @@ class Broker:
             broker=self.config.broker_id,
             endpoint=self.endpoint,
             epoch=self.owner.epoch,
+            curve="on" if self.curve else "off",
         )
+        if self.curve is None:
+            log(logger, "warning", "security_off", hint="no CURVE: anyone who reaches the ports may use them")
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        self._apply(self.core.handle(PausedRead(self._paused, time.monotonic())))
         self._apply(self.core.handle(Acquired(self.owner, time.monotonic())))
         next_tick = next_snapshot = 0.0
         try:
@@ -263,6 +293,8 @@ class Broker:
             self.router.close(linger=0)
             if self.publisher is not None:
                 self.publisher.close(linger=0)
+            if self._gate is not None:
+                self._gate.stop()
             self._ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -319,6 +351,13 @@ class Broker:
                     )
                 case core.Reacquire():
                     self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
+                case core.ReadPaused():
+                    self._threads["keeper"].submit(_read_paused, self._read_paused_failed, read_only=True)
+                case core.SetPaused(peer, rid, queue, paused):
+                    # On the keeper, after any read of the set in flight: what it answers is newer.
+                    self._threads["keeper"].submit(
+                        partial(_set_paused, peer, rid, queue, paused), partial(_set_paused_failed, peer, rid)
+                    )
                 case core.Reap(compact, prune):
                     self._threads["keeper"].submit(
                         partial(self._reap, compact, prune), self._log_error("reap")
@@ -348,16 +387,22 @@ class Broker:
             store.renew_broker(self.owner, self.config.lease_term)
         except BrokerLeaseLost:
             return LeaseRenewed(False, started, time.monotonic())
+        self._post(PeersRead(tuple(store.broker_peers(self.config.broker_id))))  # brokers come and go
         return LeaseRenewed(True, started, time.monotonic())
 
+    def _acquire(self, store: Store) -> BrokerLease:
+        pub = self.config.pub_endpoint or None
+        return store.acquire_broker(self.config.broker_id, self.endpoint, self.config.lease_term, pub)
+
     def _reacquire(self, store: Store) -> Event:
-        return Acquired(
-            store.acquire_broker(self.config.broker_id, self.endpoint, self.config.lease_term),
-            time.monotonic(),
-        )
+        return Acquired(self._acquire(store), time.monotonic())
 
     def _log_error(self, what: str) -> Callable[[str], None]:
         return lambda error: self._outage.failed(f"{what}_failed", error=error)
+
+    def _read_paused_failed(self, error: str) -> Event:
+        self._outage.failed("paused_read_failed", error=error)
+        return PausedRead(None, time.monotonic())  # the core keeps the set it knew
 
     def _retry_reacquire(self, error: str) -> Event | None:
         self._outage.failed("reacquire_failed", error=error)
@@ -410,6 +455,19 @@ def _operate(peer: bytes, rid: int, operation: operations.Operation, store: Stor
 
 def _operate_failed(peer: bytes, rid: int, error: str) -> Event:
     return Operated(peer, error_frames(ErrorCode.UNAVAILABLE, f"database: {error}", rid))
+
+
+def _read_paused(store: Store) -> Event:
+    return PausedRead(frozenset(store.paused()), time.monotonic())
+
+
+def _set_paused(peer: bytes, rid: int, queue: str, paused: bool, store: Store) -> Event:
+    changed = store.pause(queue) if paused else store.resume(queue)
+    return PauseSet(peer, rid, changed, frozenset(store.paused()), None, time.monotonic())
+
+
+def _set_paused_failed(peer: bytes, rid: int, error: str) -> Event:
+    return PauseSet(peer, rid, False, None, error, time.monotonic())
 
 
 def _renew_failed(started: float, error: str) -> Event:

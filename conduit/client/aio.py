@@ -101,6 +101,12 @@ class AsyncClient:
     async def stats(self, timeout: float = 1.0) -> list[BrokerStats]:
         return await self._call(self._client.stats, timeout)
 
+    async def pause(self, queue: str) -> bool:
+        return await self._call(self._client.pause, queue)
+
+    async def resume(self, queue: str) -> bool:
+        return await self._call(self._client.resume, queue)
+
     async def ping(self) -> str:
         return await self._call(self._client.ping)
 

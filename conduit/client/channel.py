@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from conduit.client.link import LIVENESS, Link
+from conduit.curve import refused_hint
 from conduit.errors import ConduitError
 from conduit.wire import REPLIES, Command, ErrorCode, Message, ProtocolError, decode, encode
 
@@ -57,6 +58,7 @@ class Channel:
             self.link.sock.send_multipart(encode(command, {**body, "rid": rid}), zmq.NOBLOCK)
         except zmq.Again:
             down = "it refuses connections or dropped ours" if self.link.down else f"none within {connect:g}s"
+            down += refused_hint(self.ctx)
             self.reset()
             raise NotConnected(f"no connection to the broker at {self.endpoint}: {down}") from None
         while (left := deadline - (now := time.monotonic())) > 0:

@@ -9,13 +9,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, overload
 
-import zmq
-
 from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
 from conduit.client.link import LIVENESS
 from conduit.client.mesh import BrokerView, Mesh
 from conduit.client.stats import BrokerStats, parse_stats
 from conduit.client.tasks import Task, TaskHandle
+from conduit.curve import ClientCurve, client_context
 from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
 from conduit.tables import records
@@ -39,6 +38,10 @@ class WorkerSeen:
     polls: int  # polls of it waiting here now
     holding: int  # tasks it holds through this broker: delivered here, or heartbeated here
     heard: float  # seconds since this broker last heard from it
+    # What its polls say of it (None when they do not: an older worker, or only heartbeats here).
+    host: str | None = None
+    pid: int | None = None
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,19 +89,22 @@ class Client:
         gossip: Sequence[str] = (),
         retry_submits: bool = True,
         liveness: float = LIVENESS,
+        curve: ClientCurve | None = None,
     ) -> None:
         """`endpoints`: brokers to start from; with gossip (given, or advertised by the brokers)
         the client spreads requests over the live brokers it hears of. `retry_submits`: name each
         submit with a random key, so one that timed out can be retried on another broker without
         creating a duplicate (a batch costs one key row; a lone task gets a task key instead).
         `timeout` bounds a request; a broker that goes quiet for two `liveness` intervals (or
-        drops the connection) is given up on sooner, and a keyed request goes to the next."""
+        drops the connection) is given up on sooner, and a keyed request goes to the next.
+        `curve`: this client's keypair and the brokers' key (by default from CONDUIT_CURVE_SECRET
+        and CONDUIT_CURVE_SERVER when set; README, Security)."""
         self._endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self._endpoints:
             raise ValueError("give at least one broker endpoint")
         for endpoint in [*self._endpoints, *gossip]:
             check_endpoint(endpoint)
-        self._ctx = zmq.Context()
+        self._ctx = client_context(curve or ClientCurve.load())
         self._timeout = timeout
         self._liveness = liveness
         self._retry_submits = retry_submits
@@ -184,18 +190,16 @@ class Client:
         raise BrokerTimeout("no broker could serve the request: " + "; ".join(errors))
 
     def _learn_gossip(self) -> None:
-        """Ask every configured broker for its gossip endpoint (once), to hear the whole mesh."""
+        """Ask every configured broker (once) for its gossip endpoint and its peers', to hear the
+        whole mesh."""
         self._asked_pub = True
         for endpoint in self._endpoints:
             try:
-                pub = (
-                    self._channel(endpoint).request(Command.PING, {}, min(self._timeout, 1.0)).body.get("pub")
-                )
+                pong = self._channel(endpoint).request(Command.PING, {}, min(self._timeout, 1.0)).body
             except ConduitError:
-                continue  # not there now: its gossip is not heard (brokers relay none), unless given
-            if pub:
-                with self._lock:
-                    self._mesh.subscribe(str(pub))
+                continue  # not there now: its gossip is not heard, unless given or named by a peer
+            with self._lock:
+                self._mesh.learn(pong)
 
     @overload
     def submit(self, target: Task[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]: ...
@@ -293,7 +297,9 @@ class Client:
         if none does, BrokerTimeout says why."""
         seen: list[WorkerSeen] = []
         for endpoint, body in self._ask_all(Command.WORKERS, timeout):
-            columns = (body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard"))
+            columns = [body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard")]
+            # An older broker sends no host, pid or concurrency.
+            columns += [body.get(name) or [None] * len(columns[0]) for name in ("host", "pid", "concurrency")]
             seen += [WorkerSeen(str(body["broker"]), endpoint, *row) for row in zip(*columns, strict=True)]
         return seen
 
@@ -362,6 +368,20 @@ class Client:
         check_queue_name(queue)
         reply = self._request(command, {"queue": queue}, retry_safe=True, timeout=timeout)
         return int(reply["count"])
+
+    def pause(self, queue: str) -> bool:
+        """Stop every broker delivering `queue` (within about a second; durable, until `resume`).
+        Submits to it are still taken and kept; tasks already delivered run on. False if it was
+        paused already."""
+        return self._pause(Command.PAUSE, queue)
+
+    def resume(self, queue: str) -> bool:
+        """Deliver a paused queue again, at once; False if it was not paused."""
+        return self._pause(Command.RESUME, queue)
+
+    def _pause(self, command: Command, queue: str) -> bool:
+        check_queue_name(queue)
+        return self._request(command, {"queue": queue}, retry_safe=True)["outcomes"] == ["ok"]
 
     def ping(self) -> str:
         return str(self._request(Command.PING, {}, retry_safe=True)["broker"])

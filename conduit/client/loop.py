@@ -8,6 +8,8 @@ went quiet or dropped it (docs/PROTOCOL.md §11) for another (conduit.client.swi
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ from conduit.client.switching import awaited, check_brokers, choose_broker, fail
 from conduit.logs import Outage, log
 from conduit.wire import (
     MAX_BATCH,
+    MAX_HOST_CHARS,
     REPLIES,
     Command,
     ErrorCode,
@@ -60,6 +63,9 @@ class Loop:
         self.aio = aio  # for async def handlers
         self.routes = worker.routes
         self.queues = worker.queues
+        # Who this worker is, in every POLL, for WORKERS (`conduit workers`).
+        host = socket.gethostname()[:MAX_HOST_CHARS] or None  # nil: not sent
+        self.identity = {"host": host, "pid": os.getpid(), "concurrency": worker.concurrency}
         self.poller = zmq.Poller()
         self.poller.register(worker._wakeup.fd, zmq.POLLIN)
         self.mesh = Mesh(ctx, worker.endpoints, worker.gossip)
@@ -191,7 +197,7 @@ class Loop:
         room = self.w.concurrency + self.w.prefetch - len(self.running) - len(self.prefetched)
         if self.poll_rid is None and room > 0 and not self.w._stop.is_set() and now >= self.poll_after:
             choose_broker(self)
-            body = {"worker": self.w.worker_id, "queues": self.queues, "max": room}
+            body = {"worker": self.w.worker_id, "queues": self.queues, "max": room, **self.identity}
             self.poll_rid = self.send(Command.POLL, {**body, "timeout": self.w.poll_timeout})
             self.poll_deadline = now + self.w.poll_timeout + 5
             if self.poll_rid is None:  # no connection: try the next broker
@@ -292,7 +298,7 @@ class Loop:
         """`tasks`: a DELIVER's. Those of a poll given up on (failover) are ours all the same: they
         are run, or given back at once when stopping, rather than left to expire."""
         if msg.command is Command.PONG:
-            self.mesh.subscribe(str(msg.body.get("pub") or ""))
+            self.mesh.learn(msg.body)
             return
         if msg.command is Command.DELIVER:
             if msg.rid == self.poll_rid:

@@ -3,7 +3,8 @@
 Each broker publishes, every interval and at once on a big change, its endpoint and per queue
 its buffered tasks and waiting polls. A broker not heard from for three of its intervals is
 dropped. Peers learn gossip endpoints from configuration or by asking brokers (PING's `pub`),
-so a list of broker endpoints is enough to join.
+and from the live peers each broker names (from the database) in its PONG and GOSSIP, so one
+broker's endpoint is enough to join the whole mesh.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import zmq
 
+from conduit.endpoints import check_endpoint
+from conduit.errors import ConfigError
 from conduit.wire import Command, ProtocolError, decode
 
 STALE_AFTER = 3  # gossip intervals
@@ -61,6 +64,17 @@ class Mesh:
             self.sub.connect(endpoint)
             self.subscribed.add(endpoint)
 
+    def learn(self, body: dict[str, Any]) -> None:
+        """Subscribe to the gossip a PONG or GOSSIP body names: the broker's own and its peers'."""
+        self.subscribe(str(body.get("pub") or ""))
+        peers = body.get("peers")
+        for peer in peers if isinstance(peers, list) else []:
+            if isinstance(peer, dict) and isinstance(peer.get("pub"), str):
+                try:
+                    self.subscribe(check_endpoint(peer["pub"]))
+                except (ConfigError, zmq.ZMQError):
+                    continue  # a spelling ZeroMQ cannot use is a peer not heard of
+
     def update(self) -> None:
         """Take in all gossip waiting on the socket (non-blocking)."""
         now = time.monotonic()
@@ -84,7 +98,7 @@ class Mesh:
             self.brokers[view.broker] = view
             if now - self.suspects.get(view.endpoint, now) >= view.interval:
                 del self.suspects[view.endpoint]  # heard again, an interval after: it is back
-            self.subscribe(str(body.get("pub") or ""))  # brokers advertise their own gossip endpoint
+            self.learn(body)  # brokers advertise their own gossip endpoint and their peers'
         for broker, view in list(self.brokers.items()):
             if now - view.seen > STALE_AFTER * view.interval:
                 del self.brokers[broker]

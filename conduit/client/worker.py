@@ -20,8 +20,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import zmq
-
 from conduit.client.context import Handler, Outcome, Route
 from conduit.client.link import LIVENESS
 from conduit.client.loop import Loop
@@ -32,6 +30,7 @@ from conduit.client.runners import AsyncRunner, ThreadRunner
 from conduit.client.tasks import Task
 from conduit.client.typecheck import unencodable
 from conduit.client.wakeup import Wakeup
+from conduit.curve import ClientCurve, client_context
 from conduit.errors import ConduitError
 from conduit.logs import log
 from conduit.task import check_queue_name
@@ -53,9 +52,11 @@ class Worker:
         worker_id: str | None = None,
         gossip: Sequence[str] = (),
         liveness: float = LIVENESS,
+        curve: ClientCurve | None = None,
     ) -> None:
         """`heartbeat_interval` keeps task leases alive (a database write); `liveness` is how
-        soon a quiet broker is PINGed, and twice it how soon it is left for another."""
+        soon a quiet broker is PINGed, and twice it how soon it is left for another. `curve`: as
+        the Client's (by default from CONDUIT_CURVE_SECRET and CONDUIT_CURVE_SERVER when set)."""
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         self.gossip = list(gossip)  # gossip endpoints; brokers also advertise theirs
         self.concurrency = concurrency
@@ -64,6 +65,7 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
+        self.curve = curve  # None: from the environment, read when it runs
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         _check(self)
         self.routes: dict[str, QueueRoutes] = {}
@@ -128,6 +130,7 @@ class Worker:
         """Serve until stop() or a signal; raises WorkerAborted on a second signal."""
         if not self.queues:
             raise NoHandlers("the worker has no handlers: register a task (worker.register) or a handler")
+        curve = self.curve or ClientCurve.load()  # a bad key file fails here, before anything starts
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._signalled)
             signal.signal(signal.SIGINT, self._signalled)
@@ -148,8 +151,9 @@ class Worker:
             queues=",".join(self.queues),
             concurrency=self.concurrency,
             pool=self.pool + ("+asyncio" if aio else ""),
+            curve="on" if curve else "off",
         )
-        ctx = zmq.Context()
+        ctx = client_context(curve)
         try:
             Loop(self, ctx, runner, aio).run()
         except WorkerAborted:

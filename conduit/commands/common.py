@@ -116,6 +116,20 @@ class Endpoints(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def connect_option(asked_for: str = "") -> Any:
+    """`--connect`: the brokers to ask (repeated, or comma-separated); default the live ones."""
+    return click.option(
+        "--connect",
+        "endpoints",
+        multiple=True,
+        type=Endpoints(),
+        help=" ".join(
+            ("Broker endpoint(s) to ask", asked_for, "(repeat the option, or separate with commas).")
+        ).replace("  ", " ")
+        + " Default: every live broker the database knows.",
+    )
+
+
 def flat(groups: Sequence[list[str]]) -> list[str]:
     return list(dict.fromkeys(e for group in groups for e in group))
 

@@ -1,4 +1,5 @@
-"""`conduit queues`: depths from the counters, redrive the dead, purge what has not started."""
+"""`conduit queues`: depths from the counters, redrive the dead, purge what has not started,
+pause and resume delivery."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from conduit.commands.common import JSON, db_options, emit, open_store
+from conduit.commands.common import JSON, db_options, emit, iso, open_store
 from conduit.errors import ConduitError
 from conduit.task import STATES, check_queue_name
 
@@ -19,20 +20,29 @@ from conduit.task import STATES, check_queue_name
 def queues(
     ctx: click.Context, dsn: str | None, data_dir: Path | None, schema: str | None, as_json: bool
 ) -> None:
-    """Per queue, tasks by state, from the counters (cheap on any backlog); with a subcommand,
-    redrive or purge one queue. WAITING is pending plus held by brokers, not yet started."""
+    """Per queue, tasks by state, from the counters (cheap on any backlog), and whether it is
+    paused; with a subcommand, redrive, purge, pause or resume one queue. WAITING is pending plus
+    held by brokers, not yet started."""
     if ctx.invoked_subcommand is not None:
         return
     with open_store(dsn, data_dir, schema) as store:
         stats = store.queue_stats()
+        paused = store.paused()
     if as_json:
-        emit({"queues": {q: {s: counts.get(s, 0) for s in STATES} for q, counts in stats.items()}})
+        emit(
+            {
+                "queues": {q: {s: counts.get(s, 0) for s in STATES} for q, counts in stats.items()},
+                "paused": {q: iso(at) for q, at in paused.items()},
+            }
+        )
         return
     columns = ("running", "completed", "dead", "cancelled")
-    click.echo(f"{'queue':<24}{'waiting':>10}" + "".join(f"{c:>11}" for c in columns))
-    for queue, counts in sorted(stats.items()):
+    click.echo(f"{'queue':<24}{'waiting':>10}" + "".join(f"{c:>11}" for c in columns) + "  paused")
+    for queue in sorted(stats.keys() | paused.keys()):
+        counts = stats.get(queue, {})
         waiting = counts.get("pending", 0) + counts.get("buffered", 0)
-        click.echo(f"{queue:<24}{waiting:>10}" + "".join(f"{counts.get(c, 0):>11}" for c in columns))
+        line = f"{queue:<24}{waiting:>10}" + "".join(f"{counts.get(c, 0):>11}" for c in columns)
+        click.echo(line + ("  yes" if queue in paused else ""))
 
 
 def _queue(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -86,3 +96,36 @@ def purge(
         emit({"queue": queue, "purged": done})
     else:
         click.echo(f"{done} tasks of {queue} cancelled")
+
+
+@queues.command()
+@db_options
+@click.argument("queue", callback=_queue)
+@JSON
+def pause(dsn: str | None, data_dir: Path | None, schema: str | None, queue: str, as_json: bool) -> None:
+    """Stop delivering QUEUE, on every broker within about a second, until it is resumed.
+    Submits are still taken and kept; tasks already delivered run to their end. Pausing a
+    paused queue changes nothing (and exits 0)."""
+    with open_store(dsn, data_dir, schema) as store:
+        changed = store.pause(queue)
+    _report(queue, True, changed, as_json)
+
+
+@queues.command()
+@db_options
+@click.argument("queue", callback=_queue)
+@JSON
+def resume(dsn: str | None, data_dir: Path | None, schema: str | None, queue: str, as_json: bool) -> None:
+    """Deliver a paused QUEUE again: brokers read its backlog at once."""
+    with open_store(dsn, data_dir, schema) as store:
+        changed = store.resume(queue)
+    _report(queue, False, changed, as_json)
+
+
+def _report(queue: str, paused: bool, changed: bool, as_json: bool) -> None:
+    if as_json:
+        emit({"queue": queue, "paused": paused, "changed": changed})
+    elif changed:
+        click.echo(f"{queue} {'paused' if paused else 'resumed'}")
+    else:
+        click.echo(f"{queue} {'was paused already' if paused else 'was not paused'}")

@@ -6,13 +6,17 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from conduit.commands import keys
 from conduit.commands.common import Endpoints, db_options, flat
 from conduit.config import Settings
 from conduit.store import Store, dsn_for
+
+if TYPE_CHECKING:
+    from conduit.curve import ClientCurve
 
 
 @click.command()
@@ -26,24 +30,30 @@ from conduit.store import Store, dsn_for
     "or separate endpoints with commas. Default: asked of the live brokers.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@keys.client_options
 def status(
     dsn: str | None,
     data_dir: Path | None,
     schema: str | None,
     gossip_groups: tuple[list[str], ...],
     as_json: bool,
+    curve_secret: Path | None,
+    curve_server: Path | None,
 ) -> None:
     """Per-queue task counts by state, from counters (cheap on any backlog), and with --gossip
     the live brokers with their buffered tasks and waiting polls per queue.
 
     A task a broker handed to a worker stays `buffered` in the database until the worker's first
     heartbeat; the live brokers' gossip says how many, and they are counted as running."""
+    from conduit.curve import ClientCurve
+
     gossip = flat(gossip_groups)
+    curve = ClientCurve.load(curve_secret, curve_server)
     settings = Settings.load(dsn=dsn, data_dir=data_dir, schema=schema)
     with Store.open(dsn_for(settings), schema=settings.schema) as store:
         stats = store.queue_stats()
         live = store.live_brokers()
-    brokers = _listen_to_gossip(gossip or _gossip_endpoints(live), len(live))
+    brokers = _listen_to_gossip(curve, gossip or _gossip_endpoints(curve, live), len(live))
     for queue, counts in stats.items():
         delivered = min(counts.get("buffered", 0), sum(b.delivered(queue) for b in brokers))
         if delivered:
@@ -64,15 +74,16 @@ def status(
                 click.echo(f"{b.broker:<20}{b.endpoint:<28}{queue:<24}{counts[0]:>10}{counts[1]:>8}")
 
 
-def _gossip_endpoints(brokers: list[str], seconds: float = 0.5) -> list[str]:
+def _gossip_endpoints(curve: ClientCurve | None, brokers: list[str], seconds: float = 0.5) -> list[str]:
     """Ask every live broker at once where it gossips (PING's `pub`); one that does not answer
     within `seconds` is left out."""
     import zmq
 
     from conduit.client.link import dealer
+    from conduit.curve import client_context
     from conduit.wire import REPLIES, Command, ProtocolError, decode, encode
 
-    ctx = zmq.Context()
+    ctx = client_context(curve)
     socks = [dealer(ctx, endpoint) for endpoint in brokers]
     poller = zmq.Poller()
     found: list[str] = []
@@ -96,16 +107,17 @@ def _gossip_endpoints(brokers: list[str], seconds: float = 0.5) -> list[str]:
     return [pub for pub in found if pub]
 
 
-def _listen_to_gossip(endpoints: list[str], expect: int = 0, seconds: float = 1.5) -> list[Any]:
+def _listen_to_gossip(
+    curve: ClientCurve | None, endpoints: list[str], expect: int = 0, seconds: float = 1.5
+) -> list[Any]:
     """Brokers heard within a few gossip intervals (slow joiners hear the next round); done as
     soon as `expect` brokers are heard."""
-    import zmq
-
     from conduit.client.mesh import Mesh
+    from conduit.curve import client_context
 
     if not endpoints:
         return []
-    ctx = zmq.Context()
+    ctx = client_context(curve)
     mesh = Mesh(ctx, [], endpoints)
     try:
         deadline = time.monotonic() + seconds

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 
+from conduit.commands import keys
 from conduit.commands.common import Endpoint
 
 EXIT_DEAD = 3
@@ -75,6 +77,7 @@ _SECONDS = click.FloatRange(min=0, max=100 * 365 * 86400.0)
     is_flag=True,
     help='Print JSON: {"id"} at once, with --wait a second line when it ends.',
 )
+@keys.client_options
 def submit(
     queue: str,
     payload: str,
@@ -89,13 +92,17 @@ def submit(
     wait: bool,
     timeout: float | None,
     as_json: bool,
+    curve_secret: Path | None,
+    curve_server: Path | None,
 ) -> None:
     """Submit one task whose payload is PAYLOAD's UTF-8 bytes ('-' reads stdin); prints its id.
 
     With --wait it then waits, and warns on stderr when after a few seconds no broker knows a
     worker that polls QUEUE."""
     from conduit.client import Client
+    from conduit.curve import ClientCurve
 
+    curve = ClientCurve.load(curve_secret, curve_server)
     data = sys.stdin.buffer.read() if payload == "-" else payload.encode()
     options = {
         "priority": priority,
@@ -105,7 +112,7 @@ def submit(
         "backoff_base": backoff_base,
         "backoff_max": backoff_max,
     }
-    with Client(connect) as client:
+    with Client(connect, curve=curve) as client:
         task_id = client.submit(queue, data, key=key, **options)
         click.echo(json.dumps({"id": task_id}) if as_json else f"id={task_id}")
         sys.stdout.flush()

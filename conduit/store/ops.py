@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -52,6 +53,24 @@ REPLANNED = frozenset(
 
 class BadCursor(ConduitError):
     """A --after cursor that no listing of this kind printed."""
+
+
+@dataclass(frozen=True)
+class BrokerRow:
+    """A broker incarnation as the brokers table has it: its lease, not whether it answers."""
+
+    broker: str
+    epoch: int
+    endpoint: str
+    started_at: datetime
+    expires_at: datetime
+    live: bool  # its lease has not expired (on the database clock)
+    now: datetime  # the database clock when read, to say how long the lease has left
+
+    @property
+    def lease_left(self) -> float:
+        """Seconds until the lease expires; negative once it has."""
+        return (self.expires_at - self.now).total_seconds()
 
 
 class Operations:
@@ -125,6 +144,16 @@ class Operations:
             Outcome.OK if info.id in back else Outcome.LIVE if info.state in LIVE_STATES else refusal(info)
             for info in self.lookup(ids)
         ]
+
+    def discard(self, ids: Iterable[int]) -> list[int]:
+        """Drop dead tasks for good (their payloads too, so they can no longer be retried); returns
+        the ids dropped. Others are left as they are."""
+        return sorted(row[0] for row in self._rows("discard", {"id": list(ids)}))
+
+    def brokers(self) -> list[BrokerRow]:
+        """Every broker incarnation in the table, live or ended and not yet reaped; newest first
+        per broker id."""
+        return [BrokerRow(*row) for row in self._rows("broker_rows")]
 
     def redrive(self, queue: str, ids: Sequence[int] | None = None, limit: int = 10_000) -> list[int]:
         """Put dead tasks of `queue` back to pending, failures forgiven; returns their ids."""

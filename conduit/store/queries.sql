@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS paused_queues (
 );
 UPDATE meta SET value = '5' WHERE key = 'schema_version';
 
+-- name: migrate_to_6
+-- Version 5 to 6: brokers record their gossip endpoint too (as in schema.sql).
+ALTER TABLE brokers ADD COLUMN IF NOT EXISTS pub text;
+UPDATE meta SET value = '6' WHERE key = 'schema_version';
+
 -- name: policy_ids
 -- The policies of a batch, made where new (one row per distinct policy, not per task).
 SELECT policy_id(m, l, b, x)
@@ -465,6 +470,16 @@ WITH back AS (
 )
 SELECT id FROM back;
 
+-- name: discard
+-- Dead tasks dropped for good, with their payloads: what is left of a failure nobody will retry.
+-- By id on history_id; a task that is not dead (completed, cancelled, live) is left as it is.
+WITH gone AS (
+    DELETE FROM history WHERE id = ANY(%(id)b::bigint[]) AND state = 'dead' RETURNING id, queue
+), counted AS (
+    INSERT INTO queue_counts SELECT queue, 'dead', -count(*) FROM gone GROUP BY 1
+)
+SELECT id FROM gone;
+
 -- name: purge_pending
 -- A page of a queue's pending tasks, from tasks_due, for `cancel` in the same transaction.
 SELECT id FROM tasks
@@ -628,8 +643,8 @@ SELECT pg_notify('conduit_' || current_schema(), q) FROM unnest(%(queue)s::text[
 WITH ended AS (
     UPDATE brokers SET expires_at = least(expires_at, now()) WHERE id = %(id)s
 )
-INSERT INTO brokers (epoch, id, endpoint, expires_at)
-VALUES (nextval('broker_epochs'), %(id)s, %(endpoint)s, now() + %(term)s * interval '1 second')
+INSERT INTO brokers (epoch, id, endpoint, pub, expires_at)
+VALUES (nextval('broker_epochs'), %(id)s, %(endpoint)s, %(pub)s, now() + %(term)s * interval '1 second')
 RETURNING epoch;
 
 -- name: renew_broker
@@ -647,6 +662,17 @@ UPDATE brokers SET expires_at = least(expires_at, now()) WHERE epoch = %(epoch)s
 
 -- name: live_brokers
 SELECT DISTINCT ON (id) endpoint FROM brokers WHERE expires_at > now() ORDER BY id, epoch DESC;
+
+-- name: broker_peers
+-- The other brokers whose lease is live, with their endpoints: what PONG and GOSSIP name.
+SELECT DISTINCT ON (id) id, endpoint, pub FROM brokers
+WHERE expires_at > now() AND id <> %(id)s ORDER BY id, epoch DESC;
+
+-- name: broker_rows
+-- Every broker incarnation the table holds (live ones, and ended ones the reaper has not buried
+-- yet): a few rows, one per broker restart.
+SELECT id, epoch, endpoint, started_at, expires_at, expires_at > now(), now()
+FROM brokers ORDER BY id, epoch DESC;
 
 -- name: read_back
 -- A broker's own backlog, read back in id order: tasks it inserted held that did not fit its

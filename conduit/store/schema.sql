@@ -1,4 +1,4 @@
--- Conduit's whole schema, version 5 (queries.sql holds the migrations from earlier versions).
+-- Conduit's whole schema, version 6 (queries.sql holds the migrations from earlier versions).
 -- `conduit db init` applies it once, inside the schema named by CONDUIT_SCHEMA (default "conduit"),
 -- with that schema first on the search_path; unqualified names below land there. Every object but
 -- `tasks` is made only if missing (IF NOT EXISTS, OR REPLACE): a migration moves the old tables
@@ -50,16 +50,19 @@ END $$;
 -- Broker incarnations. Each start takes a new epoch from one sequence, so an epoch alone names an
 -- owner; a task's `owner` is the epoch of the broker that holds it. Writes that make a broker an
 -- owner lock its row FOR SHARE and check it is live, so the reaper (which locks dead rows FOR
--- UPDATE SKIP LOCKED) never misses tasks committed by a broker it is burying.
+-- UPDATE SKIP LOCKED) never misses tasks committed by a broker it is burying. The endpoints let
+-- a broker name its live peers in PONG and GOSSIP, so one broker's address finds the whole mesh.
 CREATE SEQUENCE IF NOT EXISTS broker_epochs AS bigint;
 
 CREATE TABLE IF NOT EXISTS brokers (
     epoch      bigint PRIMARY KEY,
     id         text NOT NULL,
-    endpoint   text NOT NULL,
+    endpoint   text NOT NULL,           -- its ROUTER endpoint as peers reach it (--advertise)
+    pub        text,                    -- its gossip endpoint, likewise; NULL when it has none
     expires_at timestamptz NOT NULL,
     started_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE brokers ADD COLUMN IF NOT EXISTS pub text;  -- kept from before version 6 by a migration
 
 -- Live tasks only. The state is in two columns: `owner` NULL is pending; an owner without a lease
 -- expiry is buffered or delivered by that broker, its delivery's lease in the broker's memory;
@@ -328,6 +331,6 @@ BEGIN
     RETURN new_id;
 END $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '5'), ('retention_days', '7')
+INSERT INTO meta (key, value) VALUES ('schema_version', '6'), ('retention_days', '7')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE meta.key = 'schema_version';
 SELECT ensure_partitions(now(), 3);

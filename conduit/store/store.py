@@ -45,6 +45,15 @@ class BrokerLease:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Another live broker, as PONG and GOSSIP name it (docs/PROTOCOL.md §6.6)."""
+
+    broker: str
+    endpoint: str
+    pub: str | None
+
+
+@dataclass(frozen=True)
 class Reaped:
     buffered: int  # returned from brokers whose lease ended
     running: int  # whose task lease expired: retried, or dead when out of attempts
@@ -246,12 +255,12 @@ class Store(Operations):
 
     # -- broker leases ------------------------------------------------------------------------
 
-    def acquire_broker(self, broker_id: str, endpoint: str, term: float) -> BrokerLease:
-        (epoch,) = _one(
-            self.conn.execute(
-                QUERIES["acquire_broker"], {"id": broker_id, "endpoint": endpoint, "term": term}
-            )
-        )
+    def acquire_broker(
+        self, broker_id: str, endpoint: str, term: float, pub: str | None = None
+    ) -> BrokerLease:
+        """`endpoint` and `pub`: where peers reach this broker, named to them by its peers."""
+        params = {"id": broker_id, "endpoint": endpoint, "pub": pub, "term": term}
+        (epoch,) = _one(self.conn.execute(QUERIES["acquire_broker"], params))
         return BrokerLease(broker_id, epoch)
 
     def renew_broker(self, owner: BrokerLease, term: float) -> None:
@@ -266,6 +275,10 @@ class Store(Operations):
     def live_brokers(self) -> list[str]:
         """ROUTER endpoints of the brokers whose lease is live."""
         return [endpoint for (endpoint,) in self._rows("live_brokers")]
+
+    def broker_peers(self, broker_id: str) -> list[Peer]:
+        """The other live brokers (latest incarnation of each) and where to reach them."""
+        return [Peer(*row) for row in self._rows("broker_peers", {"id": broker_id})]
 
     # -- leasing and fenced writes ------------------------------------------------------------
 

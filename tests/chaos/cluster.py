@@ -1,4 +1,7 @@
-"""The mesh under test: brokers and workers as real processes on loopback, one PostgreSQL.
+"""The mesh under test: brokers and workers as real processes on loopback, one PostgreSQL; or,
+with a `Network` (tests/netns), each on a host of its own: brokers b1..bN on broker hosts bound to
+every interface and advertised at their host's address, workers spread over the worker hosts,
+PostgreSQL through the proxy on the database network.
 
 Every process is started here and remembered by pid, so faults hit only what the harness owns
 and everything is stopped at the end whatever happened. Processes connect to PostgreSQL with an
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from netns.hosts import Network
 from psycopg import sql
 
 from conduit.store import init_schema
@@ -80,6 +84,7 @@ class Member:
     args: list[str]
     env: dict[str, str]
     log: Path
+    host: str | None = None  # the Network host it runs on (None: this machine, loopback)
     proc: subprocess.Popen[str] | None = None
     killed: bool = False  # the harness killed it on purpose; an exit otherwise is unexpected
     paused: bool = False
@@ -108,30 +113,44 @@ class Cluster:
         concurrency: int = 4,
         queues: tuple[str, ...] = ("chaos.a", "chaos.b"),
         lease_term: float = 3.0,
+        net: Network | None = None,
+        broker_dsn: str | None = None,
     ) -> None:
-        self.dsn, self.schema, self.folder = dsn, schema, folder
+        """`net`: run on its hosts; brokers then reach the database at `broker_dsn` (its proxy)."""
+        self.dsn, self.schema, self.folder, self.net = dsn, schema, folder, net
         self.appname = f"conduit-chaos-{uuid.uuid4().hex[:8]}"
         self.ledger_dir = folder / "ledger"
         self.ledger_dir.mkdir(parents=True, exist_ok=True)
         self.queues = queues
         self.lock = threading.RLock()
         self.unexpected_exits: list[tuple[float, str, int, int | None]] = []
-        ports = [(free_port(), free_port()) for _ in range(brokers)]
-        self.endpoints = [f"tcp://127.0.0.1:{p}" for p, _ in ports]
+        names = [f"b{i + 1}" for i in range(brokers)]
+        if net is None:
+            ports = [(free_port(), free_port()) for _ in range(brokers)]
+            self.endpoints = [f"tcp://127.0.0.1:{p}" for p, _ in ports]
+            binds = [
+                ["--bind", f"tcp://127.0.0.1:{port}", "--pub", f"tcp://127.0.0.1:{pub}"]
+                for port, pub in ports
+            ]
+        else:
+            self.endpoints = [f"tcp://{net.host(n).address}:5555" for n in names]
+            binds = [net.broker_options(n) for n in names]
         base_env = {**os.environ, "PGAPPNAME": self.appname, "PYTHONPATH": str(TESTS)}
         self.brokers = [
             Member(
                 "broker",
-                f"b{i + 1}",
+                name,
                 [
-                    *("broker", "--bind", f"tcp://127.0.0.1:{port}", "--pub", f"tcp://127.0.0.1:{pub}"),
-                    *("--broker-id", f"b{i + 1}", "--lease-term", str(lease_term)),
-                    *("--dsn", dsn, "--schema", schema),
+                    "broker",
+                    *bind,
+                    *("--broker-id", name, "--lease-term", str(lease_term)),
+                    *("--dsn", broker_dsn or dsn, "--schema", schema),
                 ],
                 base_env,
-                folder / f"b{i + 1}.log",
+                folder / f"{name}.log",
+                host=name if net else None,
             )
-            for i, (port, pub) in enumerate(ports)
+            for name, bind in zip(names, binds, strict=True)
         ]
         worker_env = {
             **base_env,
@@ -145,9 +164,15 @@ class Cluster:
             # Each worker starts on a different broker (its first endpoint) and finds the rest.
             order = self.endpoints[i % brokers :] + self.endpoints[: i % brokers]
             env = {**worker_env, "CHAOS_ENDPOINTS": " ".join(order)}
+            hosts = net.names("w") if net else [""]
             self.workers.append(
                 Member(
-                    "worker", f"w{i + 1}", ["worker", "chaos.handlers:worker"], env, folder / f"w{i + 1}.log"
+                    "worker",
+                    f"w{i + 1}",
+                    ["worker", "chaos.handlers:worker"],
+                    env,
+                    folder / f"w{i + 1}.log",
+                    host=hosts[i % len(hosts)] or None,
                 )
             )
 
@@ -172,8 +197,11 @@ class Cluster:
         with self.lock:
             for _ in range(attempts):
                 log = member.log.open("a")
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "conduit", *member.args],
+                where = (
+                    ["ip", "netns", "exec", self.net.host(member.host).ns] if self.net and member.host else []
+                )
+                proc = subprocess.Popen(  # `ip netns exec` execs: the pid is the program's
+                    [*where, sys.executable, "-m", "conduit", *member.args],
                     stdout=subprocess.PIPE if member.role == "broker" else subprocess.DEVNULL,
                     stderr=log,
                     text=True,

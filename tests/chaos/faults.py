@@ -1,6 +1,8 @@
 """The fault scheduler: seeded, so a run's schedule (which fault, whom, for how long) repeats
 with its seed. Every fault is recorded with its time window, so the checker can tell whether a
-re-execution has a cause."""
+re-execution has a cause. On hosts in network namespaces (--netns) it also partitions the
+network: links cut (`Network.cut`) or the database's traffic held by its proxy, each healed after
+a random time."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
+from netns.pgproxy import PgProxy
 
 from chaos.cluster import Cluster, Member
+from chaos.load import LEASE_TIMEOUT
 from chaos.pg import PrivatePostgres
 
 KINDS = (
@@ -26,6 +30,10 @@ KINDS = (
     "pg_pause",
     "long_transaction",
 )
+# Partitions, on a Network only: a broker cut off from its workers and clients (not from the
+# database), a worker host from every broker for longer than a task lease, the client host
+# mid-submit, the database from one broker (through the proxy), and one way only.
+PARTITIONS = ("broker_isolate", "worker_host_cut", "client_cut", "db_cut", "db_oneway")
 
 
 @dataclass
@@ -48,17 +56,21 @@ class Scheduler(threading.Thread):
         rng: random.Random,
         *,
         postgres: PrivatePostgres | None,
+        proxy: PgProxy | None = None,
         gap: tuple[float, float] = (1.0, 4.0),
         progress: Callable[[str], None] = lambda _: None,
     ) -> None:
+        """`proxy`: the database's, when the cluster runs on a Network (partitions too)."""
         super().__init__(name="faults", daemon=True)
         self.cluster = cluster
+        self.proxy = proxy
         self.rng = rng
         self.postgres = postgres
         self.gap = gap
         self.progress = progress
         own_server = ("pg_restart", "pg_pause")  # never done to a shared server
-        self.kinds = [k for k in KINDS if k not in own_server or postgres is not None]
+        kinds = KINDS + (PARTITIONS if cluster.net is not None and proxy is not None else ())
+        self.kinds = [k for k in kinds if k not in own_server or postgres is not None]
         self.skipped = [k for k in KINDS if k not in self.kinds]
         self.faults: list[Fault] = []
         self.errors: list[str] = []
@@ -187,6 +199,77 @@ class Scheduler(threading.Thread):
         thread = threading.Thread(target=hold_open, name="long-txn", daemon=True)
         self._txn_threads.append(thread)
         thread.start()
+        return fault
+
+    def broker_isolate(self) -> Fault:
+        """The seed's corner case, for real: alive, its database reachable, its peers not."""
+        broker = self.rng.choice(self.cluster.brokers)
+        return self._cut("broker_isolate", broker.name, "mesh", self.rng.uniform(1.0, 8.0), [broker])
+
+    def worker_host_cut(self) -> Fault:
+        """Every worker on one host cut off from every broker for longer than a task lease."""
+        net = self.cluster.net
+        assert net is not None
+        host = self.rng.choice(net.names("w"))
+        hit = [w for w in self.cluster.workers if w.host == host]
+        seconds = self.rng.uniform(LEASE_TIMEOUT + 1.0, LEASE_TIMEOUT + 6.0)
+        return self._cut("worker_host_cut", host, "mesh", seconds, hit)
+
+    def client_cut(self) -> Fault:
+        """The producers' host cut off while it submits (they submit all the time)."""
+        net = self.cluster.net
+        assert net is not None
+        return self._cut(
+            "client_cut", self.rng.choice(net.names("c")), "mesh", self.rng.uniform(0.5, 6.0), []
+        )
+
+    def db_cut(self) -> Fault:
+        """One broker's database connections stall both ways (new ones wait), the others' go on."""
+        broker = self.rng.choice(self.cluster.brokers)
+        seconds = self.rng.uniform(0.5, 6.0)
+        return self._through_proxy("db_cut", broker, seconds, "both ways", lambda p, a: p.cut(a))
+
+    def db_oneway(self) -> Fault:
+        """One broker's traffic to or from the database held (lost one way: TCP resends until it
+        heals) or slowed, the other way flowing."""
+        broker = self.rng.choice(self.cluster.brokers)
+        direction = self.rng.choice(["up", "down"])
+        seconds = self.rng.uniform(0.5, 5.0)
+        if self.rng.random() < 0.5:
+            return self._through_proxy(
+                "db_oneway", broker, seconds, f"{direction} held", lambda p, a: p.hold(a, direction)
+            )
+        lag = round(self.rng.uniform(0.05, 0.5), 2)
+        how = f"{direction} delayed {lag}s a chunk"
+        return self._through_proxy("db_oneway", broker, seconds, how, lambda p, a: p.delay(a, direction, lag))
+
+    def _cut(self, kind: str, host: str, link: str, seconds: float, hit: list[Member]) -> Fault:
+        net = self.cluster.net
+        assert net is not None
+        fault = Fault(kind, host, time.time(), detail=f"{link} link down {seconds:.1f}s")
+        fault.pids = [m.pid for m in hit if m.alive()]
+        net.cut(host, link)
+        try:
+            time.sleep(seconds)
+        finally:
+            net.heal(host, link)
+        fault.end = time.time()
+        return fault
+
+    def _through_proxy(
+        self, kind: str, broker: Member, seconds: float, how: str, start: Callable[[PgProxy, str], None]
+    ) -> Fault:
+        assert self.proxy is not None and self.cluster.net is not None and broker.host is not None
+        address = self.cluster.net.host(broker.host).db_address
+        assert address is not None
+        fault = Fault(kind, broker.name, time.time(), detail=f"{how} {seconds:.1f}s")
+        fault.pids = [broker.pid] if broker.alive() else []
+        start(self.proxy, address)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.proxy.heal(address)
+        fault.end = time.time()
         return fault
 
 

@@ -12,26 +12,34 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import psycopg
+from netns.hosts import Network
+from netns.pgproxy import PgProxy
 from psycopg import sql
 
 from chaos.cluster import Cluster
 from chaos.faults import Fault, Scheduler
 from chaos.invariants import FINAL, Truth, Verdict, check
 from chaos.ledger import Execution, read_ledger
-from chaos.liveness import longest_gap
+from chaos.liveness import longest_gap, longest_gap_outside
 from chaos.load import BASE_RATE, Producer, default_batch
 from chaos.pg import PrivatePostgres
 from conduit.store import describe_dsn
 
 QUEUES = ("chaos.a", "chaos.b")
 SLOW_SUBMIT = 1.0  # seconds: submits slower than this are listed in the summary, as evidence
+STALL_LIMIT = 3.0  # seconds without a task start while some broker can serve (--netns: bounded)
+# Faults during which no broker can serve the load: the database away from every broker, or the
+# producers cut off from every broker. Stalls that overlap them are not held to STALL_LIMIT.
+NO_BROKER_SERVES = ("pg_restart", "pg_pause", "client_cut")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Options:
     rss_limit_mb: int = 300
     workdir: Path | None = None  # keep logs and ledger there (default: a temporary folder, removed)
     scenario: str = "random"  # or one of scenarios.SCENARIOS: a fixed schedule instead of `duration`
+    netns: bool = False  # hosts in network namespaces, PostgreSQL through a proxy; partitions too
 
 
 class _Monitor(threading.Thread):
@@ -100,6 +109,8 @@ class Session:
         self.folder = opts.workdir or Path(tempfile.mkdtemp(prefix="conduit-chaos-"))
         self.keep = opts.workdir is not None
         self.postgres: PrivatePostgres | None = None
+        self.net: Network | None = None
+        self.proxy: PgProxy | None = None
         self.cluster: Cluster | None = None
         self.producers: list[Producer] = []
         self.batch = opts.batch or default_batch(opts.rate)
@@ -131,6 +142,11 @@ class Session:
             f"chaos: {what}, seed {opts.seed}, {self.backend}, schema {self.schema}, folder {self.folder}"
         )
         Cluster.prepare(self.dsn, self.schema)
+        if opts.netns:
+            self.net = Network(brokers=opts.brokers, workers=2, clients=1)
+            self.proxy = PgProxy(self.dsn, self.net.db_gateway).start()
+            hosts = ", ".join(f"{h.name} {h.address}" for h in self.net.hosts.values())
+            self.progress(f"chaos: hosts {hosts}; PostgreSQL at {self.net.db_gateway}:{self.proxy.port}")
         self.cluster = Cluster(
             self.dsn,
             self.schema,
@@ -139,6 +155,8 @@ class Session:
             workers=opts.workers,
             concurrency=opts.concurrency,
             queues=QUEUES,
+            net=self.net,
+            broker_dsn=self.proxy.dsn() if self.proxy else None,
         )
         self.cluster.start_all()
         self.monitor = _Monitor(self.cluster)
@@ -153,6 +171,7 @@ class Session:
                 max_batch=self.batch,
                 steady=self.steady,
                 work=min(1.0, BASE_RATE / opts.rate),
+                place=partial(self.net.enter, "c1") if self.net else nullcontext,
             )
             for i in range(opts.producers)
         ]
@@ -237,6 +256,12 @@ class Session:
         slowest = max(latencies, key=lambda b: b.seconds, default=None)
         measured = max(load_end - t0, 1e-9)
         gap, gap_at = longest_gap((r.start for r in runs), t0, load_end)
+        outages = [(f.start, f.end or f.start) for f in faults if f.kind in NO_BROKER_SERVES]
+        stall, stall_at = longest_gap_outside((r.start for r in runs), t0, load_end, outages)
+        if self.opts.netns and stall > STALL_LIMIT:
+            verdict.violate(
+                f"no task started for {stall:.2f} s from t={stall_at - t0:.1f} s while brokers could serve"
+            )
         summary: dict[str, Any] = {
             "scenario": self.opts.scenario,
             "seed": self.opts.seed,
@@ -269,6 +294,9 @@ class Session:
             ],
             "longest_start_gap_s": round(gap, 3),
             "longest_start_gap_at": round(gap_at - t0, 1),
+            "longest_stall_served_s": round(stall, 3),
+            "longest_stall_served_at": round(stall_at - t0, 1),
+            "hosts": {h.name: h.address for h in self.net.hosts.values()} if self.net else None,
             "fault_log": [
                 {"kind": f.kind, "target": f.target, "at": round(f.start - t0, 1), "detail": f.detail}
                 for f in faults
@@ -295,6 +323,10 @@ class Session:
             p.stop()
         if self.cluster is not None:
             self.cluster.kill_all()
+        if self.proxy is not None:
+            self.proxy.close()
+        if self.net is not None:
+            self.net.close()
         if self.opts.dsn:
             try:
                 with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -315,7 +347,11 @@ def run(opts: Options, progress: Callable[[str], None]) -> dict[str, Any]:
     with Session(opts, progress) as session:
         t0 = session.warm()
         scheduler = Scheduler(
-            session.mesh(), random.Random(f"{opts.seed}-faults"), postgres=session.postgres, progress=progress
+            session.mesh(),
+            random.Random(f"{opts.seed}-faults"),
+            postgres=session.postgres,
+            proxy=session.proxy,
+            progress=progress,
         )
         scheduler.start()
         began = time.monotonic()

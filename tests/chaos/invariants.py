@@ -14,8 +14,11 @@ from chaos.ledger import Execution
 from chaos.load import Submitted
 
 FINAL = ("completed", "dead", "cancelled")
-WORKER_FAULTS = ("worker_kill", "worker_pause", "crash")
-MESH_FAULTS = ("broker_kill", "broker_pause", "db_terminate", "pg_restart", "pg_pause", "crash")
+WORKER_FAULTS = ("worker_kill", "worker_pause", "worker_host_cut", "crash")
+MESH_FAULTS = (
+    *("broker_kill", "broker_pause", "db_terminate", "pg_restart", "pg_pause", "crash"),
+    *("broker_isolate", "db_cut", "db_oneway"),  # partitions (--netns); a client cut explains nothing
+)
 LEASE_TERM = 3.0  # the brokers' lease term in a chaos run (Cluster's default)
 # A run is in hand from its start to its end, or until the run after it started if it never
 # ended; its report can still be lost for up to a lease term after that (its broker pauses, and

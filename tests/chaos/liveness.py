@@ -19,6 +19,17 @@ def longest_gap(starts: Iterable[float], since: float, until: float) -> tuple[fl
     return max(((b - a, a) for a, b in pairwise(points)), default=(0.0, since))
 
 
+def longest_gap_outside(
+    starts: Iterable[float], since: float, until: float, outages: Iterable[tuple[float, float]]
+) -> tuple[float, float]:
+    """As `longest_gap`, among the gaps that overlap none of `outages` (start, end): the longest
+    stall while some broker could serve, where an outage is the database gone for every broker."""
+    away = list(outages)
+    points = [since, *sorted(t for t in starts if since < t < until), until]
+    gaps = [(b - a, a) for a, b in pairwise(points) if not any(o0 <= b and a <= o1 for o0, o1 in away)]
+    return max(gaps, default=(0.0, since))
+
+
 def served_by(runs: Iterable[Execution], pids: set[int], broker: str, before: float) -> bool:
     """Whether the last run that one of `pids` started before `before` came from `broker`."""
     last = max((r for r in runs if r.pid in pids and r.start < before), key=lambda r: r.start, default=None)

@@ -17,6 +17,8 @@ import random
 import threading
 import time
 from array import array
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from conduit.client import Client
@@ -75,12 +77,15 @@ class Producer(threading.Thread):
         max_batch: int = MAX_BATCH,
         steady: bool = False,
         work: float = 1.0,
+        place: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
-        """`work`: the share of the base mix's handler time each task asks for (1 at 40/s)."""
+        """`work`: the share of the base mix's handler time each task asks for (1 at 40/s).
+        `place`: where its Client's sockets live (a host of a Network: `Network.enter`)."""
         super().__init__(name=label, daemon=True)
         self.label, self.endpoints, self.rng = label, endpoints, rng
         self.rate, self.queues, self.max_batch, self.steady = rate, queues, max_batch, steady
         self.work = work
+        self.place = place
         # Task n (from 1) is key f"{label}-{n}"; its other fields are columns at index n - 1.
         self.queue_of = array("b")
         self.delays = array("d")
@@ -138,7 +143,7 @@ class Producer(threading.Thread):
     def run(self) -> None:
         batches_per_second = self.rate / ((self.max_batch + 1) / 2)
         due = time.monotonic()
-        with Client(self.endpoints, timeout=5.0) as client:
+        with self.place(), Client(self.endpoints, timeout=5.0) as client:
             while not self._halt.is_set():
                 size = self.rng.randint(1, self.max_batch)
                 first = len(self.ids)  # index of the batch's first task

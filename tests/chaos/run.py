@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `chaos` is tests/chaos
 
-from chaos.harness import Options, run
+from chaos.harness import STALL_LIMIT, Options, run
 from chaos.load import BASE_RATE
 from chaos.scenarios import SCENARIOS, run_scenario
 
@@ -73,6 +73,7 @@ def _table(s: dict[str, Any]) -> str:
     rows = [
         ("seed", s["seed"]),
         ("backend", s["backend"]),
+        *([("hosts", ", ".join(f"{k} {v}" for k, v in s["hosts"].items()))] if s["hosts"] else []),
         *phase,
         ("offered (target)", f"{s['rate_target']:g} tasks/s, submits of 1 to {s['batch_max']}"),
         (
@@ -100,6 +101,11 @@ def _table(s: dict[str, Any]) -> str:
             or "none",
         ),
         ("longest gap in task starts", _seconds(s["longest_start_gap_s"], s["longest_start_gap_at"])),
+        (
+            "  while a broker could serve",
+            _seconds(s["longest_stall_served_s"], s["longest_stall_served_at"])
+            + (f" (bound {STALL_LIMIT:g} s)" if s["hosts"] else ""),
+        ),
         *back,
         ("broker RSS max (MB)", ", ".join(f"{k} {v}" for k, v in s["broker_rss_max_mb"].items())),
         ("ran before run_at", s["ran_before_run_at"]),
@@ -135,7 +141,9 @@ def main() -> int:
         help="PostgreSQL to use (a schema of the run's own; no restarts); default: a private embedded one",
     )
     parser.add_argument("--brokers", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, help="worker processes (default 3; 4 with --netns: 2 on each worker host)"
+    )
     parser.add_argument(
         "--rate",
         type=float,
@@ -155,6 +163,12 @@ def main() -> int:
     parser.add_argument(
         "--workdir", type=Path, help="keep logs and the ledger here (kept anyway on a violation)"
     )
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="brokers, workers and producers on hosts in network namespaces (root, iproute2), "
+        "PostgreSQL through a proxy; partitions among the faults, and a bound on stalls",
+    )
     args = parser.parse_args()
 
     def progress(line: str) -> None:
@@ -167,13 +181,14 @@ def main() -> int:
         seed=args.seed,
         dsn=args.dsn,
         brokers=args.brokers,
-        workers=args.workers,
+        workers=args.workers or (4 if args.netns else 3),
         rate=args.rate,
         batch=args.batch,
         drain_timeout=args.drain_timeout,
         rss_limit_mb=args.rss_limit_mb,
         workdir=args.workdir,
         scenario=args.scenario,
+        netns=args.netns,
     )
     try:
         summary = run(opts, progress) if opts.scenario == "random" else run_scenario(opts, progress)

@@ -22,14 +22,15 @@ export class Link {
    * @param {number} liveness ms
    * @param {() => void} alarm called when the broker may just have become gone (its connection
    *   dropped, or a PING found none), so the owner looks at once rather than at its next tick
+   * @param {object} curve CURVE socket options (src/curve.js), or {}
    */
-  constructor(endpoint, liveness, alarm) {
+  constructor(endpoint, liveness, alarm, curve = {}) {
     this.endpoint = endpoint;
     this.liveness = liveness;
     this.alarm = alarm;
     // §2: LINGER 0 (closing never flushes stale requests), IMMEDIATE (queue nothing for a broker
     // not connected), the protocol's frame limit; sends wait at most CONNECT_WAIT.
-    this.sock = new Dealer({ linger: 0, immediate: true, maxMessageSize: MAX_FRAME_BYTES, sendTimeout: CONNECT_WAIT });
+    this.sock = new Dealer({ linger: 0, immediate: true, maxMessageSize: MAX_FRAME_BYTES, sendTimeout: CONNECT_WAIT, ...curve });
     this.sock.events.on("disconnect", () => this.#lost("its connection dropped"));
     this.sock.connect(endpoint);
     /** @type {Promise<void>} zeromq.js allows one send in flight per socket: sends queue here */

@@ -93,16 +93,33 @@ export class MeshTable {
   }
 }
 
+/**
+ * The gossip endpoints a PONG or GOSSIP body names: the broker's own `pub` and those of the
+ * live peers it lists in `peers` (§6.6), so one broker's endpoint finds the whole mesh.
+ * @param {Record<string, any>} body
+ * @returns {string[]}
+ */
+export function gossipEndpoints(body) {
+  const found = typeof body.pub === "string" && body.pub ? [body.pub] : [];
+  for (const peer of Array.isArray(body.peers) ? body.peers : []) {
+    if (peer && typeof peer === "object" && typeof peer.pub === "string" && /^(tcp|ipc):\/\/\S+$/.test(peer.pub)) {
+      found.push(peer.pub);
+    }
+  }
+  return found;
+}
+
 /** A SUB socket on every gossip endpoint we learn of, feeding a MeshTable. */
 export class Gossip {
   /**
    * @param {MeshTable} table
    * @param {(level: "debug" | "info" | "warning" | "error", event: string, fields?: Record<string, unknown>) => void} log
+   * @param {object} curve CURVE socket options (src/curve.js), or {}
    */
-  constructor(table, log) {
+  constructor(table, log, curve = {}) {
     this.table = table;
     this.log = log;
-    this.sub = new Subscriber({ linger: 0 });
+    this.sub = new Subscriber({ linger: 0, ...curve });
     this.sub.subscribe(); // everything: GOSSIP has no topic prefix
     /** @type {Set<string>} */
     this.subscribed = new Set();
@@ -114,7 +131,16 @@ export class Gossip {
   subscribe(endpoint) {
     if (!endpoint || this.closed || this.subscribed.has(endpoint)) return;
     this.subscribed.add(endpoint);
-    this.sub.connect(endpoint);
+    try {
+      this.sub.connect(endpoint);
+    } catch (err) {
+      this.log("warning", "gossip_endpoint_refused", { endpoint, error: String(err) }); // never heard of
+    }
+  }
+
+  /** Subscribe to every gossip endpoint a PONG or GOSSIP body names. @param {Record<string, any>} body */
+  learn(body) {
+    for (const endpoint of gossipEndpoints(body)) this.subscribe(endpoint);
   }
 
   async #receive() {
@@ -126,7 +152,9 @@ export class Gossip {
         } catch {
           continue;
         }
-        this.subscribe(this.table.hear(body, performance.now())); // brokers advertise their own pub
+        this.table.hear(body, performance.now());
+        this.learn(body); // brokers advertise their own pub and their peers'
+
       }
     } catch (err) {
       if (!this.closed) this.log("warning", "gossip_error", { error: String(err) });

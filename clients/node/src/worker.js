@@ -5,6 +5,7 @@
 import { hostname } from "node:os";
 import { randomBytes } from "node:crypto";
 
+import { curveOptions } from "./curve.js";
 import { PermanentError } from "./errors.js";
 import { LIVENESS, Link } from "./link.js";
 import { logfmt } from "./log.js";
@@ -52,6 +53,9 @@ export { PermanentError };
  * @property {number} [liveness] seconds of silence from a broker waited on before it is PINGed;
  *   twice this and it is left for another (1)
  * @property {string} [workerId] default: hostname-pid-random
+ * @property {string} [curveSecret] this worker's CURVE keypair file, NAME.key_secret (env
+ *   CONDUIT_CURVE_SECRET); with curveServer, every socket is a CURVE client (README, Security)
+ * @property {string} [curveServer] the brokers' public key file, NAME.key (env CONDUIT_CURVE_SERVER)
  * @property {ReturnType<typeof logfmt>} [log]
  */
 
@@ -68,7 +72,10 @@ export class Worker {
     this.heartbeatInterval = (options.heartbeatInterval ?? 2.5) * 1000;
     this.liveness = options.liveness === undefined ? LIVENESS : options.liveness * 1000;
     this.workerId = options.workerId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString("hex")}`;
+    // Who this worker is, in every POLL: brokers show it in WORKERS (§6.2, §6.5a).
+    this.identity = { host: hostname().slice(0, 255) || null, pid: process.pid, concurrency: this.concurrency };
     this.log = options.log ?? logfmt("conduit.worker");
+    this.curve = curveOptions({ secret: options.curveSecret, server: options.curveServer });
     /** @type {Map<string, Handler>} */
     this.handlers = new Map();
     /** @type {Map<string, Map<string, (...args: any[]) => unknown>>} tasks by name, per queue */
@@ -138,7 +145,7 @@ class Loop {
     this.log = worker.log;
     this.queues = [...worker.handlers.keys()];
     this.table = new MeshTable(worker.endpoints);
-    this.gossip = new Gossip(this.table, this.log);
+    this.gossip = new Gossip(this.table, this.log, worker.curve);
     for (const endpoint of worker.gossipEndpoints) this.gossip.subscribe(endpoint);
     /** @type {Map<string, Link>} one DEALER per broker used */
     this.links = new Map();
@@ -238,7 +245,7 @@ class Loop {
   link(endpoint) {
     let link = this.links.get(endpoint);
     if (!link) {
-      link = new Link(endpoint, this.w.liveness, () => this.kick());
+      link = new Link(endpoint, this.w.liveness, () => this.kick(), this.w.curve);
       this.links.set(endpoint, link);
       this.receive(link);
     }
@@ -357,7 +364,8 @@ class Loop {
       this.chooseBroker();
       const max = Math.min(room, MAX_BATCH);
       this.pollAt = this.current;
-      this.pollRid = this.send("POLL", { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout });
+      const poll = { worker: w.workerId, queues: this.queues, max, timeout: w.pollTimeout, ...w.identity };
+      this.pollRid = this.send("POLL", poll);
       this.pollDeadline = now + w.pollTimeout * 1000 + 5000; // §11: unanswered timeout + 5 s: gone
     }
     if (now >= this.nextHeartbeat) {
@@ -485,7 +493,7 @@ class Loop {
     const { command, body } = msg;
     const rid = typeof body.rid === "bigint" ? Number(body.rid) : body.rid;
     if (command === "PONG") {
-      this.gossip.subscribe(typeof body.pub === "string" ? body.pub : null);
+      this.gossip.learn(body);
       return;
     }
     if (command === "DELIVER") {

@@ -1,9 +1,10 @@
 // Against a real Conduit broker and PostgreSQL: raw exchanges, then the Worker end to end.
 import assert from "node:assert/strict";
+import { hostname } from "node:os";
 import { after, before, test } from "node:test";
 
 import { PermanentError, Worker, logfmt } from "../src/index.js";
-import { RawClient, brokerMissing, database, startBroker } from "./support.js";
+import { RawClient, brokerMissing, conduit, database, startBroker } from "./support.js";
 
 const missing = brokerMissing();
 const skip = missing && process.env.CONDUIT_REQUIRE_NODE !== "1" ? missing : false;
@@ -71,6 +72,11 @@ test("the Worker runs handlers concurrently, completes, retries and fails for go
   const rows = await client.results(ids);
   assert.deepEqual(rows.map((r) => Buffer.from(r.result).toString()), ids.map((_, i) => `T${i}`));
   assert.ok(most > 1 && most <= 8, `${most} handlers ran at once`);
+  // its polls say who it is: the broker shows host, pid and concurrency in WORKERS (§6.5a)
+  const { workers } = JSON.parse(conduit(["workers", "--connect", broker.endpoint, "--json"]));
+  const seen = workers.find((/** @type {{worker: string}} */ w) => w.worker === worker.workerId);
+  assert.ok(seen, `the broker knows ${worker.workerId}`);
+  assert.deepEqual([seen.host, seen.pid, seen.concurrency], [hostname(), process.pid, 8]);
   const [r, n] = await client.results([retry, never]);
   assert.deepEqual([r.state, r.attempt, r.result], ["completed", 3, null]);
   assert.deepEqual([n.state, n.error], ["dead", "PermanentError: no"]);

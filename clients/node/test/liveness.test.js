@@ -1,6 +1,7 @@
 // The Worker's liveness (docs/PROTOCOL.md §11) against real brokers: a paused broker is left after
 // two liveness intervals of silence, a stopping one at its first `shutting_down`. The conformance
 // scenarios (tests/conformance) time the same against both workers, with the default interval.
+// And where it goes: a worker given one broker finds the others (PONG's `peers`, §6.6).
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -112,6 +113,36 @@ test("a stopping broker's shutting_down to a heartbeat moves the worker at once"
   t.after(() => other.close());
   const [row] = await other.results([id]);
   assert.deepEqual([row.state, row.attempt, Buffer.from(row.result).toString()], ["completed", 1, "held"]);
+  await w.stop();
+  await done;
+});
+
+test("a worker given one broker hears of the others from its PONG and uses them", { skip }, async (t) => {
+  const [b1, b2] = await twoBrokers(t, "peers");
+  const client = new RawClient(b2.endpoint);
+  t.after(() => client.close());
+  // b1 started first: it names b2 once it read its peers again, with a lease renewal (1 s)
+  const asker = new RawClient(b1.endpoint);
+  t.after(() => asker.close());
+  const peers = async () => (await asker.request("PING", {})).body.peers ?? [];
+  for (let tries = 0; (await peers()).length === 0; tries++) {
+    assert.ok(tries < 100, "b1 never named b2");
+    await sleep(100);
+  }
+  const { w } = worker(t, { endpoints: [b1.endpoint], pollTimeout: 0.5 });
+  w.handle("where", (task) => task.broker);
+  const done = w.run();
+  // an idle worker spreads its polls over every broker it hears: b2 delivers to it at last
+  for (let tries = 0; ; tries++) {
+    const [id] = await client.submit("where", [Buffer.from("")]);
+    const [row] = await client.results([id]);
+    if (Buffer.from(row.result).toString() === "peers-2") break;
+    assert.ok(tries < 100, "the worker never polled b2");
+  }
+  await b1.stop(); // the only broker it was given
+  const [id] = await client.submit("where", [Buffer.from("")]);
+  const [row] = await client.results([id]);
+  assert.deepEqual([row.state, Buffer.from(row.result).toString()], ["completed", "peers-2"]);
   await w.stop();
   await done;
 });

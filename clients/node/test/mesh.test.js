@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { MeshTable } from "../src/mesh.js";
+import { MeshTable, gossipEndpoints } from "../src/mesh.js";
 
 const gossip = (broker, queues, extra = {}) => ({
   broker, endpoint: `tcp://${broker}`, pub: `tcp://${broker}-pub`, interval: 0.5, seq: 1, stopping: false, queues, ...extra,
@@ -50,4 +50,18 @@ test("stale, stopping and forgotten brokers are not ranked", () => {
   table.forget("tcp://b");
   assert.deepEqual(table.rank(["q"]), ["tcp://a"]);
   assert.equal(table.hear({ endpoint: 3 }, 0), ""); // unreadable gossip is not heard
+});
+
+test("a PONG or GOSSIP names its own gossip endpoint and its live peers'", () => {
+  const body = {
+    pub: "tcp://a-pub",
+    peers: [
+      { broker: "b", endpoint: "tcp://b", pub: "tcp://b-pub" },
+      { broker: "c", endpoint: "tcp://c", pub: null },
+      { broker: "d", endpoint: "tcp://d", pub: "not an endpoint" },
+      "garbage",
+    ],
+  };
+  assert.deepEqual(gossipEndpoints(body), ["tcp://a-pub", "tcp://b-pub"]);
+  assert.deepEqual(gossipEndpoints({ pub: null }), []); // a conduit/2 broker before peers
 });

@@ -21,8 +21,8 @@ export function brokerMissing() {
   return probe.status === 0 ? null : `${PYTHON} cannot import conduit: ${probe.stderr || probe.error}`;
 }
 
-/** @param {string[]} args */
-function conduit(args) {
+/** The `conduit` command's output, or an error with its stderr. @param {string[]} args */
+export function conduit(args) {
   const run = spawnSync(PYTHON, ["-m", "conduit", ...args], { cwd: REPO, encoding: "utf8" });
   if (run.status !== 0) throw new Error(`conduit ${args.join(" ")} failed: ${run.stderr}`);
   return run.stdout;
@@ -51,10 +51,10 @@ export function database() {
 
 /**
  * Start a broker; resolves once it printed its endpoint(s).
- * @param {string[]} dbArgs @param {string} id @param {boolean} pub
+ * @param {string[]} dbArgs @param {string} id @param {boolean} pub @param {string[]} extra more flags
  */
-export async function startBroker(dbArgs, id, pub = false) {
-  const args = ["-m", "conduit", "broker", ...dbArgs, "--bind", "tcp://127.0.0.1:*", "--broker-id", id, "--lease-term", "3"];
+export async function startBroker(dbArgs, id, pub = false, extra = []) {
+  const args = ["-m", "conduit", "broker", ...dbArgs, "--bind", "tcp://127.0.0.1:*", "--broker-id", id, "--lease-term", "3", ...extra];
   if (pub) args.push("--pub", "tcp://127.0.0.1:*");
   const proc = spawn(PYTHON, args, { cwd: REPO, stdio: ["ignore", "pipe", "ignore"] });
   const lines = createInterface({ input: proc.stdout })[Symbol.asyncIterator]();
@@ -66,9 +66,9 @@ export async function startBroker(dbArgs, id, pub = false) {
 
 /** A minimal request/reply client over a raw DEALER, one request at a time. */
 export class RawClient {
-  /** @param {string} endpoint */
-  constructor(endpoint) {
-    this.sock = new Dealer({ linger: 0, immediate: true });
+  /** @param {string} endpoint @param {object} curve CURVE socket options (src/curve.js) */
+  constructor(endpoint, curve = {}) {
+    this.sock = new Dealer({ linger: 0, immediate: true, ...curve });
     this.sock.connect(endpoint);
     this.rid = 100;
   }
