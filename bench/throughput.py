@@ -1,6 +1,7 @@
 """Throughput benchmark: Conduit's scenarios against a plain PostgreSQL queue, in one run.
 
     python bench/throughput.py [--quick] [--dsn DSN] [--json FILE] [--plot FILE.png] [options]
+    python bench/throughput.py --metrics [--rounds N] [...]: what serving /metrics costs the burst
 
 Measures, on this machine and this database, a plain FOR UPDATE SKIP LOCKED queue (fetch one /
 ack one, and batches of 100) with as many worker processes as Conduit gets, the database's
@@ -33,6 +34,7 @@ from typing import Any, NamedTuple
 import baseline
 import click
 import curve as bench_curve
+import metrics_cost
 import paced as paced_worker
 import psycopg
 from psycopg import sql
@@ -348,6 +350,7 @@ def run_conduit(
     workers: Workers | None = None,
     prefill: Prefill | None = None,
     keys: bench_curve.BenchKeys | None = None,
+    broker_args: Sequence[str] = (),
 ) -> Result:
     """One scenario in a schema of its own. With `prefill`, the brokers start alone, `prefill`
     submits, then the workers start, and the CPU is measured from the first completion on. With
@@ -358,8 +361,15 @@ def run_conduit(
             fill_backlog(dsn, schema, backlog, plan.payload)
         with WriteMeter(dsn, schema) as writes:  # left once every connection of the scenario closed
             began = time.monotonic()
-            secure = {"broker_args": keys.broker_args, "worker_args": keys.worker_args} if keys else {}
-            cluster = BenchCluster(dsn, schema, workers, brokers, deferred=prefill is not None, **secure)
+            cluster = BenchCluster(
+                dsn,
+                schema,
+                workers,
+                brokers,
+                deferred=prefill is not None,
+                broker_args=[*(keys.broker_args if keys else ()), *broker_args],
+                worker_args=keys.worker_args if keys else (),
+            )
             curve = keys.client if keys else None
             try:
                 # Every broker's gossip endpoint given, so the producer spreads its submits over all
@@ -777,6 +787,35 @@ def run(dsn: str, plan: Plan) -> dict[str, Any]:
     return {"machine": info, **figures}
 
 
+def metrics_run(dsn: str, plan: Plan, rounds: int) -> dict[str, Any]:
+    """The burst without and with a broker serving /metrics (scraped every second), alternating."""
+    plain: list[Result] = []
+    served: list[Result] = []
+    scrapes = samples = 0
+    for i in range(rounds):
+        for serving in (False, True) if i % 2 == 0 else (True, False):
+            name = f"burst_{'metrics' if serving else 'plain'}_{i}"
+            progress(f"[{len(plain) + len(served) + 1}/{2 * rounds}] {name}")
+            checkpoint(dsn)
+            if not serving:
+                plain.append(run_conduit(dsn, plan, name, 1, burst(plan)))
+                continue
+            port = metrics_cost.free_port()
+            scraper = metrics_cost.Scraper(port)
+
+            def scraped(client: Any, store: Store, pids: list[int], s: Any = scraper) -> Measured:
+                with s:
+                    return burst(plan)(client, store, pids)
+
+            served.append(
+                run_conduit(dsn, plan, name, 1, scraped, broker_args=["--metrics", f"127.0.0.1:{port}"])
+            )
+            scrapes += scraper.scrapes
+            samples = max(samples, scraper.samples // max(1, scraper.scrapes))
+    doc = metrics_cost.summary(plain, served)
+    return {**doc, "scrapes": scrapes, "samples_per_scrape": samples}
+
+
 def document(measured: dict[str, Any]) -> dict[str, Any]:
     """The one JSON object: machine, baseline, db_ceiling_tasks_per_s, scenarios."""
     fetch_one, batch_100 = measured["fetch_one"].per_second, measured["batch_100"].per_second
@@ -1133,6 +1172,13 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Plan]:
         help="only the burst, and the same burst with CURVE on every socket (burst_curve), and its cost",
     )
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="only the burst, without and with the broker serving /metrics scraped every second, "
+        "alternating; prints the ratio (bench/metrics_cost.py)",
+    )
+    parser.add_argument("--rounds", type=int, metavar="N", default=3, help="--metrics: rounds of each (3)")
+    parser.add_argument(
         "--json", type=Path, metavar="FILE", help="write the figures to FILE as one JSON object"
     )
     parser.add_argument(
@@ -1197,6 +1243,12 @@ def main() -> None:
     began = time.monotonic()
     try:
         dsn = dsn_for(Settings.load(dsn=args.dsn))
+        if args.metrics:
+            cost = metrics_run(dsn, plan, max(1, args.rounds))
+            print(metrics_cost.table(cost, plan.tasks, max(1, args.rounds)))
+            if args.json:
+                args.json.write_text(json.dumps(cost, indent=2) + "\n")
+            return
         measured = run(dsn, plan)
     except (ConduitError, click.ClickException) as exc:
         sys.exit(f"error: {exc}")

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from conduit.commands import dashboard, dburl, keys, queues, status, submit, tasks, top, workers
-from conduit.commands.common import Endpoint, db_options
+from conduit.commands.common import METRICS, Endpoint, db_options
 from conduit.config import Settings
 from conduit.endpoints import check_advertise
 from conduit.errors import ConduitError
@@ -204,6 +206,7 @@ def db_stop(data_dir: Path | None, force: bool) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder of allowed client public keys, *.key (env CONDUIT_CURVE_ALLOW), re-read every second.",
 )
+@METRICS
 @click.option("--log-level", default="info", show_default=True)
 def broker(
     dsn: str | None,
@@ -219,16 +222,18 @@ def broker(
     lease_term: float,
     curve_secret: Path | None,
     curve_allow: Path | None,
+    metrics_address: tuple[str, int] | None,
     log_level: str,
 ) -> None:
     """Run a broker (task service). Prints its endpoint, then its gossip endpoint if any, on
-    stdout (as advertised: peers connect to these); logs go to stderr. With --curve-secret and
-    --curve-allow, only clients whose public key is in the folder get in, and everything on the
-    wire is encrypted (README, Security)."""
+    stdout (as advertised: peers connect to these); logs go to stderr (with --metrics, where it
+    serves them). With --curve-secret and --curve-allow, only clients whose public key is in the
+    folder get in, and everything on the wire is encrypted (README, Security)."""
     import zmq
 
     from conduit import logs
     from conduit.broker.core import Config
+    from conduit.broker.metrics import BrokerMetrics
     from conduit.broker.service import Broker
     from conduit.curve import ServerCurve
 
@@ -254,25 +259,48 @@ def broker(
     if not url:  # the embedded server, which the broker starts again if it vanishes
         server = embedded_for(settings)
         url, ensure_database = server.dsn, server.ensure_running
+    metrics = BrokerMetrics() if metrics_address else None
+    with _serving(metrics_address, metrics, "conduit.broker"):
+        try:
+            service = Broker(
+                config,
+                url,
+                settings.schema,
+                bind,
+                pub,
+                advertise=advertise,
+                advertise_pub=advertise_pub,
+                ensure_database=ensure_database,
+                curve=curve,
+                metrics=metrics,
+            )
+        except zmq.ZMQError as exc:
+            raise ConduitError(f"cannot bind {bind}: {exc}") from None
+        click.echo(service.endpoint)
+        if service.config.pub_endpoint:
+            click.echo(service.config.pub_endpoint)
+        sys.stdout.flush()
+        service.run()
+
+
+@contextlib.contextmanager
+def _serving(address: tuple[str, int] | None, collector: Any, logger_name: str) -> Iterator[None]:
+    """Serve /metrics for the body's duration, if an address is given: bound before anything
+    else starts, so a port in use is a one-line error at once."""
+    if address is None or collector is None:
+        yield
+        return
+    import logging
+
+    from conduit.logs import log
+    from conduit.metrics import MetricsServer
+
+    server = MetricsServer(address, collector)
+    log(logging.getLogger(logger_name), "info", "metrics_serving", url=server.url)
     try:
-        service = Broker(
-            config,
-            url,
-            settings.schema,
-            bind,
-            pub,
-            advertise=advertise,
-            advertise_pub=advertise_pub,
-            ensure_database=ensure_database,
-            curve=curve,
-        )
-    except zmq.ZMQError as exc:
-        raise ConduitError(f"cannot bind {bind}: {exc}") from None
-    click.echo(service.endpoint)
-    if service.config.pub_endpoint:
-        click.echo(service.config.pub_endpoint)
-    sys.stdout.flush()
-    service.run()
+        yield
+    finally:
+        server.close()
 
 
 @main.command()
@@ -287,6 +315,7 @@ def broker(
 @click.option("--concurrency", type=int, help="Handlers running at once, overriding the Worker's.")
 @click.option("--prefetch", type=int, help="Tasks held beyond the running ones, overriding the Worker's.")
 @keys.client_options
+@METRICS
 @click.option("--log-level", default="info", show_default=True)
 def worker(
     target: str,
@@ -295,6 +324,7 @@ def worker(
     prefetch: int | None,
     curve_secret: Path | None,
     curve_server: Path | None,
+    metrics_address: tuple[str, int] | None,
     log_level: str,
 ) -> None:
     """Run the conduit.client.Worker named by TARGET, as module:attribute (attribute: worker).
@@ -318,7 +348,8 @@ def worker(
     if prefetch is not None:
         obj.prefetch = prefetch
     try:
-        obj.run()
+        with _serving(metrics_address, obj.metrics, "conduit.worker"):
+            obj.run()
     except WorkerAborted as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.stderr.flush()

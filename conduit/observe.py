@@ -37,12 +37,29 @@ class Percentiles:
 
 
 def start_latency(client: Client | None) -> dict[str, Percentiles]:
-    """Submit-to-start latency per queue, as the brokers measure it.
-
-    Not connected yet: the brokers' `STATS` request (issue 15, the metrics part) will answer it,
-    and this is the one place to read it from. Until then no queue has a figure, and every view
-    shows "-" rather than a number nobody measured."""
-    return {}
+    """Start latency per queue over the last minute (`run_at` to delivery), as the brokers measure
+    it and answer `STATS` (docs/METRICS.md). With several brokers, the slowest one's figures: each
+    gives percentiles of its own deliveries, which do not add up. A queue no broker delivered in
+    the last minute, or no broker answering, has none, and every view shows "-"."""
+    if client is None:
+        return {}
+    try:
+        stats = client.stats(timeout=0.5)
+    except ConduitError:
+        return {}
+    found: dict[str, Percentiles] = {}
+    for broker in stats:
+        for name, q in broker.queues.items():
+            if q.latency_p50 is None or q.latency_p99 is None:
+                continue
+            got = found.get(name)
+            p50, p99 = (
+                (max(got.p50, q.latency_p50), max(got.p99, q.latency_p99))
+                if got
+                else (q.latency_p50, q.latency_p99)
+            )
+            found[name] = Percentiles(p50, p99)
+    return found
 
 
 @dataclass(frozen=True)
@@ -254,8 +271,8 @@ class Observer:
 
     def frame(self) -> Frame:
         """One reading of everything; a database failure raises (there is nothing to show)."""
+        brokers, workers, problems = self.mesh()  # first: it makes the Client STATS goes through
         queues = self.queues()
-        brokers, workers, problems = self.mesh()
         return Frame(datetime.now(UTC), queues, brokers, workers, problems)
 
     def _client_of(self, endpoints: list[str]) -> Client | None:

@@ -99,7 +99,7 @@ class LeasedTask(NamedTuple):
     id: int
     queue: str
     priority: int
-    run_at: datetime | None  # None: inserted held by this broker, never read back
+    run_at: datetime | None  # when it came due; held on insert: when the insert began (broker's clock)
     attempt: int
     failures: int
     max_attempts: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -22,6 +23,7 @@ from conduit.errors import ConduitError, InvalidTask
 from conduit.task import (
     MAX_ATTEMPTS,
     MAX_KEY_LENGTH,
+    MAX_SECONDS,
     Ack,
     Completion,
     Failure,
@@ -58,6 +60,7 @@ class Command(enum.StrEnum):
     SHOW = "SHOW"
     REDRIVE = "REDRIVE"
     PURGE = "PURGE"
+    STATS = "STATS"
     PAUSE = "PAUSE"
     RESUME = "RESUME"
     PING = "PING"
@@ -71,6 +74,7 @@ class Command(enum.StrEnum):
     TASK_LIST = "TASK_LIST"
     TASK_DETAILS = "TASK_DETAILS"
     DONE = "DONE"
+    BROKER_STATS = "BROKER_STATS"
     PONG = "PONG"
     ERROR = "ERROR"
     # broadcast on a broker's PUB socket
@@ -94,6 +98,7 @@ REQUESTS = frozenset(
         Command.SHOW,
         Command.REDRIVE,
         Command.PURGE,
+        Command.STATS,
         Command.PAUSE,
         Command.RESUME,
         Command.PING,
@@ -112,6 +117,7 @@ REPLIES = frozenset(
         Command.TASK_LIST,
         Command.TASK_DETAILS,
         Command.DONE,
+        Command.BROKER_STATS,
         Command.PONG,
         Command.ERROR,
     }
@@ -447,6 +453,28 @@ def parse_fail(msg: Message) -> list[Failure]:
     return list(map(Failure, ids, attempts, texts, retries))
 
 
+def parse_elapsed(msg: Message, rows: int) -> list[float | None] | None:
+    """COMPLETE's and FAIL's optional `elapsed`: seconds each run took as its worker measured it
+    (number or nil per row, 0 to MAX_SECONDS); None when absent."""
+    elapsed = msg.body.get("elapsed")
+    if elapsed is None:
+        return None
+    values = _array(msg.body, "elapsed", rows, msg.rid)
+    kinds = set(map(type, values))  # checked in C: a worker sends this with every report
+    numbers = [v for v in values if v is not None] if type(None) in kinds else values
+    kinds.discard(type(None))
+    if numbers and not (
+        kinds <= {float, int}
+        and min(numbers) >= 0
+        and max(numbers) <= MAX_SECONDS
+        and math.isfinite(sum(numbers))  # NaN escapes min and max
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"field 'elapsed' must hold seconds, 0 to {MAX_SECONDS:g}, or nil", msg.rid
+        )
+    return values if kinds <= {float} else [None if v is None else float(v) for v in values]
+
+
 def parse_ids(msg: Message) -> list[int]:
     ids = _rows(msg.body, "ids", msg.rid)
     if not all(_is_uint(i) for i in ids):
@@ -531,16 +559,22 @@ def submit_body(specs: Sequence[TaskSpec]) -> dict[str, Any]:
 
 
 def report_body(command: Command, rows: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
-    """HEARTBEAT and RELEASE rows (id, attempt), COMPLETE (id, attempt, result) and FAIL (id,
-    attempt, error, retry), as columns; all-nil results and a common retry are sent once."""
+    """HEARTBEAT and RELEASE rows (id, attempt), COMPLETE (id, attempt, result[, elapsed]) and FAIL
+    (id, attempt, error, retry[, elapsed]), as columns; all-nil results and a common retry are
+    sent once."""
     columns = list(zip(*rows, strict=True))
     body: dict[str, Any] = {"id": columns[0], "attempt": columns[1]}
-    if command is Command.COMPLETE and columns[2].count(None) < len(rows):
-        body["result"] = columns[2]
+    if command is Command.COMPLETE:
+        if columns[2].count(None) < len(rows):
+            body["result"] = columns[2]
+        if len(columns) > 3:
+            body["elapsed"] = columns[3]
     elif command is Command.FAIL:
         retry = columns[3]
         body["error"] = columns[2]
         body["retry"] = retry[0] if retry.count(retry[0]) == len(rows) else retry
+        if len(columns) > 4:
+            body["elapsed"] = columns[4]
     return body
 
 

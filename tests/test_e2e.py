@@ -289,8 +289,8 @@ def test_garbage_gets_errors_and_the_broker_keeps_serving(start_broker) -> None:
 
 def random_garbage(rng: random.Random) -> list[bytes]:
     """One hostile message: noise, a wrong frame count, or a valid header over a bad body. Not
-    PING or WORKERS: any map with a valid rid is a good one of those."""
-    good_with_a_rid = (Command.PING, Command.WORKERS)
+    PING, WORKERS or STATS: any map with a valid rid is a good one of those."""
+    good_with_a_rid = (Command.PING, Command.WORKERS, Command.STATS)
     commands = [c.value.encode() for c in Command if c not in good_with_a_rid] + [b"", b"NOPE"]
     body = {
         rng.choice(["rid", "payload", "id", "attempt", "queues", "worker", "ids", "max"]): rng.choice(

@@ -95,6 +95,7 @@ REQUEST_BODIES: dict[Command, dict[str, Any]] = {
     Command.SHOW: {"ids": [1, 2]},
     Command.REDRIVE: {"queue": "q"},
     Command.PURGE: {"queue": "q"},
+    Command.STATS: {},
     Command.PAUSE: {"queue": "emails"},
     Command.RESUME: {"queue": "emails"},
     Command.PING: {},
@@ -111,6 +112,7 @@ REPLY_BODIES: dict[Command, dict[str, Any]] = {
     Command.TASK_LIST: {"id": [1], "queue": ["q"], "state": ["dead"], "since": [1.5], "next": None},
     Command.TASK_DETAILS: {"id": [1], "queue": ["q"], "state": ["dead"], "run_at": [None]},
     Command.DONE: {"count": 3},
+    Command.BROKER_STATS: {"broker": "b-1", "epoch": 3, "lease_valid": True, "queue": ["q"]},
     Command.PONG: {"broker": "b-1"},
     Command.ERROR: {"code": "busy", "message": "retry"},
 }
@@ -976,7 +978,7 @@ def parse(msg: Message) -> object:
             return parse_ids(msg)
         case Command.PAUSE | Command.RESUME:
             return parse_queue(msg)
-        case Command.PING | Command.WORKERS:
+        case Command.PING | Command.WORKERS | Command.STATS:
             return msg.rid
         case command if command in OPERATIONS:
             return parse_operation(msg)
@@ -1013,7 +1015,7 @@ def check_parsed(msg: Message, parsed: object) -> None:
             assert isinstance(parsed, list)
             assert 1 <= len(parsed) <= MAX_BATCH
             assert all(type(i) is int and 0 <= i <= UINT63_MAX for i in parsed)
-        case Command.PING | Command.WORKERS:
+        case Command.PING | Command.WORKERS | Command.STATS:
             pass
         case command if command in OPERATIONS:
             assert isinstance(parsed, Operation) and parsed.command is command

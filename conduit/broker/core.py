@@ -28,12 +28,14 @@ from conduit.broker.events import (
     Received,
     SendFailed,
     Shutdown,
+    Tallied,
     Tick,
     Written,
 )
 from conduit.broker.operations import OPERATIONS, Operation, parse_operation
 from conduit.broker.pauses import PAUSED_NOTICE, Pauses
 from conduit.broker.peers import Peers
+from conduit.broker.tally import Tally
 from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
 from conduit.store import BrokerLease
 from conduit.task import Ack, Completion, Failure, LeasedTask, Submitted, TaskSpec
@@ -50,6 +52,7 @@ from conduit.wire import (
     error_frames,
     parse_acks,
     parse_complete,
+    parse_elapsed,
     parse_fail,
     parse_ids,
     parse_poll,
@@ -258,6 +261,7 @@ class Core:
         self._delivered: dict[int, tuple[int, str, float, str]] = {}  # id -> attempt, worker, deadline, queue
         self._next_expiry = math.inf  # no delivery's deadline is earlier: ticks skip the scan till then
         self._writing: WriteBatch | None = None
+        self._write_started = 0.0  # when the write in flight was issued
         self._next_renew = 0.0
         self._renewing = False
         self._next_reap = 0.0
@@ -272,6 +276,7 @@ class Core:
         self._gossiped: frozenset[str] = frozenset()  # queues that had work or polls when last told
         self.peers = Peers()  # the workers heard lately, for WORKERS
         self._operating = 0  # operations sent to the ops thread, not answered yet
+        self.tally = Tally()  # what this broker did to tasks, for STATS and metrics
         self._brokers: list[dict[str, str | None]] = []  # the other live brokers, for PONG and GOSSIP
         self.pauses = Pauses()
 
@@ -315,6 +320,8 @@ class Core:
                 self._pending.releases.extend(delivered)
             case Shutdown(now):
                 self._begin_shutdown(now, out)
+            case Tallied(ended):
+                self.tally.ended(ended)
             case Notified(queue, now) if queue == PAUSED_NOTICE:
                 self.pauses.noticed()
                 self._read_paused(now, out)
@@ -376,6 +383,13 @@ class Core:
             body = self.peers.body(rid, self.config.broker_id, polls, now)
             out.append(Send(peer, encode(Command.WORKER_LIST, body)))
             return
+        if msg.command is Command.STATS:
+            live = self.owner is not None and now < self.lease_valid_until
+            body = self.tally.body(self.depths(), now)
+            epoch = self.owner.epoch if self.owner else None
+            body |= {"rid": rid, "broker": self.config.broker_id, "epoch": epoch, "lease_valid": live}
+            out.append(Send(peer, encode(Command.BROKER_STATS, body)))
+            return
         if msg.command is Command.POLL:
             self._on_poll(peer, rid, parse_poll(msg), now, out)
             return
@@ -400,7 +414,8 @@ class Core:
             )
         else:
             self.peers.settled(peer, (item.id for item in items), now)
-        self._pending.add_request(peer, rid, kind, items)
+        elapsed = parse_elapsed(msg, len(items)) if kind in ("complete", "fail") else None
+        self._pending.add_request(peer, rid, kind, items, elapsed)
 
     def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], key: str | None, now: float) -> None:
         """Due tasks of a queue at the end of its backlog (no older task due) that this broker has
@@ -493,6 +508,7 @@ class Core:
                 size += len(buffer[0].payload)
                 tasks.append(buffer.popleft())
         if tasks:
+            self.tally.delivered_buffered(tasks, now)
             self._hand_out(waiter, [_delivery(t) for t in tasks], now, out)
 
     def _hand_out(self, waiter: _Waiter, rows: list[DeliveryRow], now: float, out: list[Action]) -> None:
@@ -617,6 +633,7 @@ class Core:
             self._clock = now
         if self._writing is None and not self._pending.empty() and self._clock >= self._write_after:
             self._writing, self._pending = self._pending, WriteBatch()
+            self._write_started = self._clock
             for op in self._writing.submits:  # one delivery per poll: after this commit it is answered
                 for key in op.waiters:
                     if key in self._waiters:
@@ -660,6 +677,8 @@ class Core:
             for item in op.items if op.kind not in ("cancel", "retry") else ():
                 if self._delivered.get(item.id, (None,))[0] == item.attempt:
                     del self._delivered[item.id]
+        self.tally.committed(batch, result, now - self._write_started)
+        due = self.tally.wall(self._write_started)  # tasks held on insert came due as it began
         for op, outcomes in zip(batch.ops, result.outcomes, strict=True):
             out.append(
                 Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))
@@ -698,7 +717,7 @@ class Core:
                             sub.id,
                             spec.queue,
                             spec.priority,
-                            None,
+                            due,
                             1,
                             0,
                             spec.max_attempts,
@@ -739,6 +758,7 @@ class Core:
                 self._pending.releases.extend(Ack(t[0], t[1]) for t in tasks)
                 continue
             if tasks:
+                self.tally.delivered_sync(tasks, now - self._write_started, now)
                 self._hand_out(waiter, tasks, now, out)
             else:
                 self._unreserve(key, now, out)

@@ -89,6 +89,13 @@ class Notified:
 
 
 @dataclass(frozen=True)
+class Tallied:
+    """Tasks the reaper failed or made dead, per ending and queue (Store.take_ended), for the tally."""
+
+    ended: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
 class PeersRead:
     """The other live brokers, read with each lease renewal: PONG and GOSSIP name them."""
 
@@ -127,6 +134,7 @@ Event = (
     | SendFailed
     | Shutdown
     | Notified
+    | Tallied
     | PeersRead
     | PausedRead
     | PauseSet

@@ -41,10 +41,12 @@ from conduit.broker.events import (
     Received,
     SendFailed,
     Shutdown,
+    Tallied,
     Tick,
     Written,
 )
 from conduit.broker.gate import Gate
+from conduit.broker.metrics import DEPTHS_EVERY, SNAPSHOT_EVERY, BrokerMetrics
 from conduit.broker.writes import WriteBatch, execute
 from conduit.curve import ServerCurve
 from conduit.endpoints import check_advertise
@@ -64,12 +66,18 @@ class _DatabaseThread(threading.Thread):
     """Runs jobs against its own connection, reconnecting after a failure; posts events back."""
 
     def __init__(
-        self, name: str, open_store: Callable[[], Store], post: Callable[[Event], None], outage: Outage
+        self,
+        name: str,
+        open_store: Callable[[], Store],
+        post: Callable[[Event], None],
+        outage: Outage,
+        metrics: BrokerMetrics,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self._open_store = open_store
         self._post = post
         self._outage = outage
+        self._metrics = metrics
         self._jobs: queue.Queue[tuple[Job, Callable[[str], Event | None], bool] | None] = queue.Queue()
         self._store: Store | None = None
 
@@ -92,6 +100,7 @@ class _DatabaseThread(threading.Thread):
                     event = job(self._store)
                     self._outage.over()  # the database answered: an outage, if any, is over
                 except (ConduitError, psycopg.Error) as exc:
+                    self._metrics.database_error()
                     broken = self._store is not None and self._store.conn.broken
                     if broken:
                         self._store.close()  # type: ignore[union-attr]
@@ -110,12 +119,17 @@ class _Listener(threading.Thread):
     """LISTENs for other brokers' wake-ups and posts them; reconnects after a failure."""
 
     def __init__(
-        self, open_store: Callable[[], Store], post: Callable[[Event], None], outage: Outage
+        self,
+        open_store: Callable[[], Store],
+        post: Callable[[Event], None],
+        outage: Outage,
+        metrics: BrokerMetrics,
     ) -> None:
         super().__init__(name="listener", daemon=True)
         self._open_store = open_store
         self._post = post
         self._outage = outage
+        self._metrics = metrics
         self._halt = threading.Event()
 
     def stop(self) -> None:
@@ -131,6 +145,7 @@ class _Listener(threading.Thread):
                         for note in store.conn.notifies(timeout=0.5):
                             self._post(Notified(note.payload, time.monotonic()))
             except (ConduitError, psycopg.Error) as exc:
+                self._metrics.database_error()
                 self._outage.failed("listen_failed", "warning", error=str(exc).splitlines()[0])
                 self._halt.wait(1.0)
 
@@ -148,14 +163,18 @@ class Broker:
         advertise_pub: str | None = None,
         ensure_database: Callable[[], None] | None = None,
         curve: ServerCurve | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         """`ensure_database` runs before every new connection: the embedded server's restart if it
         vanished, so the broker resumes on its own instead of retrying until someone starts it.
         `advertise`, `advertise_pub`: the endpoints peers reach the binds by (required for a
         wildcard bind, `conduit.endpoints.check_advertise`); recorded in the database and gossiped.
         `curve`: the ROUTER and the PUB are CURVE servers, and a ZAP thread checks every peer's
-        key against the allow-list (conduit.broker.gate); None leaves the mesh open."""
+        key against the allow-list (conduit.broker.gate); None leaves the mesh open.
+        `metrics`: what /metrics shows, kept up to date while it is given (MetricsServer serves it)."""
         self.config = config
+        self._serving = metrics is not None
+        self.metrics = metrics or BrokerMetrics()
         # Every database thread and the listener retry while the database is down: one line an outage.
         self._outage = Outage(logger, "database")
 
@@ -194,14 +213,16 @@ class Broker:
             pub = advertise_pub or self.publisher.getsockopt_string(zmq.LAST_ENDPOINT)
         self.config = config = replace(config, endpoint=self.endpoint, pub_endpoint=pub or "")
         self.core = Core(config)
+        self.core.tally.clock_offset = time.time() - time.monotonic()
         self._events: queue.Queue[Event] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._threads = {
-            name: _DatabaseThread(name, self._open_store, self._post, self._outage)
+            name: _DatabaseThread(name, self._open_store, self._post, self._outage, self.metrics)
             for name in ("writer", "reader", "keeper", "ops")
         }
-        self._listener = _Listener(self._open_store, self._post, self._outage)
+        self._listener = _Listener(self._open_store, self._post, self._outage, self.metrics)
+        self._next_depths = 0.0  # when the keeper next reads queue_stats() for /metrics
         with self._open_store() as store:  # fail fast, with a clear error, if the database is not there
             store.ensure_partitions()  # after days with no broker up, today's may not exist yet
             self.owner: BrokerLease = self._acquire(store)
@@ -245,7 +266,7 @@ class Broker:
         poller.register(self._wake_r, zmq.POLLIN)
         self._apply(self.core.handle(PausedRead(self._paused, time.monotonic())))
         self._apply(self.core.handle(Acquired(self.owner, time.monotonic())))
-        next_tick = 0.0
+        next_tick = next_snapshot = 0.0
         try:
             while not self.core.finished(time.monotonic()):
                 ready = dict(poller.poll(max(0, round((next_tick - time.monotonic()) * 1000))))
@@ -258,6 +279,10 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + TICK
                     self._apply(self.core.handle(Tick(now)))
+                if self._serving and now >= next_snapshot:
+                    next_snapshot = now + SNAPSHOT_EVERY
+                    live = self.core.owner is not None and now < self.core.lease_valid_until
+                    self.metrics.snapshot(self.core.tally, self.core.depths(), live)
         finally:
             for thread in self._threads.values():
                 thread.stop()
@@ -385,7 +410,7 @@ class Broker:
         self._threads["keeper"].submit(self._reacquire, self._retry_reacquire)
         return None
 
-    def _reap(self, compact: bool, prune: bool, store: Store) -> None:
+    def _reap(self, compact: bool, prune: bool, store: Store) -> Event | None:
         reaped = store.reap()
         if reaped.buffered or reaped.running:
             log(logger, "info", "reaped", buffered=reaped.buffered, running=reaped.running)
@@ -397,6 +422,11 @@ class Broker:
             dropped = store.prune()
             if made or dropped:
                 log(logger, "info", "history_pruned", partitions_made=made, partitions_dropped=dropped)
+        if self._serving and time.monotonic() >= self._next_depths:
+            self._next_depths = time.monotonic() + DEPTHS_EVERY
+            self.metrics.queue_depths = store.queue_stats()
+        ended = store.take_ended()  # what the reaper failed: the core counts it (STATS, metrics)
+        return Tallied(ended) if ended else None
 
 
 def _write_failed(batch: WriteBatch, error: str) -> Event:

@@ -30,6 +30,7 @@ class RequestOp:
     rid: int
     kind: str  # a Store method: renew, complete, fail, release, cancel, retry
     items: list[Any]
+    elapsed: list[float | None] | None = None  # COMPLETE and FAIL: each run's seconds, as the worker measured
 
 
 @dataclass
@@ -43,8 +44,10 @@ class WriteBatch:
     notify: list[str] = field(default_factory=list)  # queues to wake other brokers for, at commit
     requests: list[tuple[bytes, int]] = field(default_factory=list)  # who waits on this commit
 
-    def add_request(self, peer: bytes, rid: int, kind: str, items: list[Any]) -> None:
-        self.ops.append(RequestOp(peer, rid, kind, items))
+    def add_request(
+        self, peer: bytes, rid: int, kind: str, items: list[Any], elapsed: list[float | None] | None = None
+    ) -> None:
+        self.ops.append(RequestOp(peer, rid, kind, items, elapsed))
         self.requests.append((peer, rid))
 
     def statements(self) -> int:
@@ -69,11 +72,13 @@ class WriteBatch:
 class WriteResult:
     submitted: list[list[Submitted] | None]  # per SubmitOp; None: its key names another submit
     outcomes: list[list[Outcome]]  # per RequestOp
+    ended: dict[str, dict[str, int]] = field(default_factory=dict)  # Store.take_ended(): per queue
 
 
 def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
     """Carry out a batch in one transaction: nothing in it is acknowledged before the commit.
     A batch of one statement (a lone submit, say) needs no BEGIN and COMMIT: it is atomic alone."""
+    store.take_ended()  # what an earlier, failed batch counted was rolled back
     with nullcontext() if batch.statements() == 1 else store.transaction():
         earlier, claimed = _claim(store, batch.submits)
         fresh = [op for i, op in enumerate(batch.submits) if op.key is None or claimed.get(op.key) == i]
@@ -107,7 +112,7 @@ def execute(store: Store, batch: WriteBatch, owner: BrokerLease) -> WriteResult:
             submitted[i] = (
                 [Submitted(task_id, False) for task_id in got] if len(got) == len(op.specs) else None
             )
-    return WriteResult(submitted, outcomes)
+    return WriteResult(submitted, outcomes, store.take_ended())
 
 
 def _claim(store: Store, submits: list[SubmitOp]) -> tuple[dict[str, list[int]], dict[str, int]]:

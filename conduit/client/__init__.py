@@ -4,6 +4,7 @@ from conduit.client.aio import AsyncClient
 from conduit.client.channel import BrokerError, BrokerTimeout
 from conduit.client.client import Client, TaskResult
 from conduit.client.context import PermanentError, TaskContext, TimeLimitExceeded
+from conduit.client.stats import BrokerStats, QueueStats
 from conduit.client.tasks import (
     AsyncTaskHandle,
     Task,
@@ -21,11 +22,13 @@ __all__ = [
     "AsyncClient",
     "AsyncTaskHandle",
     "BrokerError",
+    "BrokerStats",
     "BrokerTimeout",
     "Client",
     "NoHandlers",
     "Page",
     "PermanentError",
+    "QueueStats",
     "Task",
     "TaskCancelled",
     "TaskContext",

@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from conduit.client.client import Client, ResultWait, TaskResult, WorkerSeen
 from conduit.client.mesh import BrokerView
+from conduit.client.stats import BrokerStats
 from conduit.client.tasks import AsyncTaskHandle, Task
 from conduit.task import Page, TaskDetail, TaskSpec
 
@@ -96,6 +97,9 @@ class AsyncClient:
 
     async def purge(self, queue: str, timeout: float = 300.0) -> int:
         return await self._call(self._client.purge, queue, timeout)
+
+    async def stats(self, timeout: float = 1.0) -> list[BrokerStats]:
+        return await self._call(self._client.stats, timeout)
 
     async def pause(self, queue: str) -> bool:
         return await self._call(self._client.pause, queue)

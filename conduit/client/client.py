@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from conduit.client.channel import BrokerError, BrokerTimeout, Channel, NotConnected
 from conduit.client.link import LIVENESS
 from conduit.client.mesh import BrokerView, Mesh
+from conduit.client.stats import BrokerStats, parse_stats
 from conduit.client.tasks import Task, TaskHandle
 from conduit.curve import ClientCurve, client_context
 from conduit.endpoints import check_endpoint
@@ -295,21 +296,31 @@ class Client:
         and the configured ones); a broker that does not answer within `timeout` is left out, and
         if none does, BrokerTimeout says why."""
         seen: list[WorkerSeen] = []
-        errors: list[str] = []
-        endpoints = list(dict.fromkeys(self._order()))
-        for endpoint in endpoints:
-            try:
-                body = self._channel(endpoint).request(Command.WORKERS, {}, timeout).body
-            except ConduitError as exc:
-                errors.append(str(exc))
-                continue
+        for endpoint, body in self._ask_all(Command.WORKERS, timeout):
             columns = [body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard")]
             # An older broker sends no host, pid or concurrency.
             columns += [body.get(name) or [None] * len(columns[0]) for name in ("host", "pid", "concurrency")]
             seen += [WorkerSeen(str(body["broker"]), endpoint, *row) for row in zip(*columns, strict=True)]
+        return seen
+
+    def stats(self, timeout: float = 1.0) -> list[BrokerStats]:
+        """What every reachable broker counts, from its memory (conduit.client.stats): one object
+        per broker that answered within `timeout`; BrokerTimeout if none did."""
+        return [parse_stats(endpoint, body) for endpoint, body in self._ask_all(Command.STATS, timeout)]
+
+    def _ask_all(self, command: Command, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        """Ask every live broker (from gossip) and every configured one, each once."""
+        answers: list[tuple[str, dict[str, Any]]] = []
+        errors: list[str] = []
+        endpoints = list(dict.fromkeys(self._order()))
+        for endpoint in endpoints:
+            try:
+                answers.append((endpoint, self._channel(endpoint).request(command, {}, timeout).body))
+            except ConduitError as exc:
+                errors.append(str(exc))
         if len(errors) == len(endpoints):
             raise BrokerTimeout("no broker answered: " + "; ".join(errors))
-        return seen
+        return answers
 
     def queues(self) -> dict[str, dict[str, int]]:
         """Per queue, tasks by state, from the counters (cheap on any backlog)."""
@@ -381,4 +392,4 @@ def _rows(value: Any, start: int, end: int) -> Any:
     return list(value[start:end]) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
-__all__ = ["BrokerError", "BrokerTimeout", "Client", "TaskResult", "WorkerSeen"]
+__all__ = ["BrokerError", "BrokerStats", "BrokerTimeout", "Client", "TaskResult", "WorkerSeen"]

@@ -78,6 +78,8 @@ class Loop:
         self.poll_deadline = 0.0
         self.prefetched: deque[TaskContext] = deque()
         self.running: dict[int, TaskContext] = {}
+        self.started: dict[int, float] = {}  # when each running task was handed to a handler
+        self.metrics = worker.metrics
         self.lost: set[tuple[int, int]] = set()  # running, but the lease is another's: result dropped
         # Reports are rows, (id, attempt, ...) as report_body takes them; rid -> what, rows, when
         # sent, and to which broker
@@ -173,6 +175,7 @@ class Loop:
             for link in [link for link in self.links.values() if link.sock in ready]:
                 self.receive(link)
             self.collect()
+            self.metrics.running, self.metrics.prefetched = len(self.running), len(self.prefetched)
             check_brokers(self)
 
     def step_out(self) -> None:
@@ -185,6 +188,7 @@ class Loop:
         while self.prefetched and len(self.running) < self.w.concurrency and not self.w._stop.is_set():
             task = self.prefetched.popleft()
             self.running[task.id] = task
+            self.started[task.id] = now
             route = self.routes[task.queue].route(task)
             (self.aio if route.is_async and self.aio else self.runner).submit(route, task)
         if self.w._stop.is_set() and self.prefetched:
@@ -228,7 +232,8 @@ class Loop:
         return bool(self.unacked) or any(self.outbox.values())
 
     def collect(self) -> None:
-        """Move finished handlers' outcomes to the outbox."""
+        """Move finished handlers' outcomes to the outbox, with the seconds each run took."""
+        now = time.monotonic()
         while self.w._done:
             outcome = self.w._done.popleft()
             task = outcome.task
@@ -236,12 +241,15 @@ class Loop:
                 forget(task)
             if self.running.pop(task.id, None) is None:
                 continue  # not ours any more: a second outcome, refused
+            elapsed = max(0.0, now - self.started.pop(task.id, now))
+            self.metrics.ran(task.queue, outcome.ok, elapsed)
             if (task.id, task.attempt) in self.lost:
                 self.lost.discard((task.id, task.attempt))  # the broker would refuse it
             elif outcome.ok:
-                self.outbox[Command.COMPLETE].append((task.id, task.attempt, outcome.result))
+                self.outbox[Command.COMPLETE].append((task.id, task.attempt, outcome.result, elapsed))
             else:
-                self.outbox[Command.FAIL].append((task.id, task.attempt, outcome.error, outcome.retry))
+                row = (task.id, task.attempt, outcome.error, outcome.retry, elapsed)
+                self.outbox[Command.FAIL].append(row)
                 log(
                     logger,
                     "warning",

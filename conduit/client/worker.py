@@ -23,6 +23,7 @@ from typing import Any
 from conduit.client.context import Handler, Outcome, Route
 from conduit.client.link import LIVENESS
 from conduit.client.loop import Loop
+from conduit.client.metrics import WorkerMetrics
 from conduit.client.processes import ProcessRunner
 from conduit.client.routes import QueueRoutes
 from conduit.client.runners import AsyncRunner, ThreadRunner
@@ -71,6 +72,7 @@ class Worker:
         self._stop = threading.Event()
         self._done: deque[Outcome] = deque()  # appended by handler threads, drained by the loop
         self._wakeup = Wakeup()
+        self.metrics = WorkerMetrics()  # what `conduit worker --metrics` serves
 
     def handler(self, queue_name: str, *, time_limit: float | None = None) -> Callable[[Handler], Handler]:
         """Decorator: run this function (or `async def`) for tasks of `queue_name`, with the task's

@@ -76,6 +76,32 @@ class Endpoint(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class MetricsAddress(click.ParamType):
+    """HOST:PORT to serve /metrics on, checked at once (conduit.metrics.parse_address)."""
+
+    name = "host:port"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        from conduit.metrics import parse_address
+
+        try:
+            return parse_address(str(value))
+        except ConduitError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+METRICS = click.option(
+    "--metrics",
+    "metrics_address",
+    type=MetricsAddress(),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (docs/METRICS.md); port 0: any free one.",
+)
+
+
 class Endpoints(click.ParamType):
     """One endpoint or several separated by commas; the option may be repeated too."""
 

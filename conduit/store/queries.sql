@@ -313,7 +313,7 @@ WITH r AS (
          LATERAL (VALUES ('buffered', -g.b), ('running', -g.r), ('completed', g.c)) AS v(s, n)
     WHERE n <> 0
 )
-SELECT id, attempt FROM done;
+SELECT id, attempt, queue FROM done;  -- the queue: brokers count completions by it (metrics)
 
 -- name: fail
 -- A failed run: back to pending after an exponential backoff with equal jitter, or dead once it
@@ -341,7 +341,7 @@ WITH r AS (
                          * (0.5 + random() / 2) * interval '1 second'
     FROM failed f
     WHERE t.id = f.id AND f.again AND ((t.id >> 17) & 7) = %(bucket)s::bigint
-    RETURNING t.id, t.attempt
+    RETURNING t.id, t.attempt, t.queue
 ), buried AS (
     DELETE FROM tasks t USING failed f
     WHERE t.id = f.id AND NOT f.again AND ((t.id >> 17) & 7) = %(bucket)s::bigint
@@ -351,7 +351,7 @@ WITH r AS (
                          last_error)
     SELECT id, queue, 'dead', attempt, failures + 1, priority, policy, idempotency_key, payload, error
     FROM buried
-    RETURNING id, attempt
+    RETURNING id, attempt, queue
 ), counted AS (
     INSERT INTO queue_counts
     SELECT queue, state, sum(n) FROM (
@@ -360,7 +360,8 @@ WITH r AS (
         SELECT queue, CASE WHEN again THEN 'pending' ELSE 'dead' END, 1 FROM failed
     ) d GROUP BY 1, 2
 )
-SELECT id, attempt FROM retried UNION ALL SELECT id, attempt FROM dead;
+-- With the queue and whether the task is dead now: brokers count failures by queue (metrics).
+SELECT id, attempt, queue, false FROM retried UNION ALL SELECT id, attempt, queue, true FROM dead;
 
 -- name: release
 -- Unstarted tasks given back: pending again, attempt kept so the old delivery stays fenced off.

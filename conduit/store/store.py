@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -30,6 +32,7 @@ _POLICY = ("max_attempts", "lease_timeout", "backoff_base", "backoff_max")
 
 IDLE_IN_TRANSACTION_MS = 2000
 REAP_LOCK_TIMEOUT_MS = 100  # well under deadlock_timeout (1 s): the reaper is the one to yield
+_queue = itemgetter(2)  # of a row that complete or fail accepted
 BUCKET_SHIFT, BUCKETS = 17, 8  # as schema.sql partitions `tasks`: bucket = (id >> 17) & 7
 
 
@@ -144,6 +147,7 @@ class Store(Operations):
         self.max_payload_bytes = max_payload_bytes
         self._policies: dict[tuple[int, float, float, float], int] = {}  # committed policies' ids
         self._tentative: dict[tuple[int, float, float, float], int] = {}  # made in the open transaction
+        self._ended = _no_endings()  # tasks completed, failed and made dead, per queue (take_ended)
 
     @classmethod
     def open(cls, dsn: str, *, schema: str = "conduit", max_payload_bytes: int = 1024 * 1024) -> Store:
@@ -328,16 +332,30 @@ class Store(Operations):
             "attempt": [c.attempt for c in completions],
             "result": [c.result for c in completions],
         }
-        return self._fenced("complete", completions, params)
+        rows = self._accepted("complete", params)
+        self._ended["completed"].update(map(_queue, rows))
+        return _outcomes(self, completions, rows)
 
     def fail(self, failures: Sequence[Failure]) -> list[Outcome]:
         """Record failed runs: retried after backoff, or dead after max_attempts or retry=False."""
-        return self._fenced("fail", failures, _failure_params(failures))
+        return _outcomes(self, failures, self._failed(_failure_params(failures)))
 
     def expire(self, owner: BrokerLease, acks: Sequence[Ack]) -> list[Outcome]:
         """Deliveries that never heartbeated within their lease: failed runs, if still only buffered."""
         failures = [Failure(a.id, a.attempt, "lease expired: no heartbeat after delivery") for a in acks]
-        return self._fenced("fail", failures, _failure_params(failures, owner))
+        return _outcomes(self, failures, self._failed(_failure_params(failures, owner)))
+
+    def _failed(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        rows = self._accepted("fail", params)
+        self._ended["failed"].update(map(_queue, rows))
+        self._ended["dead"].update(row[2] for row in rows if row[3])
+        return rows
+
+    def take_ended(self) -> dict[str, dict[str, int]]:
+        """Per ending (completed, failed, dead), per queue, the tasks this connection's writes ended
+        since the last call: the broker's metrics, counted from the rows the writes return anyway."""
+        ended, self._ended = self._ended, _no_endings()
+        return {ending: dict(counts) for ending, counts in ended.items() if counts}
 
     def release(self, acks: Sequence[Ack]) -> list[Outcome]:
         """Give back unstarted tasks: pending again at once, attempt kept, no failure counted."""
@@ -347,21 +365,13 @@ class Store(Operations):
     def _fenced(
         self, name: str, items: Sequence[Ack | Completion | Failure], params: dict[str, Any]
     ) -> list[Outcome]:
-        if not items:
+        return _outcomes(self, items, self._accepted(name, params) if items else [])
+
+    def _accepted(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows a fenced write accepted: (id, attempt, ...), one statement per bucket."""
+        if not params["id"]:
             return []
-        accepted = {
-            (task_id, attempt) for part in _by_id(params) for task_id, attempt in self._rows(name, part)
-        }
-        outcomes: list[Outcome | None] = []
-        for item in items:  # by id and attempt: a stale row beside the current one stays refused
-            outcomes.append(Outcome.OK if (item.id, item.attempt) in accepted else None)
-            accepted.discard((item.id, item.attempt))  # a duplicate in the batch changed nothing
-        refused = [i for i, o in enumerate(outcomes) if o is None]
-        if refused:
-            infos = self.lookup([items[i].id for i in refused])
-            for i, info in zip(refused, infos, strict=True):
-                outcomes[i] = refusal(info)
-        return [o for o in outcomes if o is not None]
+        return [row for part in _by_id(params) for row in self._rows(name, part)]
 
     # -- recovery and administration ----------------------------------------------------------
 
@@ -384,8 +394,7 @@ class Store(Operations):
                     Failure(task_id, attempt, "lease expired: the worker stopped heartbeating")
                     for task_id, attempt in self._rows("expired_running", {"limit": limit})
                 ]
-                parts = _by_id(_failure_params(expired)) if expired else []
-                running = sum(len(self._rows("fail", part)) for part in parts)
+                running = len(self._failed(_failure_params(expired))) if expired else 0
         except psycopg.errors.LockNotAvailable:
             return Reaped(0, 0)
         return Reaped(buffered, running)
@@ -424,6 +433,28 @@ class Store(Operations):
         returns the partitions dropped."""
         ((dropped,),) = self._rows("prune", {"days": self.retention() if days is None else days})
         return int(dropped)
+
+
+def _no_endings() -> dict[str, Counter[str]]:
+    return {"completed": Counter(), "failed": Counter(), "dead": Counter()}
+
+
+def _outcomes(
+    store: Store, items: Sequence[Ack | Completion | Failure], rows: list[tuple[Any, ...]]
+) -> list[Outcome]:
+    """Each item's outcome, from the rows its write accepted (by id and attempt) and, for the
+    others, what the task's state says."""
+    accepted = {(row[0], row[1]) for row in rows}
+    outcomes: list[Outcome | None] = []
+    for item in items:  # by id and attempt: a stale row beside the current one stays refused
+        outcomes.append(Outcome.OK if (item.id, item.attempt) in accepted else None)
+        accepted.discard((item.id, item.attempt))  # a duplicate in the batch changed nothing
+    refused = [i for i, o in enumerate(outcomes) if o is None]
+    if refused:
+        infos = store.lookup([items[i].id for i in refused])
+        for i, info in zip(refused, infos, strict=True):
+            outcomes[i] = refusal(info)
+    return [o for o in outcomes if o is not None]
 
 
 def _failure_params(

@@ -21,9 +21,10 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from conftest import Process
+from conftest import Process, free_port
 from test_client import OLD_REFUSAL, FakeBroker
 from test_e2e import ledger_runs, run_starts, wait_for
+from test_metrics import scrape, value
 
 from conduit.client import Client
 from conduit.client.mesh import Mesh
@@ -155,6 +156,26 @@ def test_retry_then_success_and_permanent_failure(impl, start_broker, spawn, db,
     ) == [(1, True)]
     assert db.query("SELECT failures, attempt FROM results WHERE id = %s", (doomed,)) == [(1, 1)]
     assert sorted((t, a) for t, a, _ in ledger_runs(ledger)) == [(flaky, 1), (flaky, 2), (doomed, 1)]
+
+
+def test_reports_carry_each_runs_seconds(impl, start_broker, spawn) -> None:
+    """COMPLETE and FAIL carry the seconds each run took (elapsed), which the broker's metrics show."""
+    port = free_port()
+    broker = start_broker("--metrics", f"127.0.0.1:{port}")
+    spawn(impl, [broker.endpoint])
+    with Client(broker.endpoint) as client:
+        slept = client.submit("sleepy", b"0.3")
+        doomed = client.submit("doomed", b"")
+        assert client.result(slept, timeout=30).state == "completed"
+        assert client.result(doomed, timeout=30).state == "dead"
+
+    def runs() -> float | None:
+        return value(scrape(port), "conduit_task_run_seconds_count")
+
+    wait_for(lambda: runs() == 2, timeout=10, what="both runs timed")
+    samples = scrape(port)
+    assert 0.3 <= (value(samples, "conduit_task_run_seconds_sum") or 0) < 30
+    assert (value(samples, "conduit_task_run_seconds_bucket", le="0.2") or 0) <= 1  # not the sleepy one
 
 
 def test_lease_expiry_and_redelivery(impl, start_broker, spawn, db, ledger) -> None:

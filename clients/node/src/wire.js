@@ -148,8 +148,9 @@ export function deliveries(body) {
 
 /**
  * A settling request's body from its rows (§6.3): `[id, attempt]` for HEARTBEAT and RELEASE,
- * `[id, attempt, result]` for COMPLETE, `[id, attempt, error, retry]` for FAIL, sent as columns.
- * Results that are all nil are left out; a retry the same for every row is sent once.
+ * `[id, attempt, result, elapsed?]` for COMPLETE, `[id, attempt, error, retry, elapsed?]` for FAIL,
+ * sent as columns. Results that are all nil are left out; a retry the same for every row is sent
+ * once; `elapsed` (seconds the run took) goes as a column when any row has it.
  * @param {Settling} command
  * @param {unknown[][]} rows
  * @returns {Record<string, unknown>}
@@ -163,6 +164,10 @@ export function reportBody(command, rows) {
     body.error = rows.map((r) => r[2]);
     const retry = rows.map((r) => r[3] !== false);
     body.retry = retry.every((r) => r === retry[0]) ? retry[0] : retry;
+  }
+  const at = command === "COMPLETE" ? 3 : command === "FAIL" ? 4 : -1;
+  if (at > 0 && rows.some((r) => typeof r[at] === "number")) {
+    body.elapsed = rows.map((r) => (typeof r[at] === "number" ? r[at] : null));
   }
   return body;
 }

@@ -159,7 +159,7 @@ class Loop {
     this.lastPollEmpty = false;
     /** @type {import("./wire.js").Delivery[]} delivered, not started */
     this.prefetched = [];
-    /** @type {Map<string, {task: import("./wire.js").Delivery, abort: AbortController | null, lostBy: Error | null}>} */
+    /** @type {Map<string, {task: import("./wire.js").Delivery, abort: AbortController | null, lostBy: Error | null, started: number}>} */
     this.active = new Map();
     /** @type {Set<string>} deliveries a heartbeat told us we no longer hold */
     this.lost = new Set();
@@ -394,8 +394,8 @@ class Loop {
   start(task) {
     const handler = /** @type {Handler} */ (this.w.handlers.get(task.queue));
     const k = key(task);
-    /** @type {{task: import("./wire.js").Delivery, abort: AbortController | null, lostBy: Error | null}} */
-    const entry = { task, abort: null, lostBy: null };
+    /** @type {{task: import("./wire.js").Delivery, abort: AbortController | null, lostBy: Error | null, started: number}} */
+    const entry = { task, abort: null, lostBy: null, started: performance.now() };
     this.active.set(k, entry);
     /** @type {Task} */
     const ctx = Object.freeze({
@@ -431,6 +431,7 @@ class Loop {
    */
   finished(task, report) {
     const k = key(task);
+    const started = this.active.get(k)?.started;
     this.active.delete(k);
     if (this.lost.delete(k)) {
       this.log("info", "result_dropped", { task: task.id, attempt: task.attempt });
@@ -441,6 +442,8 @@ class Loop {
       } catch (err) {
         [command, row] = failure(task, err); // e.g. a handler that returned a number
       }
+      // the seconds the run took, as COMPLETE's and FAIL's `elapsed` (§6.3)
+      if (started !== undefined) row.push(Math.max(0, performance.now() - started) / 1000);
       this.outbox[command].push(row);
     }
     this.kick();

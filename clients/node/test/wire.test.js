@@ -85,6 +85,9 @@ test("reports go as columns: no results when all are nil, one retry when all agr
   assert.deepEqual(reportBody("COMPLETE", [[1, 2, null], [3, 4, utf8("r")]]).result, [null, utf8("r")]);
   assert.deepEqual(reportBody("FAIL", [[1, 2, "e", true], [3, 4, "f", true]]), { id: [1, 3], attempt: [2, 4], error: ["e", "f"], retry: true });
   assert.deepEqual(reportBody("FAIL", [[1, 2, "e", true], [3, 4, "f", false]]).retry, [true, false]);
+  assert.deepEqual(reportBody("COMPLETE", [[1, 2, null, 0.5], [3, 4, null, 1]]).elapsed, [0.5, 1]);
+  assert.deepEqual(reportBody("FAIL", [[1, 2, "e", true, 0.25], [3, 4, "f", true]]).elapsed, [0.25, null]);
+  assert.equal(reportBody("COMPLETE", [[1, 2, null]]).elapsed, undefined);
 });
 
 test("64-bit ids survive: uint 64 decodes to a number when exact, else a BigInt, and encodes back", () => {
