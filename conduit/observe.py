@@ -129,7 +129,7 @@ class Frame:
                 }
                 for b in self.brokers
             ],
-            "workers": [vars(w) for w in self.workers],
+            "workers": [w.as_dict() for w in self.workers],
             "problems": self.problems,
         }
 

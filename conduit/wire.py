@@ -453,6 +453,15 @@ def parse_fail(msg: Message) -> list[Failure]:
     return list(map(Failure, ids, attempts, texts, retries))
 
 
+def parse_running(msg: Message) -> int | None:
+    """HEARTBEAT's optional `running`: how many of the tasks it lists the worker runs now (the
+    rest it holds prefetched), for WORKERS; None when absent."""
+    running: int | None = get_field(msg.body, "running", int, msg.rid, None)
+    if running is not None and not 0 <= running <= MAX_BATCH:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"running must be 0 to {MAX_BATCH}", msg.rid)
+    return running
+
+
 def parse_elapsed(msg: Message, rows: int) -> list[float | None] | None:
     """COMPLETE's and FAIL's optional `elapsed`: seconds each run took as its worker measured it
     (number or nil per row, 0 to MAX_SECONDS); None when absent."""

@@ -18,6 +18,7 @@ from test_e2e import running, wait_for
 from test_store_ops import truth
 
 from conduit.client import Client, PermanentError, TaskContext, Worker
+from conduit.client.client import WorkerSeen
 from conduit.store.queries import SCHEMA_VERSION
 
 
@@ -185,7 +186,14 @@ def test_queues_depths_redrive_and_purge(start_broker, db) -> None:
 def test_workers_and_the_clients_operations(start_broker, db) -> None:
     broker = start_broker()
     gate = threading.Event()
-    worker = Worker(broker.endpoint, concurrency=1, prefetch=0, poll_timeout=1.0, worker_id="w-ops")
+    worker = Worker(
+        broker.endpoint,
+        concurrency=1,
+        prefetch=1,
+        poll_timeout=1.0,
+        heartbeat_interval=0.5,
+        worker_id="w-ops",
+    )
 
     @worker.handler("hold")
     def hold(task: TaskContext) -> None:
@@ -194,19 +202,31 @@ def test_workers_and_the_clients_operations(start_broker, db) -> None:
     with Client(broker.endpoint) as client, running(worker):
         held = client.submit("hold", b"x")
         wait_for(lambda: client.lookup([held])[0].state == "running", what="the task to run")
-        # Python: who polls, what it holds, when it was last heard
-        (seen,) = [w for w in client.workers() if w.worker == "w-ops"]
-        assert (seen.broker, seen.endpoint, seen.queues, seen.holding) == ("b1", broker.endpoint, ["hold"], 1)
+        waiting = client.submit("hold", b"z")  # prefetched behind it: the worker runs one at a time
+
+        def mine() -> list[WorkerSeen]:
+            return [w for w in client.workers() if w.worker == "w-ops"]
+
+        # Python: who polls, what it holds (running, prefetched), when it was last heard
+        wait_for(lambda: [(w.holding, w.running) for w in mine()] == [(2, 1)], what="a heartbeat of both")
+        (seen,) = mine()
+        assert (seen.broker, seen.endpoint, seen.queues, seen.prefetched) == (
+            "b1",
+            broker.endpoint,
+            ["hold"],
+            1,
+        )
         assert (seen.host, seen.pid, seen.concurrency) == (socket.gethostname(), os.getpid(), 1)
         assert seen.heard < 3.0
         out = ok(conduit(db, "workers", "--json"))["workers"]
         (row,) = [w for w in out if w["worker"] == "w-ops"]
-        assert (row["broker"], row["queues"], row["holding"], row["pid"]) == ("b1", ["hold"], 1, os.getpid())
+        assert (row["broker"], row["queues"], row["holding"], row["pid"]) == ("b1", ["hold"], 2, os.getpid())
+        assert (row["running"], row["prefetched"]) == (1, 1)
         text = conduit(db, "workers", "--connect", broker.endpoint)
         assert text.returncode == 0 and text.stdout.splitlines()[0].split()[-3:] == ["heard", "host", "pid"]
         line = text.stdout.splitlines()[1].split()
         assert line[:3] == ["w-ops", "b1", "hold"] and line[-2:] == [socket.gethostname(), str(os.getpid())]
-        assert line[5] == "1"  # its concurrency
+        assert line[4:7] == ["2", "1", "1"]  # holding, of them running, and its concurrency
         # the Client's cancel and retry, through the broker
         pending = client.submit("idle", b"y")
         assert client.cancel_many([pending, held, 10**12]) == ["ok", "ok", "unknown"]
@@ -214,6 +234,7 @@ def test_workers_and_the_clients_operations(start_broker, db) -> None:
         assert client.retry([pending]) == ["live"]
         gate.set()
         assert client.result(held, timeout=20).state == "completed"  # retried, it ran to the end
+        assert client.result(waiting, timeout=20).state == "completed"
         assert counts(db)["idle"]["pending"] == 1 == truth(db)["idle"]["pending"]
 
 

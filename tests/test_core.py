@@ -699,6 +699,11 @@ def test_workers_lists_who_polls_what_holds_what_and_when_it_was_last_heard() ->
     request(c, b"other", "HEARTBEAT", 3.5, rid=5, id=[7], attempt=[1], worker="w2")  # one that names it
     body = workers(c, 4.0)
     assert body["worker"] == ["w1", "w2"] and body["holding"] == [1, 1] and body["heard"] == [2.0, 0.5]
+    assert body["running"] == [None, None]  # neither said how many of its tasks run
+    request(c, b"other", "HEARTBEAT", 4.0, rid=6, id=[7, 8, 9], attempt=[1, 1, 1], worker="w2", running=1)
+    assert workers(c, 4.0)["running"] == [None, 1]  # one runs, two are prefetched
+    ((command, reply),) = sent(request(c, b"other", "HEARTBEAT", 4.0, rid=7, id=[7], attempt=[1], running=-1))
+    assert (command, reply["code"]) == ("ERROR", "bad_request")
     c.handle(Tick(70.0))  # silent for a minute: forgotten
     assert workers(c, 70.0)["worker"] == []
 

@@ -57,6 +57,7 @@ from conduit.wire import (
     parse_ids,
     parse_poll,
     parse_queue,
+    parse_running,
     parse_submit,
     parse_submit_key,
     results_body,
@@ -409,8 +410,9 @@ class Core:
         items = parse(msg)
         if kind == "renew":
             named = msg.body.get("worker")
+            running = parse_running(msg)
             self.peers.heartbeat(
-                peer, (item.id for item in items), now, named if isinstance(named, str) else None
+                peer, (item.id for item in items), now, named if isinstance(named, str) else None, running
             )
         else:
             self.peers.settled(peer, (item.id for item in items), now)

@@ -29,6 +29,7 @@ class Seen:
     host: str | None = None
     pid: int | None = None
     concurrency: int | None = None
+    running: int | None = None  # of `holding`, those its last heartbeat said were running
 
 
 @dataclass
@@ -51,11 +52,20 @@ class Peers:
         if peer in self._seen:
             self._seen[peer].holding.update(ids)
 
-    def heartbeat(self, peer: bytes, ids: Iterable[int], now: float, worker: str | None = None) -> None:
+    def heartbeat(
+        self,
+        peer: bytes,
+        ids: Iterable[int],
+        now: float,
+        worker: str | None = None,
+        running: int | None = None,
+    ) -> None:
         """A heartbeat lists everything the worker holds through us: it replaces what we knew.
-        It may name the worker (optional in the protocol; the reference workers do)."""
+        It may name the worker and say how many of them run (optional in the protocol; the
+        reference workers do): the rest are prefetched."""
         seen = self.heard(peer, now)
         seen.holding = set(ids)
+        seen.running = None if running is None else min(running, len(seen.holding))
         if worker and seen.worker is None:
             seen.worker = worker[:200]
 
@@ -81,4 +91,5 @@ class Peers:
             "host": [s.host for _, s in rows],
             "pid": [s.pid for _, s in rows],
             "concurrency": [s.concurrency for _, s in rows],
+            "running": [s.running for _, s in rows],
         }

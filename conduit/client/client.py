@@ -42,6 +42,16 @@ class WorkerSeen:
     host: str | None = None
     pid: int | None = None
     concurrency: int | None = None
+    running: int | None = None  # of `holding`, how many run (its last heartbeat here); the rest wait
+
+    @property
+    def prefetched(self) -> int | None:
+        """Of `holding`, those not running yet (None when the worker does not say)."""
+        return None if self.running is None else self.holding - self.running
+
+    def as_dict(self) -> dict[str, Any]:
+        """Its fields and `prefetched`, for --json."""
+        return {**vars(self), "prefetched": self.prefetched}
 
 
 @dataclass(frozen=True)
@@ -298,8 +308,9 @@ class Client:
         seen: list[WorkerSeen] = []
         for endpoint, body in self._ask_all(Command.WORKERS, timeout):
             columns = [body[name] for name in ("worker", "peer", "queues", "polls", "holding", "heard")]
-            # An older broker sends no host, pid or concurrency.
-            columns += [body.get(name) or [None] * len(columns[0]) for name in ("host", "pid", "concurrency")]
+            # An older broker sends no host, pid, concurrency or running.
+            extra = ("host", "pid", "concurrency", "running")
+            columns += [body.get(name) or [None] * len(columns[0]) for name in extra]
             seen += [WorkerSeen(str(body["broker"]), endpoint, *row) for row in zip(*columns, strict=True)]
         return seen
 

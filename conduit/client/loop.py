@@ -218,7 +218,12 @@ class Loop:
                 failover(self)
             if held:  # one that cannot even be sent (no connection) counts as unanswered
                 # Sent while the last is still awaited: an unanswered one keeps the silence going.
-                body = {"worker": self.w.worker_id, **report_body(Command.HEARTBEAT, held)}
+                running = sum(1 for t in self.running.values() if (t.id, t.attempt) not in self.lost)
+                body = {
+                    "worker": self.w.worker_id,
+                    "running": running,
+                    **report_body(Command.HEARTBEAT, held),
+                }
                 rid = self.send(Command.HEARTBEAT, body, wait=False)
                 self.heartbeats = {rid if rid is not None else -next(self.rids): held}
                 self.heartbeat_to = self.current

@@ -134,8 +134,9 @@ def render(frame: Frame, live: bool = True) -> RenderableType:
             "-" if b.gossip is None else " ".join(f"{q}:{c[1]}" for q, c in sorted(b.gossip.items())) or "0",
         )
     workers = Table(title="workers", title_justify="left", box=style, padding=(0, 1))
-    for label in ("worker", "broker", "queues", "polls", "holding", "heard"):
-        workers.add_column(label, justify="right" if label in ("polls", "holding", "heard") else "left")
+    numbers = ("polls", "holding", "running", "prefetched", "heard")
+    for label in ("worker", "broker", "queues", *numbers):
+        workers.add_column(label, justify="right" if label in numbers else "left")
     for w in sorted(frame.workers, key=lambda w: (w.worker or "", w.broker)):
         workers.add_row(
             w.worker or f"(peer {w.peer[:8]})",
@@ -143,6 +144,8 @@ def render(frame: Frame, live: bool = True) -> RenderableType:
             ",".join(w.queues) or "-",
             str(w.polls),
             f"{w.holding:,}",
+            "-" if w.running is None else f"{w.running:,}",
+            "-" if w.prefetched is None else f"{w.prefetched:,}",
             f"{w.heard:.1f}s ago",
         )
     header = Text(f"conduit top  {frame.taken_at:%Y-%m-%d %H:%M:%S} UTC", style="bold")

@@ -42,10 +42,11 @@ def workers(
     with Client(asked, curve=curve) as client:
         seen = client.workers()
     if as_json:
-        emit({"workers": [vars(w) for w in seen]})
+        emit({"workers": [w.as_dict() for w in seen]})
         return
     click.echo(
-        f"{'worker':<28}{'broker':<20}{'queues':<28}{'polls':>6}{'holding':>9}{'conc':>6}{'heard':>8}"
+        f"{'worker':<28}{'broker':<20}{'queues':<28}{'polls':>6}{'holding':>9}{'running':>9}{'conc':>6}"
+        f"{'heard':>8}"
         f"  {'host':<24}{'pid':>8}"
     )
     for w in sorted(seen, key=lambda w: (w.worker or "", w.broker)):
@@ -54,7 +55,8 @@ def workers(
         queues = ",".join(w.queues) or "-"
         conc = "-" if w.concurrency is None else w.concurrency
         pid = "-" if w.pid is None else w.pid
+        run = "-" if w.running is None else w.running
         click.echo(
-            f"{name:<28}{w.broker:<20}{queues:<28}{w.polls:>6}{w.holding:>9}{conc:>6}{heard:>8}"
+            f"{name:<28}{w.broker:<20}{queues:<28}{w.polls:>6}{w.holding:>9}{run:>9}{conc:>6}{heard:>8}"
             f"  {w.host or '-':<24}{pid:>8}"
         )

@@ -378,13 +378,17 @@ class Loop {
         this.failover();
       }
       this.heartbeats.clear();
-      const held = [...[...this.active.values()].map((a) => a.task), ...this.prefetched]
-        .filter((t) => !this.lost.has(key(t)))
-        .map((t) => [t.id, t.attempt]);
+      const running = [...this.active.values()].map((a) => a.task).filter((t) => !this.lost.has(key(t)));
+      const held = [...running, ...this.prefetched.filter((t) => !this.lost.has(key(t)))].map((t) => [
+        t.id,
+        t.attempt,
+      ]);
       this.heartbeatsAt = this.current;
       for (let i = 0; i < held.length; i += MAX_BATCH) {
         const rows = held.slice(i, i + MAX_BATCH);
-        this.heartbeats.set(this.send("HEARTBEAT", { worker: w.workerId, ...reportBody("HEARTBEAT", rows) }), rows);
+        // `running`: how many of those held run now (the rest are prefetched), for WORKERS (§6.5a).
+        const body = { worker: w.workerId, running: Math.max(0, Math.min(running.length - i, rows.length)) };
+        this.heartbeats.set(this.send("HEARTBEAT", { ...body, ...reportBody("HEARTBEAT", rows) }), rows);
       }
       for (const [rid, sent] of this.unacked) if (now - sent.sent > RESEND_AFTER) this.requeue(rid);
     }
