@@ -213,6 +213,8 @@ class Observer:
         with self._lock:
             stats = self.run("queue_stats")
             paused = self.run("paused")
+            if self._client is None:  # a dashboard page may read queues before any mesh view
+                self._live_brokers()
             latency = start_latency(self._client)
             with self._history:
                 if sample:
@@ -253,9 +255,7 @@ class Observer:
         live ones heard, and what could not be read."""
         problems: list[str] = []
         with self._lock:
-            rows: list[BrokerRow] = self.run("brokers")
-            asked = self.connect or list(dict.fromkeys(r.endpoint for r in rows if r.live))
-            client = self._client_of(asked)
+            rows, client = self._live_brokers()
             workers: list[WorkerSeen] = []
             gossip: dict[str, dict[str, list[int]]] = {}
             if client is not None:
@@ -271,9 +271,15 @@ class Observer:
 
     def frame(self) -> Frame:
         """One reading of everything; a database failure raises (there is nothing to show)."""
-        brokers, workers, problems = self.mesh()  # first: it makes the Client STATS goes through
+        brokers, workers, problems = self.mesh()
         queues = self.queues()
         return Frame(datetime.now(UTC), queues, brokers, workers, problems)
+
+    def _live_brokers(self) -> tuple[list[BrokerRow], Client | None]:
+        """The brokers table, and a Client on the live brokers (or on --connect's)."""
+        rows: list[BrokerRow] = self.run("brokers")
+        asked = self.connect or list(dict.fromkeys(r.endpoint for r in rows if r.live))
+        return rows, self._client_of(asked)
 
     def _client_of(self, endpoints: list[str]) -> Client | None:
         """A Client on these brokers, made again when the set changes (a broker came or went)."""

@@ -40,6 +40,8 @@ MAX_QUEUES = 64  # queues in one poll
 MAX_POLL_TIMEOUT = 60.0  # seconds
 MAX_ERROR_CHARS = 8_192
 MAX_NAME_CHARS = 200  # worker and broker ids
+MAX_LIST = 1_000  # rows in one page of LIST: at most ~8 MiB with every error at its longest
+MAX_SHOW = 32  # ids in one SHOW: what a broker reads at once is bounded, payloads and all
 MAX_HOST_CHARS = 255  # a POLL's host
 
 

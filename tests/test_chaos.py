@@ -49,7 +49,8 @@ def test_chaos_loses_nothing_and_completes_nothing_twice(where: str, seconds: in
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(NO_HOSTS is not None, reason=f"no test hosts: {NO_HOSTS}")
+# In CI (root, iproute2 installed by .ci/run) missing test hosts fail the test instead.
+@pytest.mark.skipif(NO_HOSTS is not None and not os.environ.get("CI"), reason=f"no test hosts: {NO_HOSTS}")
 def test_chaos_across_hosts_with_partitions_loses_nothing_and_never_stalls(tmp_path: Path) -> None:
     """--netns: brokers, workers and producers on hosts of their own, PostgreSQL through a proxy,
     and the network partitioned among the faults (seed 7 brings every kind of partition within

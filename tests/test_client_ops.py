@@ -5,6 +5,7 @@ database, and the counters still equal to the rows after a redrive and a purge."
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
 from test_e2e import running, wait_for
@@ -12,6 +13,7 @@ from test_store_ops import truth
 
 from conduit.client import AsyncClient, BrokerError, Client, PermanentError, TaskContext, Worker
 from conduit.errors import ConduitError
+from conduit.wire import Command
 
 
 def pages(list_tasks, **filters: object) -> list[tuple[list[int], str | None]]:
@@ -76,6 +78,14 @@ def test_the_client_lists_shows_redrives_and_purges_as_the_store_does(start_brok
         with pytest.raises(BrokerError) as refused:
             client.list_tasks(queue="no spaces")
         assert refused.value.code == "invalid_task"
+        for cursor in (
+            base64.urlsafe_b64encode(b'["live", 1e999]').decode(),  # an id past any integer
+            base64.urlsafe_b64encode(b"[" * 5000).decode(),  # nested past reading
+            "x" * 100_000,
+        ):
+            with pytest.raises(BrokerError) as refused:
+                client.list_tasks(after=cursor)
+            assert refused.value.code == "bad_request" and "cursor" in str(refused.value)
         with pytest.raises(ConduitError, match="not valid"):
             client.purge("no spaces")  # checked before anything is sent
         assert client.queues() == {"ops": {"completed": 1, "cancelled": 6}}  # the refusals changed nothing
@@ -96,3 +106,20 @@ def test_the_async_client_has_the_same_operations(start_broker, db) -> None:
 
     asyncio.run(main())
     wait_for(lambda: truth(db) == {"aops": {"cancelled": 3}}, what="the counters to settle")
+
+
+def test_show_answers_big_tasks_in_as_many_replies_as_they_need(start_broker, db) -> None:
+    """SHOW takes a few ids at a time, and a reply holds at most 8 MiB of payloads: the Client asks
+    again for the rest, so any number of tasks of any size comes back, in order."""
+    broker = start_broker()
+    with Client(broker.endpoint) as client:
+        big = [client.submit("big", bytes([i]) * 1_000_000, delay=3600) for i in range(12)]
+        small = client.submit_batch("big", [b"s%d" % i for i in range(40)], delay=3600)
+        asked = [*big, 10**12, *small]
+        details = client.show(asked)
+        assert [d.id for d in details] == [*big, *small]
+        assert [len(d.payload or b"") for d in details[:12]] == [1_000_000] * 12
+        assert details[12].payload == b"s0"
+        with pytest.raises(BrokerError) as refused:  # a raw SHOW of too many ids is refused
+            client._request(Command.SHOW, {"ids": small[:33]}, retry_safe=True)
+        assert refused.value.code == "too_large"

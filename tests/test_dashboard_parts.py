@@ -52,3 +52,17 @@ def test_sessions_and_form_tokens_are_signed_with_the_token() -> None:
     assert guard.session_of("s2" + cookie[2:]) is None  # the id is what is signed
     assert guard.csrf_for("s1") != guard.csrf_for("s2") and len(guard.csrf_for("s1")) == 32
     assert guard.csrf_for("s1") != other.csrf_for("s1") and guard.csrf_for(None) == ""
+
+
+def test_any_text_a_request_carries_is_compared_without_error() -> None:
+    """Non-ASCII tokens, cookies and form fields are refused, not a 500 (compare_digest raises on them)."""
+    guard = Guard("one-token")
+    assert not guard.token_matches("é-token")
+    assert guard.session_of("s.é") is None
+    assert guard.token_matches("one-token")
+
+
+def test_a_payload_nested_past_reading_previews_as_hex() -> None:
+    deep = preview(b"\x91" * 5000 + b"\xc0")  # msgpack arrays inside arrays, 5,000 deep
+    assert deep.msgpack is None and deep.hex
+    assert preview(b"[" * 100_000).json is None  # the same in JSON

@@ -4,6 +4,7 @@ server would be. A client given one broker on another host finds all three and u
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,8 @@ from conduit.client import Client, TaskContext, Worker
 from conduit.task import TaskSpec
 
 WHY = unavailable()
-needs_hosts = pytest.mark.skipif(WHY is not None, reason=f"no test hosts: {WHY}")
+# In CI (root, iproute2 installed by .ci/run) missing test hosts fail the tests instead.
+needs_hosts = pytest.mark.skipif(WHY is not None and not os.environ.get("CI"), reason=f"no test hosts: {WHY}")
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ class Config:
 
 DEMAND_MEMORY = 1.0  # seconds a served poll counts as demand, so prefetch continues between polls
 WRITE_RETRY_PAUSE = 0.5  # seconds between write attempts while the database fails
-MAX_OPERATIONS = 32  # LIST, PURGE, ... waiting for the ops thread; beyond: "busy"
+MAX_OPERATIONS = 32  # LIST, PURGE, PAUSE, ... waiting for their database thread; beyond: "busy"
 NOTIFY_EVERY = 0.1  # at most one wake-up per queue this often: NOTIFY takes a global lock at commit
 GOSSIP_SOONEST = 0.1  # a big change is published at once, but not more often than this
 MAX_DELIVERY_BYTES = 8 * 1024 * 1024  # payload bytes in one DELIVER (under the peer's MAXMSGSIZE)
@@ -330,8 +330,10 @@ class Core:
                 self._on_paused(*self.pauses.read(queues), now, out)
                 self._read_paused(now, out)
             case PauseSet(peer, rid, _, _, error, now) if error is not None:
+                self._operating -= 1
                 out.append(Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"pause failed: {error}", rid)))
             case PauseSet(peer, rid, changed, queues, _, now):
+                self._operating -= 1
                 self._on_paused(*self.pauses.apply(queues), now, out)
                 outcome = "ok" if changed else "unchanged"
                 out.append(Send(peer, encode(Command.ACK, {"rid": rid, "outcomes": [outcome]})))
@@ -372,11 +374,7 @@ class Core:
             return
         if msg.command in OPERATIONS:
             operation = parse_operation(msg)
-            if self._operating >= MAX_OPERATIONS:
-                raise ProtocolError(
-                    ErrorCode.BUSY, "broker has too many operations running; retry shortly", rid
-                )
-            self._operating += 1
+            self._start_operation(rid)
             out.append(Operate(peer, rid, operation))
             return
         if msg.command is Command.WORKERS:
@@ -395,7 +393,9 @@ class Core:
             self._on_poll(peer, rid, parse_poll(msg), now, out)
             return
         if msg.command in (Command.PAUSE, Command.RESUME):
-            out.append(SetPaused(peer, rid, parse_queue(msg), msg.command is Command.PAUSE))
+            queue = parse_queue(msg)
+            self._start_operation(rid)  # bounded like operations: they share the keeper with renewals
+            out.append(SetPaused(peer, rid, queue, msg.command is Command.PAUSE))
             return
         if len(self._pending.requests) >= self.config.max_queued_requests:
             raise ProtocolError(ErrorCode.BUSY, "broker write queue is full; retry shortly", rid)
@@ -418,6 +418,11 @@ class Core:
             self.peers.settled(peer, (item.id for item in items), now)
         elapsed = parse_elapsed(msg, len(items)) if kind in ("complete", "fail") else None
         self._pending.add_request(peer, rid, kind, items, elapsed)
+
+    def _start_operation(self, rid: int) -> None:
+        if self._operating >= MAX_OPERATIONS:
+            raise ProtocolError(ErrorCode.BUSY, "broker has too many operations running; retry shortly", rid)
+        self._operating += 1
 
     def _on_submit(self, peer: bytes, rid: int, specs: list[TaskSpec], key: str | None, now: float) -> None:
         """Due tasks of a queue at the end of its backlog (no older task due) that this broker has

@@ -17,6 +17,8 @@ from conduit.store import Store
 from conduit.tables import columns
 from conduit.task import STATES, TaskDetail, TaskRow
 from conduit.wire import (
+    MAX_LIST,
+    MAX_SHOW,
     Command,
     ErrorCode,
     Message,
@@ -27,7 +29,7 @@ from conduit.wire import (
     parse_queue,
 )
 
-MAX_LIST = 10_000  # rows in one page of LIST
+REPLY_BUDGET = 8 * 1024 * 1024  # bytes of payloads, results and errors in one TASK_DETAILS
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,10 @@ class Operation:
 def parse_operation(msg: Message) -> Operation:
     rid, body = msg.rid, msg.body
     if msg.command is Command.SHOW:
-        return Operation(msg.command, {"ids": parse_ids(msg)})
+        ids = parse_ids(msg)
+        if len(ids) > MAX_SHOW:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"SHOW takes at most {MAX_SHOW} ids", rid)
+        return Operation(msg.command, {"ids": ids})
     if msg.command in (Command.REDRIVE, Command.PURGE):
         return Operation(msg.command, {"queue": parse_queue(msg)})
     if msg.command is Command.QUEUES:
@@ -84,7 +89,17 @@ def _list(store: Store, args: dict[str, Any]) -> tuple[Command, dict[str, Any]]:
 
 
 def _show(store: Store, args: dict[str, Any]) -> tuple[Command, dict[str, Any]]:
-    return Command.TASK_DETAILS, columns(TaskDetail, store.show(args["ids"]))
+    """As many of the tasks as fit the reply budget (always the first); `rest`: the ids asked for
+    from the first left out on, to ask again."""
+    details = store.show(args["ids"])
+    size = 0
+    for kept, d in enumerate(details):
+        size += sum(len(v) for v in (d.payload, d.result, d.error) if v is not None)
+        if size > REPLY_BUDGET and kept:
+            asked = list(dict.fromkeys(args["ids"]))
+            rest = asked[asked.index(d.id) :]
+            return Command.TASK_DETAILS, {**columns(TaskDetail, details[:kept]), "rest": rest}
+    return Command.TASK_DETAILS, {**columns(TaskDetail, details), "rest": []}
 
 
 def _redrive(store: Store, args: dict[str, Any]) -> tuple[Command, dict[str, Any]]:

@@ -108,6 +108,9 @@ class _DatabaseThread(threading.Thread):
                     if retry and broken and reused:
                         continue  # a write is never repeated: it may have committed
                     event = on_error(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                except Exception as exc:  # a fault of ours, not the database's: answer it, keep serving
+                    logger.exception("job_failed thread=%s", self.name)
+                    event = on_error(f"internal: {type(exc).__name__}")
                 break
             if event is not None:
                 self._post(event)
@@ -387,8 +390,13 @@ class Broker:
             store.renew_broker(self.owner, self.config.lease_term)
         except BrokerLeaseLost:
             return LeaseRenewed(False, started, time.monotonic())
-        self._post(PeersRead(tuple(store.broker_peers(self.config.broker_id))))  # brokers come and go
+        # Brokers come and go: read them next, as a job of its own, so that a failed read of them
+        # is only that (it leaves the lease renewed, and the peers as last read).
+        self._threads["keeper"].submit(self._read_peers, _ignore, read_only=True)
         return LeaseRenewed(True, started, time.monotonic())
+
+    def _read_peers(self, store: Store) -> Event:
+        return PeersRead(tuple(store.broker_peers(self.config.broker_id)))
 
     def _acquire(self, store: Store) -> BrokerLease:
         pub = self.config.pub_endpoint or None
@@ -468,6 +476,10 @@ def _set_paused(peer: bytes, rid: int, queue: str, paused: bool, store: Store) -
 
 def _set_paused_failed(peer: bytes, rid: int, error: str) -> Event:
     return PauseSet(peer, rid, False, None, error, time.monotonic())
+
+
+def _ignore(error: str) -> None:
+    return None
 
 
 def _renew_failed(started: float, error: str) -> Event:

@@ -19,7 +19,7 @@ from conduit.endpoints import check_endpoint
 from conduit.errors import ConduitError
 from conduit.tables import records
 from conduit.task import FINAL_STATES, Page, TaskDetail, TaskRow, TaskSpec, check_queue_name
-from conduit.wire import MAX_BATCH, Command, submit_body
+from conduit.wire import MAX_BATCH, MAX_SHOW, Command, submit_body
 
 MOVE_ON = frozenset({"shutting_down", "busy", "bad_version"})  # nothing was done: try another broker
 P = ParamSpec("P")
@@ -360,9 +360,11 @@ class Client:
     def show(self, ids: Sequence[int]) -> list[TaskDetail]:
         """All that is kept about each task found, in the order of `ids` (unknown ones left out)."""
         details: list[TaskDetail] = []
-        for start in range(0, len(ids), MAX_BATCH):
-            body = {"ids": list(ids[start : start + MAX_BATCH])}
-            details += records(TaskDetail, self._request(Command.SHOW, body, retry_safe=True))
+        todo = list(dict.fromkeys(ids))
+        while todo:  # a few ids a request, and fewer when their payloads are big (`rest`)
+            reply = self._request(Command.SHOW, {"ids": todo[:MAX_SHOW]}, retry_safe=True)
+            details += records(TaskDetail, reply)
+            todo = list(reply.get("rest") or ()) + todo[MAX_SHOW:]
         return details
 
     def redrive(self, queue: str, timeout: float = 300.0) -> int:

@@ -1,4 +1,4 @@
-"""What `Client.stats()` returns: one broker's STATS reply (docs/PROTOCOL.md §6.5c), as objects.
+"""What `Client.stats()` returns: one broker's STATS reply (docs/PROTOCOL.md §6.5d), as objects.
 
 A broker answers from memory, so these are cheap to ask for every second (`conduit top` does).
 Totals count since that broker started; a restarted broker starts again from zero.

@@ -51,7 +51,14 @@ def preview(data: bytes) -> Preview:
     try:
         value = msgpack.unpackb(data, raw=False, strict_map_key=False)
         as_msgpack = _cut(json.dumps(_plain(value), indent=2, ensure_ascii=False, default=repr))
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError):
+    except (
+        ValueError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        TypeError,
+        RecursionError,
+    ):
         pass
     try:
         text: str | None = data.decode("utf-8")
@@ -59,7 +66,7 @@ def preview(data: bytes) -> Preview:
         text = None
     as_json = None
     if text is not None:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):  # not JSON, or nested past reading
             as_json = _cut(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
     lines = [
         f"{offset:08x}  {data[offset : offset + 16].hex(' '):<47}  "

@@ -41,6 +41,12 @@ HEADERS = {
 }
 
 
+def same(given: str, expected: str) -> bool:
+    """A constant-time comparison that takes any text a request carries (compare_digest raises on
+    non-ASCII str: a 500 where a refusal is due)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8", "replace"))
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
@@ -58,7 +64,7 @@ class Guard:
     def session_of(self, cookie: str | None) -> str | None:
         """The session id a cookie proves, or None for a missing or forged one."""
         session, _, signature = (cookie or "").partition(".")
-        if session and hmac.compare_digest(signature, self._sign("session:" + session)):
+        if session and same(signature, self._sign("session:" + session)):
             return session
         return None
 
@@ -67,10 +73,10 @@ class Guard:
 
     def bearer(self, request: Request) -> bool:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
+        return scheme.lower() == "bearer" and same(value.strip(), self.token)
 
     def token_matches(self, given: str) -> bool:
-        return hmac.compare_digest(given, self.token)
+        return same(given, self.token)
 
 
 class TokenGate:
@@ -133,6 +139,6 @@ async def action_form(request: Request, guard: Guard) -> dict[str, list[str]]:
     session = request.state.session
     if session is not None:  # the bearer header needs no form token (rule 3)
         sent = (fields.get("csrf") or [""])[0]
-        if not hmac.compare_digest(sent, guard.csrf_for(session)):
+        if not same(sent, guard.csrf_for(session)):
             raise Refused("missing or wrong form token (reload the page)")
     return fields

@@ -31,6 +31,7 @@ from conduit.task import (
 )
 
 PURGE_BATCH = 10_000
+MAX_CURSOR = 1_000  # characters: a cursor holds an id, a queue name, a priority and a time
 # Statements that read `tasks` by id or in order, planned at every run for the buckets as they are
 # (see queries.sql): a plan cached while a bucket looked small scans, hashes or sorts all of it
 # once it fills. A bucketed one is planned for its one partition, which costs little.
@@ -230,6 +231,8 @@ def _keyset(kind: str, after: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {"k_id": None, "k_queue": None, "k_priority": None, "k_at": None}
     if after is None:
         return params
+    if len(after) > MAX_CURSOR:
+        raise BadCursor("cursor is not one this listing printed: far too long")
     try:
         key = json.loads(base64.urlsafe_b64decode(after + "=" * (-len(after) % 4)))
         if key[0] != kind:
@@ -239,6 +242,6 @@ def _keyset(kind: str, after: str | None) -> dict[str, Any]:
             params |= {"k_queue": str(key[2]), "k_priority": int(key[3])}
         if kind != "live":
             params["k_at"] = datetime.fromisoformat(key[-1])
-    except (ValueError, TypeError, IndexError, KeyError):
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError):
         raise BadCursor(f"cursor {after!r} is not one this listing printed") from None
     return params
