@@ -14,11 +14,15 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from netns.hosts import Network, unavailable
+from netns.pgproxy import PgProxy
 from test_e2e import running, wait_for
 
 from conduit.broker.gate import AllowList
 from conduit.client import BrokerTimeout, Client, TaskContext, Worker
 from conduit.curve import ClientCurve, new_keys, read_keypair, read_public
+
+NO_HOSTS = unavailable()
 
 
 def conduit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -151,13 +155,13 @@ def test_a_key_added_to_the_allow_list_works_without_a_restart(keys: Keys, start
     assert log.count("event=curve_allow_loaded") >= 2 and "keys=2" in log
 
 
-def _captured(port: int, submit: object, tmp_path: Path) -> bytes:
-    """The bytes tshark saw on loopback to and from `port` while `submit()` ran."""
+def _captured(port: int, submit: object, tmp_path: Path, interface: str = "lo") -> bytes:
+    """The bytes tshark saw on `interface` to and from `port` while `submit()` ran."""
     if shutil.which("tshark") is None:
         pytest.skip("tshark is not installed (apt-get install tshark)")
     pcap = tmp_path / f"{port}.pcap"
     capture = subprocess.Popen(
-        ["tshark", "-i", "lo", "-f", f"tcp port {port}", "-w", str(pcap)],
+        ["tshark", "-i", interface, "-f", f"tcp port {port}", "-w", str(pcap)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -196,6 +200,43 @@ def test_a_capture_of_the_broker_port_shows_the_payload_only_without_curve(
     seen = _captured(port, submit, tmp_path)
     assert db.query("SELECT count(*) FROM tasks")[0][0] == 1  # the submit went through either way
     assert (b"CURVE" if secure else b"NULL") in seen  # the ZMTP greeting names the mechanism: captured
+    assert (payload in seen) is not secure
+    assert (payload[-16:] in seen) is not secure
+
+
+@pytest.mark.skipif(NO_HOSTS is not None and not os.environ.get("CI"), reason=f"no test hosts: {NO_HOSTS}")
+@pytest.mark.parametrize("secure", [True, False])
+def test_a_capture_on_the_test_bridge_shows_the_payload_only_without_curve(
+    keys: Keys, db, tmp_path: Path, secure: bool
+) -> None:
+    """As above, across hosts: a client host submits to a broker host, and tshark listens on the
+    test network's bridge only, where their traffic is all there is."""
+    with Network(brokers=1, workers=0, clients=1) as net:
+        proxy = PgProxy(db.dsn, net.db_gateway).start()
+        argv = [sys.executable, "-m", "conduit", "broker", *net.broker_options("b1")]
+        argv += ["--broker-id", "b1", "--dsn", proxy.dsn(), "--schema", db.schema]
+        if secure:
+            argv += ["--curve-secret", str(keys.server_secret), "--curve-allow", str(keys.allow)]
+        broker = net.popen("b1", argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            endpoint = broker.stdout.readline().strip()  # type: ignore[union-attr]
+            assert endpoint == f"tcp://{net.host('b1').address}:5555", endpoint
+            payload = f"conduit-known-payload-{uuid.uuid4().hex}".encode()
+            with net.enter("c1"):
+                client = Client([endpoint], curve=keys.client("app") if secure else None, timeout=10)
+
+            def submit() -> None:
+                with client:
+                    client.submit("wire", payload)
+
+            seen = _captured(5555, submit, tmp_path, interface=net.bridges[0])
+        finally:
+            broker.terminate()
+            broker.wait(30)
+            broker.stdout.close()  # type: ignore[union-attr]
+            proxy.close()
+    assert db.query("SELECT count(*) FROM tasks")[0][0] == 1  # the submit went through either way
+    assert (b"CURVE" if secure else b"NULL") in seen
     assert (payload in seen) is not secure
     assert (payload[-16:] in seen) is not secure
 
