@@ -702,6 +702,8 @@ def test_workers_lists_who_polls_what_holds_what_and_when_it_was_last_heard() ->
     assert body["running"] == [None, None]  # neither said how many of its tasks run
     request(c, b"other", "HEARTBEAT", 4.0, rid=6, id=[7, 8, 9], attempt=[1, 1, 1], worker="w2", running=1)
     assert workers(c, 4.0)["running"] == [None, 1]  # one runs, two are prefetched
+    request(c, b"other", "COMPLETE", 4.5, rid=8, id=[7, 8, 9], attempt=[1, 1, 1])
+    assert workers(c, 4.5)["running"] == [None, 0] and workers(c, 4.5)["holding"] == [1, 0]
     ((command, reply),) = sent(request(c, b"other", "HEARTBEAT", 4.0, rid=7, id=[7], attempt=[1], running=-1))
     assert (command, reply["code"]) == ("ERROR", "bad_request")
     c.handle(Tick(70.0))  # silent for a minute: forgotten

@@ -65,7 +65,7 @@ class Peers:
         reference workers do): the rest are prefetched."""
         seen = self.heard(peer, now)
         seen.holding = set(ids)
-        seen.running = None if running is None else min(running, len(seen.holding))
+        seen.running = running
         if worker and seen.worker is None:
             seen.worker = worker[:200]
 
@@ -91,5 +91,6 @@ class Peers:
             "host": [s.host for _, s in rows],
             "pid": [s.pid for _, s in rows],
             "concurrency": [s.concurrency for _, s in rows],
-            "running": [s.running for _, s in rows],
+            # reports since the heartbeat took some of them away: they ran, so the rest still run
+            "running": [None if s.running is None else min(s.running, len(s.holding)) for _, s in rows],
         }
