@@ -293,14 +293,23 @@ class CpuMeter:
 
     def __enter__(self) -> CpuMeter:
         self._before = self._read()
+        self._stopped = False
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """The scenario's work is done: what comes after (the bench reading every task's times
+        back, 100 µs of PostgreSQL a task in a burst) is the bench's, not Conduit's."""
+        if self._stopped:
+            return
+        self._stopped = True
         after = self._read()
         self.seconds = {
             role: sum(t - self._before[role].get(pid, 0.0) for pid, t in pids.items())
             for role, pids in after.items()
         }
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class PayloadClient:
@@ -334,7 +343,9 @@ class Measured(NamedTuple):
     detail: dict[str, Any] | None = None
 
 
-Body = Callable[[Any, Store, list[int]], Measured]  # (client, store, worker pids)
+# (client, store, worker pids, done): a body calls done() once its tasks are all done, before it
+# reads their times back, so that reading is left out of the CPU figures.
+Body = Callable[[Any, Store, list[int], Callable[[], None]], Measured]
 
 
 Prefill = Callable[[Any], None]  # (client): submits a drain's tasks before any worker starts
@@ -396,7 +407,7 @@ def run_conduit(
                         RssSampler(brokers_pids) as rss,
                         CpuMeter({"brokers": brokers_pids, "workers": workers_pids}) as cpu,
                     ):
-                        measured = body(producer, store, workers_pids)
+                        measured = body(producer, store, workers_pids, cpu.stop)
                     note = "; ".join(filter(None, [measured.note, redeliveries(store)]))
             finally:
                 began = time.monotonic()
@@ -484,8 +495,8 @@ def fill_backlog(dsn: str, schema: str, tasks: int, payload: bytes) -> None:
 
 
 def burst(plan: Plan) -> Body:
-    def body(client: Any, store: Store, _: list[int]) -> Measured:
-        return Measured(demo.burst(client, store, plan.tasks, plan.batch, plan.producers))
+    def body(client: Any, store: Store, _: list[int], done: Callable[[], None]) -> Measured:
+        return Measured(demo.burst(client, store, plan.tasks, plan.batch, plan.producers, done))
 
     return body
 
@@ -509,8 +520,9 @@ def drain(plan: Plan) -> tuple[Prefill, Body]:
                 ids.extend(batch)
                 bar.update(len(batch))
 
-    def body(client: Any, store: Store, _: list[int]) -> Measured:
+    def body(client: Any, store: Store, _: list[int], done: Callable[[], None]) -> Measured:
         wait_done(store, 0, len(ids))
+        done()
         times = demo._times(store, ids)
         began = min(started for started, _ in times.values())
         ended = max(finished for _, finished in times.values())
@@ -520,8 +532,8 @@ def drain(plan: Plan) -> tuple[Prefill, Body]:
 
 
 def sync_match(plan: Plan) -> Body:
-    def body(client: Any, store: Store, _: list[int]) -> Measured:
-        return Measured(demo.sync_match(client, store, plan.single))
+    def body(client: Any, store: Store, _: list[int], done: Callable[[], None]) -> Measured:
+        return Measured(demo.sync_match(client, store, plan.single, done))
 
     return body
 
@@ -531,7 +543,7 @@ def steady(plan: Plan) -> Body:
     task's latency counts from when the schedule said to send it, so a producer that falls
     behind (a slow submit) adds its delay to every task after it (no coordinated omission)."""
 
-    def body(client: Any, store: Store, _: list[int]) -> Measured:
+    def body(client: Any, store: Store, _: list[int], done: Callable[[], None]) -> Measured:
         tasks = max(1, int(plan.rate * plan.steady_seconds))
         sent_at: dict[int, float] = {}
         producers = plan.steady_producers
@@ -563,6 +575,7 @@ def steady(plan: Plan) -> Body:
                 f.result()  # a producer's error, raised here
             bar.update(tasks - seen)
         wait_done(store, done_before, tasks)
+        done()
         times = demo._times(store, list(sent_at))
         figures = demo._figures(sent_at, times, max(f for _, f in times.values()) - began)
         note = f"offered {plan.rate:,.0f}/s; producers fell behind by {max(lag) * 1000:,.1f} ms at most"
@@ -594,7 +607,7 @@ def paced(plan: Plan) -> Body:
     ran `concurrency` tasks per 100 ms poll tick) falls behind and sits on its tasks, which a
     saturated burst never shows (a stream of deliveries wakes every worker)."""
 
-    def body(client: Any, store: Store, workers: list[int]) -> Measured:
+    def body(client: Any, store: Store, workers: list[int], done: Callable[[], None]) -> Measured:
         interval = plan.paced_batch / plan.paced_rate
         batches = max(1, round(plan.paced_seconds / interval))
         rng = random.Random(12)  # the same load every run
@@ -616,6 +629,7 @@ def paced(plan: Plan) -> Body:
                 sent_at.update(dict.fromkeys(client.client.submit_many(specs), due))
         last = time.time()
         wait_done(store, done_before, len(sent_at), until=last + PACED_DRAIN)
+        done()
         runs = paced_runs(store, list(sent_at))
         if not runs:
             raise click.ClickException("paced: no task completed")
@@ -803,9 +817,11 @@ def metrics_run(dsn: str, plan: Plan, rounds: int) -> dict[str, Any]:
             port = metrics_cost.free_port()
             scraper = metrics_cost.Scraper(port)
 
-            def scraped(client: Any, store: Store, pids: list[int], s: Any = scraper) -> Measured:
+            def scraped(
+                client: Any, store: Store, pids: list[int], done: Callable[[], None], s: Any = scraper
+            ) -> Measured:
                 with s:
-                    return burst(plan)(client, store, pids)
+                    return burst(plan)(client, store, pids, done)
 
             served.append(
                 run_conduit(dsn, plan, name, 1, scraped, broker_args=["--metrics", f"127.0.0.1:{port}"])

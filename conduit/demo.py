@@ -11,7 +11,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -108,9 +108,15 @@ class Cluster:
                     proc.stdout.close()
 
 
-def burst(client: Client, store: Store, tasks: int, batch: int, producers: int) -> Figures:
+def _nothing() -> None:
+    return None
+
+
+def burst(
+    client: Client, store: Store, tasks: int, batch: int, producers: int, done: Callable[[], None] = _nothing
+) -> Figures:
     """Submit `tasks` in batches from several threads, as fast as commits allow; workers drain
-    them as they arrive."""
+    them as they arrive. `done` is called once they all have, before their times are read."""
     sent_at: dict[int, float] = {}
     done_before = _completed(store)
     sizes = [min(batch, tasks - start) for start in range(0, tasks, batch)]
@@ -135,12 +141,13 @@ def burst(client: Client, store: Store, tasks: int, batch: int, producers: int) 
             now_done = _completed(store) - done_before
             bar.update(now_done - seen)
             seen = now_done
+    done()
     times = _times(store, list(sent_at))
-    done = max(f for _, f in times.values())
-    return _figures(sent_at, times, done - began)
+    last = max(f for _, f in times.values())
+    return _figures(sent_at, times, last - began)
 
 
-def sync_match(client: Client, store: Store, tasks: int) -> Figures:
+def sync_match(client: Client, store: Store, tasks: int, done: Callable[[], None] = _nothing) -> Figures:
     """One task at a time to idle workers: the submit-to-start latency a waiting worker sees."""
     sent_at: dict[int, float] = {}
     began = time.time()
@@ -151,7 +158,9 @@ def sync_match(client: Client, store: Store, tasks: int) -> Figures:
             sent_at[task_id] = t
             client.result(task_id, timeout=30)
             bar.update(1)
-    return _figures(sent_at, _times(store, list(sent_at)), time.time() - began)
+    seconds = time.time() - began
+    done()
+    return _figures(sent_at, _times(store, list(sent_at)), seconds)
 
 
 def _completed(store: Store) -> int:
