@@ -45,6 +45,9 @@ RESEND_AFTER = 5.0  # seconds without an ACK before a complete or fail is sent a
 MAX_UNACKED = 2  # report messages awaiting their commit; later outcomes wait and go together
 REFUSED_PAUSE = 0.1  # after a refusal (busy, database down), wait this long before sending again
 STOP_GRACE = 30.0  # on stop, how long to keep resending unacknowledged reports before giving up
+# Brokers' silence counts in heartbeats (seconds), so it is checked every 10 ms, not on every turn:
+# in a burst the loop turns once a task or two, and each check polled every link's sockets.
+CHECK_EVERY = 0.01
 
 
 class Loop:
@@ -96,6 +99,7 @@ class Loop:
         self.heartbeat_misses = 0
         self.unpinged = set(worker.endpoints)  # to ask where they gossip, until they answer
         self.next_discovery = 0.0
+        self.next_check = 0.0
         self.wrong_version: set[str] = set()  # brokers of another protocol version, told once
         self.alone_failovers = 0  # in a row, with no other broker to go to: polls back off
         self.poll_after = 0.0
@@ -176,7 +180,9 @@ class Loop:
                 self.receive(link)
             self.collect()
             self.metrics.running, self.metrics.prefetched = len(self.running), len(self.prefetched)
-            check_brokers(self)
+            if (now := time.monotonic()) >= self.next_check:
+                self.next_check = now + CHECK_EVERY
+                check_brokers(self)
 
     def step_out(self) -> None:
         """Start what can run, give back what will not, ask for more, heartbeat."""
