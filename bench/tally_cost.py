@@ -30,14 +30,12 @@ def per_task(call: Callable[[], object]) -> float:
 def main() -> None:
     tally = Tally()
     submit = WriteBatch(
-        submits=[SubmitOp(b"c", 1, [TaskSpec("q", b"x")] * BATCH, [None] * BATCH, [True] * BATCH)],
-        requests=[(b"c", 1)],
+        submits=[SubmitOp(b"c", 1, [TaskSpec("q", b"x")] * BATCH, [None] * BATCH, [True] * BATCH)]
     )
     submitted = WriteResult([[Submitted(i, True, True) for i in range(BATCH)]], [])
     elapsed = [0.00123] * BATCH
     complete = WriteBatch(
-        ops=[RequestOp(b"w", 2, "complete", [Completion(i, 1) for i in range(BATCH)], list(elapsed))],
-        requests=[(b"w", 2)],
+        ops=[RequestOp(b"w", 2, "complete", [Completion(i, 1) for i in range(BATCH)], list(elapsed))]
     )
     completed = WriteResult([], [[Outcome.OK] * BATCH], {"completed": {"q": BATCH}})
     report = decode(

@@ -22,7 +22,7 @@ from conduit.broker.events import (
     Tick,
     Written,
 )
-from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
+from conduit.broker.writes import REPORTS, SUBMITS, SubmitOp, WriteBatch, WriteResult
 from conduit.store import BrokerLease, Peer
 from conduit.task import Ack, LeasedTask, Outcome, Submitted, TaskSpec
 from conduit.wire import DELIVER_COLUMNS, PREVIOUS, PROTOCOL, Command, decode, encode
@@ -275,6 +275,26 @@ def test_writes_arriving_during_a_commit_go_into_the_next_one() -> None:
         ("ACK", {"rid": 2, "outcomes": ["stale"]}),
         ("ACK", {"rid": 3, "outcomes": ["ok"]}),
     ]
+
+
+def test_submits_and_reports_commit_in_lanes_of_their_own() -> None:
+    """A submit never waits behind a commit of completions, nor a completion behind a submit's:
+    each lane has one commit in flight, and what arrives meanwhile waits for that lane's next."""
+    c = make_core()
+    (report,) = of(request(c, WORKER, "COMPLETE", rid=1, id=[1], attempt=[1]), core.Write)
+    (submit,) = of(request(c, CLIENT, "SUBMIT", rid=2, queue="q", payload=[b"x"]), core.Write)
+    assert (report.lane, submit.lane) == (REPORTS, SUBMITS)
+    assert [op.rid for op in submit.batch.submits] == [2] and submit.batch.ops == []
+    assert [op.rid for op in report.batch.ops] == [1] and report.batch.submits == []
+    assert of(request(c, CLIENT, "SUBMIT", rid=3, queue="q", payload=[b"y"]), core.Write) == []
+    assert of(request(c, WORKER, "COMPLETE", rid=4, id=[2], attempt=[1]), core.Write) == []
+    actions = c.handle(Written(submit.batch, WriteResult([[Submitted(7, True)]], []), None, 0.1))
+    assert sent(actions, CLIENT) == [("SUBMITTED", {"rid": 2, "ids": [7], "created": [True]})]
+    (next_submit,) = of(actions, core.Write)  # the completion still waits for its own lane
+    assert (next_submit.lane, [op.rid for op in next_submit.batch.submits]) == (SUBMITS, [3])
+    actions = c.handle(Written(report.batch, WriteResult([], [[Outcome.OK]]), None, 0.2))
+    (next_report,) = of(actions, core.Write)
+    assert (next_report.lane, [op.rid for op in next_report.batch.ops]) == (REPORTS, [4])
 
 
 def test_a_full_write_queue_answers_busy() -> None:
@@ -660,7 +680,7 @@ def test_a_sync_matched_task_is_never_inside_a_backlog_span() -> None:
     # a submit sync matched to it before the backlog existed, committed after it did
     op = SubmitOp(CLIENT, 6, [TaskSpec("q", b"m")], [key], [True])
     c._waiters[key].reserved = 1
-    batch = WriteBatch(submits=[op], requests=[(CLIENT, 6)])
+    batch = WriteBatch(submits=[op])
     actions = c.handle(Written(batch, WriteResult([[Submitted(15, True, True)]], []), None, 0.08))
     assert [i for _, body in sent(actions, WORKER) for i in body["id"]] == [15]
     submit_and_commit(c, 1, 0.09, 16, rid=7)

@@ -36,7 +36,7 @@ from conduit.broker.operations import OPERATIONS, Operation, parse_operation
 from conduit.broker.pauses import PAUSED_NOTICE, Pauses
 from conduit.broker.peers import Peers
 from conduit.broker.tally import Tally
-from conduit.broker.writes import SubmitOp, WriteBatch, WriteResult
+from conduit.broker.writes import LANES, REPORTS, SUBMITS, SubmitOp, WriteBatch, WriteResult
 from conduit.store import BrokerLease
 from conduit.task import Ack, Completion, Failure, LeasedTask, Submitted, TaskSpec
 from conduit.wire import (
@@ -118,6 +118,7 @@ class Send:
 @dataclass(frozen=True)
 class Write:
     batch: WriteBatch
+    lane: str  # writes.SUBMITS or REPORTS: each lane has a connection, and one commit in flight
 
 
 @dataclass(frozen=True)
@@ -261,8 +262,8 @@ class Core:
         # lease timeout, they are expired as failed runs.
         self._delivered: dict[int, tuple[int, str, float, str]] = {}  # id -> attempt, worker, deadline, queue
         self._next_expiry = math.inf  # no delivery's deadline is earlier: ticks skip the scan till then
-        self._writing: WriteBatch | None = None
-        self._write_started = 0.0  # when the write in flight was issued
+        self._writing: dict[str, WriteBatch | None] = dict.fromkeys(LANES)  # in flight, by lane
+        self._write_started = dict.fromkeys(LANES, 0.0)  # when each lane's write was issued
         self._next_renew = 0.0
         self._renewing = False
         self._next_reap = 0.0
@@ -397,7 +398,7 @@ class Core:
             self._start_operation(rid)  # bounded like operations: they share the keeper with renewals
             out.append(SetPaused(peer, rid, queue, msg.command is Command.PAUSE))
             return
-        if len(self._pending.requests) >= self.config.max_queued_requests:
+        if len(self._pending.submits) + len(self._pending.ops) >= self.config.max_queued_requests:
             raise ProtocolError(ErrorCode.BUSY, "broker write queue is full; retry shortly", rid)
         if msg.command is Command.SUBMIT:
             specs = parse_submit(msg, self.config.max_payload_bytes)
@@ -452,7 +453,6 @@ class Core:
             waiters.append(waiter.key if waiter else None)
             owned.append(hold)
         self._pending.submits.append(SubmitOp(peer, rid, specs, waiters, owned, key))
-        self._pending.requests.append((peer, rid))
 
     def _holdable(self, name: str, now: float) -> bool:
         """May tasks just submitted to this queue be held by this broker (in its buffer, or in its own
@@ -635,28 +635,37 @@ class Core:
     # -- commits -----------------------------------------------------------------------------
 
     def _flush(self, now: float | None, out: list[Action]) -> None:
-        """Group commit: one write in flight; whatever arrives meanwhile goes in the next one."""
+        """Group commit: one write in flight in each lane; whatever arrives meanwhile goes in that
+        lane's next one."""
         if now is not None:
             self._clock = now
-        if self._writing is None and not self._pending.empty() and self._clock >= self._write_after:
-            self._writing, self._pending = self._pending, WriteBatch()
-            self._write_started = self._clock
-            for op in self._writing.submits:  # one delivery per poll: after this commit it is answered
+        started = False
+        for lane in LANES if self._clock >= self._write_after else ():
+            if self._writing[lane] is not None or (batch := self._pending.take(lane)) is None:
+                continue
+            self._writing[lane] = batch
+            self._write_started[lane] = self._clock
+            started = True
+            for op in batch.submits:  # one delivery per poll: after this commit it is answered
                 for key in op.waiters:
                     if key in self._waiters:
                         self._waiters[key].sealed = True
-            out.append(Write(self._writing))
-        elif self._stopping and self._writing is None and not self._waiters:
+            out.append(Write(batch, lane))
+        idle = not started and all(batch is None for batch in self._writing.values())
+        if self._stopping and idle and not self._waiters:
             self._stopped_at = self._clock
             out.append(Stop(self.owner))
 
     def _on_written(
         self, batch: WriteBatch, result: WriteResult | None, error: str | None, now: float, out: list[Action]
     ) -> None:
-        self._writing = None
+        lane = SUBMITS if batch.submits else REPORTS  # a lane's batches hold only its writes
+        self._writing[lane] = None
+        started = self._write_started[lane]
         if result is None:
-            out.append(Log("error", "write_failed", {"error": error, "requests": len(batch.requests)}))
-            for peer, rid in batch.requests:
+            requests = batch.requests()
+            out.append(Log("error", "write_failed", {"error": error, "requests": len(requests)}))
+            for peer, rid in requests:
                 out.append(
                     Send(peer, error_frames(ErrorCode.UNAVAILABLE, f"database write failed: {error}", rid))
                 )
@@ -684,8 +693,8 @@ class Core:
             for item in op.items if op.kind not in ("cancel", "retry") else ():
                 if self._delivered.get(item.id, (None,))[0] == item.attempt:
                     del self._delivered[item.id]
-        self.tally.committed(batch, result, now - self._write_started)
-        due = self.tally.wall(self._write_started)  # tasks held on insert came due as it began
+        self.tally.committed(batch, result, now - started)
+        due = self.tally.wall(started)  # tasks held on insert came due as it began
         for op, outcomes in zip(batch.ops, result.outcomes, strict=True):
             out.append(
                 Send(op.peer, encode(Command.ACK, {"rid": op.rid, "outcomes": [str(o) for o in outcomes]}))
@@ -738,14 +747,14 @@ class Core:
                     q.recheck_at = 0.0  # new work here: the next read need not wait
                     if spec.delay == 0:
                         q.drained_at = None  # a due task waits in the database: read before holding more
-        self._deliver_sync_matched(batch, result, now, out)
+        self._deliver_sync_matched(batch, result, now - started, now, out)
         for name in {spec.queue for submit in batch.submits for spec in submit.specs}:
             self._serve_queue(name, now, out)
         for name in list(self.queues):
             self._maybe_lease(name, now, out)
 
     def _deliver_sync_matched(
-        self, batch: WriteBatch, result: WriteResult, now: float, out: list[Action]
+        self, batch: WriteBatch, result: WriteResult, commit_seconds: float, now: float, out: list[Action]
     ) -> None:
         by_waiter: dict[int, list[DeliveryRow]] = {}
         for op, submitted in zip(batch.submits, result.submitted, strict=True):
@@ -765,7 +774,7 @@ class Core:
                 self._pending.releases.extend(Ack(t[0], t[1]) for t in tasks)
                 continue
             if tasks:
-                self.tally.delivered_sync(tasks, now - self._write_started, now)
+                self.tally.delivered_sync(tasks, commit_seconds, now)
                 self._hand_out(waiter, tasks, now, out)
             else:
                 self._unreserve(key, now, out)

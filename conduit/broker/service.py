@@ -1,8 +1,10 @@
 """The broker process: a thin shell that moves frames and rows between the core and the world.
 
-The main thread owns the ROUTER socket and the core. Three threads own one database connection
-each: the writer (group commits), the reader (leases and lookups), and the keeper (broker lease,
-reaping, counters, paused queues), so a slow read never holds up a commit or a lease renewal.
+The main thread owns the ROUTER socket and the core. Threads own one database connection each:
+two writers (group commits: one for submits, one for reports and the broker's own bookkeeping),
+the reader (leases and lookups), the keeper (broker lease, reaping, counters, paused queues) and
+ops (operations), so a slow read never holds up a commit or a lease renewal, and a submit never
+waits behind the commit of completions.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from conduit.broker.events import (
 )
 from conduit.broker.gate import Gate
 from conduit.broker.metrics import DEPTHS_EVERY, SNAPSHOT_EVERY, BrokerMetrics
-from conduit.broker.writes import WriteBatch, execute
+from conduit.broker.writes import LANES, WriteBatch, execute
 from conduit.curve import ServerCurve
 from conduit.endpoints import check_advertise
 from conduit.errors import BrokerLeaseLost, ConduitError, ConfigError
@@ -222,7 +224,7 @@ class Broker:
         os.set_blocking(self._wake_w, False)
         self._threads = {
             name: _DatabaseThread(name, self._open_store, self._post, self._outage, self.metrics)
-            for name in ("writer", "reader", "keeper", "ops")
+            for name in (*LANES, "reader", "keeper", "ops")
         }
         self._listener = _Listener(self._open_store, self._post, self._outage, self.metrics)
         self._next_depths = 0.0  # when the keeper next reads queue_stats() for /metrics
@@ -332,8 +334,8 @@ class Broker:
                         self.router.send_multipart([peer, *frames], zmq.NOBLOCK)
                     except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or not reading: never block on a peer
                         todo.extend(self.core.handle(SendFailed(peer, delivered)))
-                case core.Write(batch):
-                    self._threads["writer"].submit(partial(self._write, batch), partial(_write_failed, batch))
+                case core.Write(batch, lane):
+                    self._threads[lane].submit(partial(self._write, batch), partial(_write_failed, batch))
                 case core.Lease(name, limit, span):
                     self._threads["reader"].submit(
                         partial(self._lease, name, limit, span), partial(_lease_failed, name, span)

@@ -71,7 +71,7 @@ class Tally:
         return datetime.fromtimestamp(now + self.clock_offset, UTC)
 
     def committed(self, batch: WriteBatch, result: WriteResult, seconds: float) -> None:
-        self.commit_size.add(len(batch.requests))
+        self.commit_size.add(len(batch.submits) + len(batch.ops))
         self.commit_seconds.add(seconds)
         for op, submitted in zip(batch.submits, result.submitted, strict=True):
             if not submitted:

@@ -1,7 +1,11 @@
 """Group commit: the writes a broker collects between commits, and how one batch is carried out.
 
 Many requests' writes go into one transaction, each kind merged into one batched store call, and
-every caller gets its own share of the outcome (Temporal's task writer, in spirit).
+every caller gets its own share of the outcome (Temporal's task writer, in spirit). Writes go in
+two lanes, each with one commit in flight on a connection of its own: submits, and the reports
+and bookkeeping of tasks already committed. Neither waits behind the other, and no write in one
+lane can depend on one in flight in the other: a task is reported on, released or expired only
+after its submit's commit was heard.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from typing import Any
 
 from conduit.store import BrokerLease, Store
 from conduit.task import Ack, Outcome, Submitted, TaskSpec
+
+SUBMITS, REPORTS = "submits", "reports"  # the write lanes
+LANES = (SUBMITS, REPORTS)
 
 
 @dataclass(frozen=True)
@@ -42,13 +49,31 @@ class WriteBatch:
     releases: list[Ack] = field(default_factory=list)  # the broker's own give-backs
     spans: list[tuple[str, int, int]] = field(default_factory=list)  # its own backlog given back
     notify: list[str] = field(default_factory=list)  # queues to wake other brokers for, at commit
-    requests: list[tuple[bytes, int]] = field(default_factory=list)  # who waits on this commit
 
     def add_request(
         self, peer: bytes, rid: int, kind: str, items: list[Any], elapsed: list[float | None] | None = None
     ) -> None:
         self.ops.append(RequestOp(peer, rid, kind, items, elapsed))
-        self.requests.append((peer, rid))
+
+    def requests(self) -> list[tuple[bytes, int]]:
+        """Who waits on this commit: each submit and request, as (peer, rid)."""
+        return [(op.peer, op.rid) for op in self.submits] + [(op.peer, op.rid) for op in self.ops]
+
+    def take(self, lane: str) -> WriteBatch | None:
+        """Move this lane's part out into a batch of its own; None if there is nothing in it."""
+        if lane == SUBMITS:
+            if not self.submits:
+                return None
+            taken = WriteBatch(submits=self.submits, notify=self.notify)
+            self.submits, self.notify = [], []
+            return taken
+        taken = WriteBatch(
+            ops=self.ops, starts=self.starts, expiries=self.expiries, releases=self.releases, spans=self.spans
+        )
+        if taken.empty():
+            return None
+        self.ops, self.starts, self.expiries, self.releases, self.spans = [], [], [], [], []
+        return taken
 
     def statements(self) -> int:
         """How many store calls `execute` makes for this batch."""
