@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +112,9 @@ _REFUSED_WHEN_STOPPING = frozenset({Command.SUBMIT, Command.POLL, Command.PAUSE,
 class Send:
     peer: bytes
     frames: list[bytes]
-    delivered: tuple[Ack, ...] = ()  # tasks in this message, released if it cannot be sent
+    # The tasks in this message, released if it cannot be sent: rows whose first two fields are id
+    # and attempt (a DELIVER's rows as they are, not an Ack made for each task it carries).
+    delivered: Sequence[Ack | DeliveryRow] = ()
 
 
 @dataclass(frozen=True)
@@ -317,9 +319,9 @@ class Core:
                 out.append(Send(peer, frames))
             case SendFailed(peer, delivered):
                 out.append(Log("warning", "undeliverable", {"peer": peer.hex(), "tasks": len(delivered)}))
-                for ack in delivered:
-                    self._delivered.pop(ack.id, None)
-                self._pending.releases.extend(delivered)
+                for task_id, attempt, *_ in delivered:
+                    self._delivered.pop(task_id, None)
+                    self._pending.releases.append(Ack(task_id, attempt))
             case Shutdown(now):
                 self._begin_shutdown(now, out)
             case Tallied(ended):
@@ -523,11 +525,13 @@ class Core:
         broker makes them task leases at once), and the poll's queues count as wanted."""
         for name in waiter.poll.queues:
             self._queue(name).wanted_until = now + DEMAND_MEMORY
+        delivered, worker = self._delivered, waiter.poll.worker
         for task_id, attempt, queue, _, _, _, _, lease_timeout in rows:
-            self._delivered[task_id] = (attempt, waiter.poll.worker, now + lease_timeout, queue)
-            self._next_expiry = min(self._next_expiry, now + lease_timeout)
-            if self._stopping:
-                self._pending.starts.append(Ack(task_id, attempt))
+            delivered[task_id] = (attempt, worker, now + lease_timeout, queue)
+        if rows:
+            self._next_expiry = min(self._next_expiry, now + min(row[7] for row in rows))
+        if self._stopping:
+            self._pending.starts.extend(Ack(row[0], row[1]) for row in rows)
         self.peers.delivered(waiter.peer, (row[0] for row in rows))
         self._finish(waiter, rows, out)
 
@@ -545,9 +549,8 @@ class Core:
     def _finish(self, waiter: _Waiter, tasks: list[DeliveryRow], out: list[Action]) -> None:
         """Answer a poll and forget it; its keys in the queues' waiter lists are skipped later."""
         del self._waiters[waiter.key]
-        delivered = tuple(Ack(t[0], t[1]) for t in tasks)
         body = deliver_body(waiter.rid, self.config.broker_id, tasks)
-        out.append(Send(waiter.peer, encode(Command.DELIVER, body), delivered))
+        out.append(Send(waiter.peer, encode(Command.DELIVER, body), tasks))
 
     def _maybe_lease(self, name: str, now: float, out: list[Action]) -> None:
         """Read the next batch of due tasks when polls wait and the buffer runs low: this broker's
@@ -715,13 +718,17 @@ class Core:
                 )
             )
             live = not self._stopping and self._lease_live(now, out)
+            queues: dict[str, _Queue] = {}  # a submit is nearly always of one queue: look it up once
+            buffer_size, releases = self.config.buffer_size, self._pending.releases
             for spec, sub, waiter in zip(submit.specs, submitted, submit.waiters, strict=True):
-                q = self._queue(spec.queue)
+                q = queues.get(spec.queue)
+                if q is None:
+                    q = queues[spec.queue] = self._queue(spec.queue)
                 if waiter is not None and sub.owned:
                     continue  # delivered below
                 if sub.owned and q.paused:  # paused since it was submitted: hold nothing
-                    self._pending.releases.append(Ack(sub.id, 1))
-                elif sub.owned and live and (q.backlog or len(q.buffer) >= self.config.buffer_size):
+                    releases.append(Ack(sub.id, 1))
+                elif sub.owned and live and (q.backlog or len(q.buffer) >= buffer_size):
                     if q.backlog and sub.id == q.backlog[-1][1] + 1:
                         q.backlog[-1][1] = sub.id
                     else:
@@ -742,7 +749,7 @@ class Core:
                         )
                     )
                 elif sub.owned:
-                    self._pending.releases.append(Ack(sub.id, 1))
+                    releases.append(Ack(sub.id, 1))
                 elif sub.created:
                     q.recheck_at = 0.0  # new work here: the next read need not wait
                     if spec.delay == 0:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from conduit.broker.writes import WriteBatch, WriteResult
 from conduit.store import BrokerLease, Peer
 from conduit.task import Ack, LeasedTask, TaskInfo
+from conduit.wire import DeliveryRow
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Operated:
 @dataclass(frozen=True)
 class SendFailed:
     peer: bytes
-    delivered: tuple[Ack, ...]
+    delivered: Sequence[Ack | DeliveryRow]  # rows whose first two fields are id and attempt
 
 
 @dataclass(frozen=True)
