@@ -245,6 +245,8 @@ class Loop:
     def collect(self) -> None:
         """Move finished handlers' outcomes to the outbox, with the seconds each run took."""
         now = time.monotonic()
+        ran: dict[str, list[float]] = {}  # per queue, the runs' seconds, counted once at the end
+        failed: dict[str, int] = {}
         while self.w._done:
             outcome = self.w._done.popleft()
             task = outcome.task
@@ -253,7 +255,12 @@ class Loop:
             if self.running.pop(task.id, None) is None:
                 continue  # not ours any more: a second outcome, refused
             elapsed = max(0.0, now - self.started.pop(task.id, now))
-            self.metrics.ran(task.queue, outcome.ok, elapsed)
+            seconds = ran.get(task.queue)
+            if seconds is None:
+                seconds = ran[task.queue] = []
+            seconds.append(elapsed)
+            if not outcome.ok:
+                failed[task.queue] = failed.get(task.queue, 0) + 1
             if (task.id, task.attempt) in self.lost:
                 self.lost.discard((task.id, task.attempt))  # the broker would refuse it
             elif outcome.ok:
@@ -271,6 +278,8 @@ class Loop:
                     retry=outcome.retry and task.failures + 1 < task.max_attempts,
                     error=outcome.error.partition("\n")[0][:500],
                 )
+        for queue, seconds in ran.items():
+            self.metrics.ran(queue, seconds, failed.get(queue, 0))
 
     def receive(self, link: Link) -> None:
         while True:

@@ -1,9 +1,9 @@
 """A Worker's own metrics (`conduit worker --metrics HOST:PORT`, docs/METRICS.md): runs and failed
 runs by queue, how long they ran, and the tasks it holds.
 
-The worker's loop thread counts each outcome as it collects it (an add to a histogram, the time
-it measured anyway for COMPLETE's and FAIL's `elapsed`); a scrape, on the HTTP server's thread,
-reads copies of those counts.
+The worker's loop thread counts the outcomes it collects, per queue, each time it collects them
+(the times it measured anyway for COMPLETE's and FAIL's `elapsed`, into a histogram); a scrape,
+on the HTTP server's thread, reads copies of those counts.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ class WorkerMetrics:
         self.running = 0  # set by the loop on each turn
         self.prefetched = 0
 
-    def ran(self, queue: str, ok: bool, seconds: float) -> None:
-        """One run ended (on the loop's thread)."""
+    def ran(self, queue: str, seconds: list[float], failed: int) -> None:
+        """Runs of a queue ended, `failed` of them with a failure (on the loop's thread, once for
+        all it collected at a time: a histogram's add_all, not an add per run)."""
         q = self._queues.get(queue)
         if q is None:
             q = self._queues[queue] = _Queue()
-        q.runs += 1
-        q.failed += not ok
-        q.seconds.add(seconds)
+        q.runs += len(seconds)
+        q.failed += failed
+        q.seconds.add_all(seconds)
 
     def describe(self) -> list[Metric]:
         return []
