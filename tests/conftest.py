@@ -78,7 +78,7 @@ def store(db: Database) -> Iterator[Store]:
 
 
 def old_schema(version: int) -> str:
-    """The schema an earlier Conduit made: versions 2 to 5 as they shipped (tests/fixtures),
+    """The schema an earlier Conduit made: versions 2 to 6 as they shipped (tests/fixtures),
     version 1 as version 2 without submit keys."""
     text = (Path(__file__).parent / "fixtures" / f"schema_v{max(version, 2)}.sql").read_text()
     if version == 1:

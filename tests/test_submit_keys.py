@@ -290,3 +290,18 @@ def _dead(store: Store) -> bool:
     except psycopg.Error:
         return True
     return False
+
+
+def test_version_6_migrates_to_a_prune_that_reads_dates_only_from_partition_names(server_dsn: str) -> None:
+    """Version 6's prune() could call to_date on a task bucket's name (tasks_0: "invalid value
+    'task' for YYYY"), as the plan chose; version 7's tests the name first."""
+    with _migrated(server_dsn, 6) as old, psycopg.connect(server_dsn) as conn:
+        migrated = conn.execute(
+            "SELECT pg_get_functiondef(p.oid) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE p.proname = 'prune' AND n.nspname = %s",
+            (old,),
+        ).fetchone()
+        assert migrated is not None
+        assert "CASE WHEN right" in migrated[0]
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(old)))
+        assert conn.execute("SELECT prune(interval '30 days')").fetchone() == (0,)

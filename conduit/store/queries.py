@@ -16,7 +16,7 @@ def load(text: str) -> dict[str, str]:
 
 QUERIES = load(resources.files("conduit.store").joinpath("queries.sql").read_text())
 SCHEMA = resources.files("conduit.store").joinpath("schema.sql").read_text()
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def int_array(values: Iterable[int]) -> str:

@@ -1,4 +1,4 @@
--- Conduit's whole schema, version 6 (queries.sql holds the migrations from earlier versions).
+-- Conduit's whole schema, version 7 (queries.sql holds the migrations from earlier versions).
 -- `conduit db init` applies it once, inside the schema named by CONDUIT_SCHEMA (default "conduit"),
 -- with that schema first on the search_path; unqualified names below land there. Every object but
 -- `tasks` is made only if missing (IF NOT EXISTS, OR REPLACE): a migration moves the old tables
@@ -236,7 +236,12 @@ BEGIN
         JOIN pg_class c ON c.oid = i.inhrelid
         JOIN pg_class p ON p.oid = i.inhparent
         WHERE p.oid IN ('history'::regclass, 'completions'::regclass)
-          AND to_date(right(c.relname, 8), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC' + interval '1 day' <= cutoff
+          -- CASE: the planner may test this before the parent, on any inherited table's name (a
+          -- task bucket's, say), and to_date fails on a name that ends in no date.
+          AND CASE WHEN right(c.relname, 9) ~ '^_[0-9]{8}$'
+                   THEN to_date(right(c.relname, 8), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC'
+                        + interval '1 day' <= cutoff
+                   ELSE false END
         ORDER BY c.relname
     LOOP
         IF part.parent = 'history' THEN
@@ -331,6 +336,6 @@ BEGIN
     RETURN new_id;
 END $$;
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '6'), ('retention_days', '7')
+INSERT INTO meta (key, value) VALUES ('schema_version', '7'), ('retention_days', '7')
 ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE meta.key = 'schema_version';
 SELECT ensure_partitions(now(), 3);
